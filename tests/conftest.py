@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny synthetic world (made once per test session in a temporary folder)."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Root of the tiny world: <root>/listener (segments format) and <root>/vocaset."""
+    import data
+    return Path(data.generate_world(tmp_path_factory.mktemp("world"), preset="tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_vq(tiny_world, tmp_path_factory):
+    """A smoke-preset identity VQ-VAE (IN, AdaIN) trained on the tiny world: path of its ckpt.pt."""
+    import vqvae
+    out = tmp_path_factory.mktemp("vq_id")
+    vqvae.main(["--data", str(tiny_world), "--out", str(out), "--preset", "smoke"], mode="train")
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_naive(tiny_world, tmp_path_factory):
+    """A smoke-preset naive VQ-VAE (none, none) trained on the tiny world: path of its ckpt.pt."""
+    import vqvae
+    out = tmp_path_factory.mktemp("vq_naive")
+    vqvae.main(["--data", str(tiny_world), "--out", str(out), "--preset", "smoke", "--norm", "none,none"],
+               mode="train")
+    return out / "ckpt.pt"
