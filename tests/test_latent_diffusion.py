@@ -1,0 +1,242 @@
+"""latent_diffusion.py: shapes, MLPSkipNet structure, the forward process, PLMS = DDIM at order 1, PLMS accuracy
+on a Gaussian with a closed-form score, warm start, normaliser, overfitting, determinism, long sequences, CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import latent_diffusion as ld
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny nets run fastest on one thread (and 2 threads thrash on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_cfg(**kw):
+    base = dict(ld.PRESETS["smoke"])
+    base.update(window=8, dropout=0.0)
+    base.update(kw)
+    return ld.Config(**base)
+
+
+def tiny_model(n_win=3, D=25, Fd=56, **kw):
+    torch.manual_seed(0)
+    return ld.LBD(small_cfg(**kw), D, Fd, n_win).eval()
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+
+def test_shapes_and_window_round_trip():
+    m = tiny_model()
+    cfg = m.cfg
+    x = torch.randn(2, 3 * cfg.window, 25)                                     # (B, n*w, D)
+    z = m.enc(x)
+    assert z.shape == (2, 3, cfg.latent)
+    assert m.dec(z).shape == (2, 3 * cfg.window, 25)
+    assert m.decode_f(z).shape == (2, 3 * cfg.window, 56)
+    dim = 3 * cfg.latent
+    assert m.den(torch.randn(4, dim), torch.rand(4) * 1000, torch.randn(4, dim)).shape == (4, dim)
+    assert torch.equal(ld.join_windows(ld.split_windows(x, cfg.window)), x)
+
+
+def test_mlpskipnet_concatenates_input_and_scale_only_condition():
+    dim, H, L = 12, 32, 6
+    net = ld.MLPSkipNet(dim, H, L, "concat", dropout=0.0)
+    assert net.lin[0].in_features == dim
+    assert all(lin.in_features == H + dim for lin in net.lin[1:])
+    assert net.last.in_features == H + dim and len(net.norm) == L - 1         # last layer: no norm
+    plain = ld.MLPSkipNet(dim, H, L, "none", dropout=0.0)
+    assert all(lin.in_features == H for lin in plain.lin[1:])
+    for emb in net.emb:                                                        # s = 0 -> h ⊙ (1 + 0)
+        torch.nn.init.zeros_(emb.weight), torch.nn.init.zeros_(emb.bias)
+    x, t = torch.randn(5, dim), torch.full((5,), 300.0)
+    assert torch.allclose(net(x, t, torch.randn(5, dim)), net(x, t, torch.randn(5, dim)))
+
+
+# ---------------------------------------------------------------------------------------------------- diffusion
+
+
+def test_forward_process_round_trip_and_schedule():
+    abar = ld.alphas_cumprod(1000)
+    assert abar[0] == 1 and torch.all(abar[1:] < abar[:-1])                    # monotone
+    assert abs(abar[1] - (1 - 8.5e-4)) < 1e-12 and 0.003 < abar[-1] < 0.006   # LDM endpoints (ᾱ_T ≈ 0.0047)
+    x0, eps = torch.randn(100, dtype=torch.float64), torch.randn(100, dtype=torch.float64)
+    for t in [1, 500, 1000]:
+        xt = ld.q_sample(x0, eps, abar[t])
+        assert torch.allclose(ld.predict_x0(xt, eps, abar[t]), x0, atol=1e-6)
+
+
+def ddim_reference(eps_fn, x, abar, S):
+    """An independent DDIM η = 0 loop (arXiv 2010.02502 Eq. 12) on the grid τ_i = (i-1)·(T/S)+1, ending at ᾱ = 1."""
+    T = len(abar) - 1
+    taus = [1 + i * (T // S) for i in range(S)]
+    for j in range(S - 1, -1, -1):
+        t, a_t = taus[j], abar[taus[j]].item()
+        a_prev = abar[taus[j - 1]].item() if j > 0 else 1.0
+        e = eps_fn(x, t)
+        x0 = (x - np.sqrt(1 - a_t) * e) / np.sqrt(a_t)
+        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev) * e
+    return x
+
+
+def test_plms_order1_equals_ddim_step_by_step():
+    abar = ld.alphas_cumprod(1000)
+    W = torch.randn(6, 6, dtype=torch.float64) / 3
+    eps_fn = lambda x, t: torch.tanh(x @ W) * (1 + t / 1000)                   # a dummy "network"
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for S in [1, 10, 50]:
+        assert torch.allclose(ld.plms_sample(eps_fn, x, abar, S, 1), ddim_reference(eps_fn, x, abar, S),
+                              atol=1e-10, rtol=0)
+    seen_a, seen_b = [], []                                                   # step by step: same x_t visited
+    ld.plms_sample(lambda x, t: seen_a.append((t, x)) or eps_fn(x, t), x, abar, 25, 1)
+    ddim_reference(lambda x, t: seen_b.append((t, x)) or eps_fn(x, t), x, abar, 25)
+    assert [t for t, _ in seen_a] == [t for t, _ in seen_b] and len(seen_a) == 25
+    assert all(torch.allclose(a, b, atol=1e-10, rtol=0) for (_, a), (_, b) in zip(seen_a, seen_b))
+
+
+def gaussian_case(s=0.5, mu=1.5, n=4000):
+    """Data N(mu, s²): ε*(x, t) = √(1−ᾱ)(x − √ᾱ μ)/(ᾱ s² + 1 − ᾱ); the exact ODE maps x_T to
+    μ + (x_T − √ᾱ_T μ)·s/√(ᾱ_T s² + 1 − ᾱ_T)."""
+    abar = ld.alphas_cumprod(1000)
+    eps_fn = lambda x, t: (1 - abar[t]).sqrt() * (x - abar[t].sqrt() * mu) / (abar[t] * s * s + 1 - abar[t])
+    x = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def exact(S):
+        a = abar[ld.timestep_grid(1000, S)[-1]]
+        return mu + (x - a.sqrt() * mu) * s / (a * s * s + 1 - a).sqrt()
+    return abar, eps_fn, x, exact
+
+
+def test_plms_accuracy_improves_with_order_and_beats_ddim_with_fewer_steps():
+    abar, eps_fn, x, exact = gaussian_case()
+    errs = [(ld.plms_sample(eps_fn, x, abar, 10, k) - exact(10)).abs().mean().item() for k in [1, 2, 3, 4]]
+    assert errs[0] > errs[1] > errs[2] > errs[3], errs
+    plms10 = ld.plms_sample(eps_fn, x, abar, 10, 4)
+    ddim25 = ld.plms_sample(eps_fn, x, abar, 25, 1)
+    # the right mean (that of the exact ODE solution from the same x_T) with fewer steps than DDIM
+    assert abs(plms10.mean() - exact(10).mean()) < abs(ddim25.mean() - exact(25).mean())
+    assert (plms10 - exact(10)).abs().mean() < (ddim25 - exact(25)).abs().mean()
+    assert abs(plms10.mean() - exact(10).mean()) < 0.01 and abs(plms10.std() - exact(10).std()) < 0.03
+
+
+def test_warm_start_network_calls_and_ab_coefficients():
+    abar = ld.alphas_cumprod(1000)
+    for k in [1, 2, 3, 4]:
+        calls = []
+        ld.plms_sample(lambda x, t: calls.append(t) or 0 * x, torch.zeros(3), abar, 10, k)
+        assert len(calls) == (10 if k == 1 else 11)
+        assert abs(sum(ld.AB_COEFFS[k]) - 1) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def test_latent_normaliser_round_trip():
+    m = tiny_model()
+    z = torch.randn(500, 3, m.cfg.latent) * 3 + 2
+    m.z_mean.copy_(z.flatten(0, 1).mean(0)), m.z_std.copy_(z.flatten(0, 1).std(0))
+    zn = m.znorm(z)
+    assert torch.allclose(m.zdenorm(zn), z, atol=1e-5)
+    assert zn.flatten(0, 1).mean(0).abs().max() < 1e-4 and (zn.flatten(0, 1).std(0) - 1).abs().max() < 1e-4
+
+
+def test_autoencoder_overfits_one_batch():
+    torch.manual_seed(0)
+    m = tiny_model().train()
+    x = torch.randn(8, 3 * m.cfg.window, 25).cumsum(1) / 4                    # smooth-ish signals
+    opt = torch.optim.AdamW([*m.enc.parameters(), *m.dec.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = F.mse_loss(m.dec(m.enc(x)), x)
+        opt.zero_grad(), loss.backward(), opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
+
+
+def test_denoiser_overfits_one_pair():
+    torch.manual_seed(0)
+    m = tiny_model(n_win=2)
+    dim = 2 * m.cfg.latent
+    z0, c = torch.randn(1, dim), torch.randn(1, dim)
+    opt = torch.optim.AdamW(m.den.parameters(), lr=2e-3)
+    for _ in range(600):
+        t = torch.randint(1, 1001, (64,))
+        eps = torch.randn(64, dim)
+        loss = F.mse_loss(m.den(ld.q_sample(z0, eps, m.abar[t].float()[:, None]), t.float(), c.expand(64, -1)), eps)
+        opt.zero_grad(), loss.backward(), opt.step()
+    m.eval()
+    fn = lambda x, t: m.den(x, torch.full((x.shape[0],), float(t)), c.expand(x.shape[0], -1))
+    with torch.no_grad():
+        out = ld.plms_sample(fn, torch.randn(8, dim), m.abar, 50, 4)
+    assert (out - z0).abs().mean() < 0.1
+
+
+def test_generate_determinism_and_diversity():
+    m = tiny_model()
+    spk = torch.randn(2, 3 * m.cfg.window - 5, 25)                             # T not a multiple of w
+    z1, y1 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3))
+    z2, y2 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3))
+    _, y3 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(4))
+    assert y1.shape == (2, 10, spk.shape[1], 25) and z1.shape == (2, 10, 3, m.cfg.latent)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    d = (y1[:, :, None] - y1[:, None]).pow(2).mean((-1, -2))                   # (B, K, K) pairwise
+    assert (d + torch.eye(10) > 1e-6).all()                                    # all 10 samples differ
+
+
+def test_long_sequence_outpainting_keeps_overlap():
+    m = tiny_model()
+    w = m.cfg.window
+    assert ld.chunk_starts(7, 3, 1) == [0, 2, 4]
+    assert ld.chunk_starts(6, 3, 1) == [0, 2, 3]
+    spk = torch.randn(1, 7 * w, 25)                                            # 7 windows > n = 3
+    z, y = m.generate(spk, 2, 4, 10, torch.Generator().manual_seed(0))
+    assert z.shape == (1, 2, 7, m.cfg.latent) and y.shape == (1, 2, 7 * w, 25) and torch.isfinite(y).all()
+    # a chunk decoded alone agrees with the cross-faded sequence away from the fades
+    z0 = z[0, :1]
+    alone = m.dec(z0[:, :3])
+    assert torch.allclose(alone[:, :w], y[0, :1, :w], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_then_sample(tiny_world, tmp_path):
+    import data
+    import metrics
+    if not (hasattr(data, "load_listener") and hasattr(metrics, "react_metrics")):
+        pytest.skip("data.py / metrics.py not implemented yet")
+    out = tmp_path / "run"
+    common = ["--data", str(tiny_world), "--out", str(out), "--preset", "smoke"]
+    r = subprocess.run([sys.executable, "train.py", "--model", "latent_diffusion", *common], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["config"]["preset"] == "smoke" and ck["step"] == sum(
+        ck["config"][k] for k in ["ae_steps", "df_steps", "diff_steps"])
+    for stage in ["ae", "df", "diff"]:
+        log = ck["metrics"]["log"][stage]
+        assert np.all(np.isfinite(log)) and np.mean(log[-10:]) < np.mean(log[:10]), stage
+    r = subprocess.run([sys.executable, "sample.py", "--model", "latent_diffusion", *common], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "metrics.json").read_text())
+    for row in ["GT", "alt-GT", "baseline:random", "baseline:mime", "baseline:mean_frame", "baseline:nn_motion",
+                "model", "ablation:plms1_s10", "ablation:plms4_s10"]:
+        assert row in rows and np.isfinite(rows[row]["frcorr_sum"]), row
+    assert rows["model"]["frdiv"] > 0 and "mse/all" in rows["model"]
+    preds = np.load(out / "test_reactions.npy")
+    assert preds.ndim == 4 and preds.shape[1] == 3 and preds.shape[-1] == 25
+    assert (out / "channels.png").exists() and (out / "reactions.gif").exists()
