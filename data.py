@@ -1,6 +1,48 @@
 """data.py: the synthetic conversation world, the tiny face model, audio features, and the dataset readers.
 
-API CONTRACT (stub: the implementation is being written; every method file codes against these names).
+The real datasets (Learning2Listen / LM-Listener segments, REACT2024, VOCASET) need licences and days of
+compute, so this file builds a small deterministic **world of two-person conversations with known hidden
+rules**, writes it to disk in the *real* formats, and reads it back with the readers that read the real data.
+
+The world (`python data.py` makes data/world in well under a minute; `preset="tiny"` makes a test world in ~1 s)
+    FaceModel  ~300-vertex ellipsoid face + lip/eye/brow curves. motion frame = [exp 50 | head rot 3 | jaw 3].
+               exp 0..9 are semantic: jaw-open, lip-spread, lip-round, lip-press, smile, open-mouth smile,
+               frown, brow-raise, brow-furrow, blink; 10..49 are small smooth random fields. beta (100) = shape.
+               Readouts (fixed maps of a frame): valence, arousal, 15 binary AUs, 8 emotion probabilities.
+    Speaker    8 voices. Speech = words of fixed syllable spellings (consonant + vowel), synthesised by a
+               wavetable source-filter (F0 harmonics through 3 formants, noise bursts for consonants); word end
+               times are exact. Prosody follows emotion episodes (happy: high lively F0, sad: low slow, angry:
+               loud); stressed syllables are louder, a few syllables are suddenly very loud. The speaker's face
+               moves its jaw/lips with the syllables, shows the episode's emotion, nods on stress, blinks.
+    Listener   hidden social rules reading only the speaker's past:
+               1 back-channel nod after a pause >= 250 ms (identity probability, onset 150-400 ms, 2 Hz damped);
+               2 amusement: a humour word said by a *happy, lively* speaker -> smile (or open-mouth laugh with a
+                 head bob) 0.3-0.6 s later; the same words said flat (sarcasm) get nothing;
+               3 contagion: listener smile/frown follows the speaker's valence 1-2 s later;
+               4 surprise: a very loud syllable -> brow raise ~200 ms later;
+               5 idle life: blinks, head sway, drift on exp 10..49;
+               6 identity style from beta: resting offset, gain, nod/smile preference, closed/open smile, lag;
+               7 synchrony: every response is timed to a speaker event.
+               Re-simulating with other seeds gives K_ALT = 10 alternative appropriate reactions (val/test).
+    Cast       8 speakers, 6 train listeners (ids 0..5), one unseen listener (id 6) only in the test split.
+    Talking    VOCASET-shaped: 12 subjects (8 train with style ids 0..7, 2 val, 2 test), each with a speaking
+               style (jaw gain, lip rounding, co-articulation smoothness, brow raises on stress, blinks).
+
+On-disk formats (writers and readers here; every reader returns the same items)
+    segments  segments_{split}.pth: list of dicts fname, split_start_frame, split_end_frame, p0_exp (T,50),
+              p0_pose (T,6), p0_shape (1 or T,100), p1_* (p0 = listener, p1 = speaker), before_words /
+              during_words [{text, end}] with `end` in seconds relative to the segment start, and our optional
+              p0_attr/p1_attr (T,25), listener_id, alt_listener (K,T,56; float16 on disk). Overlapping
+              segments are row-views of one tensor per conversation, so torch.save stores each frame once.
+              Plus mean.npy/std.npy (train listener stats) and wav/<fname>.wav (speaker audio, 16 kHz).
+    l2l       <path>/<split>/p{0,1}_list_faces_clean_deca.npy (N,64,184; first 56 used) paired with the other
+              person's p{1,0}_speak_{faces,audio,files}_clean_deca.npy (audio rows (N,256,128), files (N,64,3)).
+    react     <path>/<split>/{Emotion,3D_FV_files,Audio_files}/<site>/<session>/<person>/<clip>.{csv,npy,wav};
+              both people of a session are listener once, the partner speaker. 25 fps unless react_meta.json.
+    vocaset   wav/<subj>_sentenceXX.wav, vertices_npy/<subj>_sentenceXX.npy (T, V*3), templates.pkl,
+              regions.npz (lip_idx, upper_idx). Real VOCASET is 60 fps: the reader detects it and keeps [::2].
+
+API CONTRACT (every method file codes against these names)
 
 Constants
     FPS = 30, SR = 16000, EXP_DIM = 50, POSE_DIM = 6, MOTION_DIM = 56, BETA_DIM = 100, ATTR_DIM = 25
@@ -30,14 +72,15 @@ Listener data (every reader returns the same items)
           speaker       (T, D) float32 raw motion
           listener_beta (100,) float32 identity shape (zeros when the dataset has none)
           speaker_beta  (100,) float32
-          listener_id   int (-1 when unknown)
+          listener_id   int (-1 when unknown; 0..5 train listeners, 6 the unseen test listener)
           listener_attr (T, 25) float32 REACT attributes [15 AUs | valence, arousal | 8 emotion probs]
           speaker_attr  (T, 25) float32
           audio         (S,) float32 speaker waveform at SR for exactly these frames, or None
           audio_rows    (4T, F) float32 precomputed audio rows (L2L files), or None
           words         list[(text, end_seconds)] relative to the segment start; negative = history (3 s)
           alt_listener  (K, T, D) float32 alternative appropriate reactions (val/test), or None
-    load_stats(path) -> (mean (D,), std (D,)) float32: train-split statistics stored with the data.
+          alt_listener_attr (K, T, 25) float32 or None (added: FaceModel readouts of alt_listener)
+    load_stats(path, who="listener") -> (mean (D,), std (D,)) float32: train-split statistics stored with the data.
     VOCAB: list[str] of the world's words (index 0 is not reserved here; method files add their own pads).
 
 Talking-face data (VOCASET layout)
@@ -45,7 +88,7 @@ Talking-face data (VOCASET layout)
           name, subject (str), style (int in [0, n_train_subjects) for training subjects, -1 otherwise),
           audio (S,) float32 at SR, vertices (T, V, 3) float32 at FPS, template (V, 3) float32, fps
     talking_regions(path) -> (lip_idx, upper_idx) int64 arrays
-    TRAIN_SUBJECTS, VAL_SUBJECTS, TEST_SUBJECTS: lists of subject names (8, 2, 2)
+    TRAIN_SUBJECTS, VAL_SUBJECTS, TEST_SUBJECTS: lists of subject names (8, 2, 2) (FaceFormer's VOCASET split)
 
 Audio
     load_wav(path, sr=SR) -> (S,) float32 mono at sr (any input rate, stereo mixed down; clear errors)
@@ -57,10 +100,968 @@ Face model
     FaceModel(seed=0): n_vertices, edges (E, 2), lip_idx, upper_face_idx,
         template(beta) -> (V, 3); vertices(motion (T, 56), beta) -> (T, V, 3)
         valence(motion (..., 56)) -> (...), arousal(...), aus(...) -> (..., 15), emotion_probs(...) -> (..., 8),
-        attributes(motion) -> (..., 25)
+        attributes(motion) -> (..., 25)          (numpy in -> numpy out; torch in -> torch out, not differentiable)
 
 Pictures
     render_gif(path, motions: list[(T, 56)], betas: list[(100,)], titles: list[str], fps=FPS) -> Path
     render_vertices_gif(path, vertices: list[(T, V, 3)], titles, fps=FPS) -> Path
     plot_channels(path, series: dict[str, (T, D)], channels=None, fps=FPS) -> Path (PNG)
 """
+import json
+import os
+import pickle
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants
+
+FPS, SR = 30, 16000
+EXP_DIM, POSE_DIM, MOTION_DIM, BETA_DIM, ATTR_DIM = 50, 6, 56, 100, 25
+EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
+EXP, POSE, HEAD, JAW = slice(0, 50), slice(50, 56), slice(50, 53), slice(53, 56)
+SEGMENT_FRAMES, K_ALT = 240, 10
+DATA_ROOT = Path(__file__).resolve().parent / "data"
+VERSION = 1                                  # bump when the world changes: cached worlds are then regenerated
+(JAW_OPEN, LIP_SPREAD, LIP_ROUND, LIP_PRESS, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BROW_FURROW,
+ BLINK) = range(10)                          # semantic expression channels
+PITCH, JAW_PITCH = 50, 53                    # head pitch (+ = nod down) and jaw pitch (+ = open) in a motion frame
+AU_NAMES = ("AU1", "AU2", "AU4", "AU6", "AU7", "AU9", "AU10", "AU12", "AU14", "AU15", "AU17", "AU23", "AU24",
+            "AU25", "AU26")
+ATTR_NAMES = AU_NAMES + ("valence", "arousal") + tuple(e.capitalize() for e in EMOTIONS)
+# FaceFormer's VOCASET split (real subject names, so the reader works unchanged on the real data)
+TRAIN_SUBJECTS = ["FaceTalk_170728_03272_TA", "FaceTalk_170904_00128_TA", "FaceTalk_170725_00137_TA",
+                  "FaceTalk_170915_00223_TA", "FaceTalk_170811_03274_TA", "FaceTalk_170913_03279_TA",
+                  "FaceTalk_170904_03276_TA", "FaceTalk_170912_03278_TA"]
+VAL_SUBJECTS = ["FaceTalk_170811_03275_TA", "FaceTalk_170908_03277_TA"]
+TEST_SUBJECTS = ["FaceTalk_170809_00138_TA", "FaceTalk_170731_00024_TA"]
+SENTENCES = {"train": range(1, 41), "val": range(21, 41), "test": range(21, 41)}
+
+NEUTRAL_WORDS = ("the and so we went to market then table window later maybe people today morning city train "
+                 "coffee really think said about water paper number little over under yesterday week again "
+                 "house car music back work story friend phone door").split()
+HUMOUR_WORDS = "haha funny joke great love amazing hilarious wonderful awesome fantastic".split()
+SAD_WORDS = "sorry lost alone sad tired cried missed funeral".split()
+VOCAB = NEUTRAL_WORDS + HUMOUR_WORDS + SAD_WORDS
+_CONS, _VOWELS = list("ptkbdgmnlrsfh") + [""], "aeiou"
+_sp = np.random.default_rng(7)               # fixed spellings: each word is a list of (consonant, vowel) syllables
+SPELLING = {w: [(_CONS[_sp.integers(len(_CONS))], _VOWELS[_sp.integers(5)])
+                for _ in range(1 + (len(w) > 4) + (len(w) > 7))] for w in VOCAB}
+SPELLING["haha"] = [("h", "a"), ("h", "a")]
+
+# emotion -> face (semantic exp channels), valence felt by the listener, prosody (F0 x, F0 variability, rate x, loud x)
+EMOTION_FACE = np.zeros((8, EXP_DIM), np.float32)
+for _e, _d in enumerate([{}, {SMILE: 1.0, OPEN_SMILE: 0.3, BROW_RAISE: 0.15},
+                         {FROWN: 0.9, BROW_FURROW: 0.3, LIP_PRESS: 0.2}, {BROW_RAISE: 1.0, LIP_ROUND: 0.3},
+                         {BROW_RAISE: 0.6, BROW_FURROW: 0.6, LIP_SPREAD: 0.6},
+                         {10: 1.0, FROWN: 0.3, BROW_FURROW: 0.4}, {BROW_FURROW: 1.0, LIP_PRESS: 0.7},
+                         {11: 1.0, SMILE: 0.25}]):
+    for _k, _v in _d.items():
+        EMOTION_FACE[_e, _k] = _v
+EMOTION_VALENCE = np.array([0, 1.0, -0.9, 0.2, -0.4, -0.5, -0.6, -0.2], np.float32)
+PROSODY = np.array([[1.0, .07, 1.0, 1.0], [1.18, .16, .9, 1.15], [.85, .03, 1.3, .65], [1.2, .12, .95, 1.2],
+                    [1.1, .08, .9, .9], [.95, .05, 1.05, .95], [1.05, .1, .9, 1.6], [.97, .04, 1.1, .9]], np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small helpers
+
+def _np(x):
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def _like(y, x):
+    """Return numpy result y as the type of input x (torch in -> torch out)."""
+    return torch.as_tensor(y, device=x.device) if torch.is_tensor(x) else y
+
+
+def _smooth(x, sigma):
+    """Gaussian smoothing along axis 0 (edge padded, by FFT). x (T, ...) -> (T, ...); sigma in frames."""
+    if sigma <= 0.3:
+        return np.asarray(x, np.float32)
+    r = int(3 * sigma) + 1
+    xp = np.pad(np.asarray(x, np.float32), [(r, r)] + [(0, 0)] * (np.ndim(x) - 1), mode="edge")
+    H = np.exp(-2 * (np.pi * np.fft.rfftfreq(len(xp)) * sigma) ** 2)  # Fourier transform of the Gaussian
+    y = np.fft.irfft(np.fft.rfft(xp, axis=0) * H.reshape((-1,) + (1,) * (xp.ndim - 1)), n=len(xp), axis=0)
+    return y[r:r + len(x)].astype(np.float32)
+
+
+def _smooth_noise(rng, shape, sigma):
+    """Smooth Gaussian noise of unit std per channel, correlation time ~sigma frames."""
+    n = _smooth(rng.standard_normal(shape), sigma)
+    return n / max(float(n.std()), 1e-6)
+
+
+def _add(dst, t0, dur, fn):
+    """dst[(T,) or (T, C)] += fn(tau) for frames at times t0 <= t < t0 + dur (tau = t - t0, seconds)."""
+    i0, i1 = max(int(np.ceil(t0 * FPS)), 0), min(int(np.ceil((t0 + dur) * FPS)), len(dst))
+    if i1 > i0:
+        v = fn(np.arange(i0, i1) / FPS - t0)
+        dst[i0:i1] += v if dst.ndim == 1 or np.ndim(v) == 2 else v[:, None]
+
+
+def _env(attack, hold, release):
+    """Attack-hold-release envelope (smooth), as a function of tau."""
+    def f(tau):
+        up = np.clip(tau / attack, 0, 1)
+        down = np.clip(1 - (tau - attack - hold) / release, 0, 1)
+        return (np.sin(0.5 * np.pi * np.minimum(up, down)) ** 2).astype(np.float32)
+    return f, attack + hold + release
+
+
+def _err(path, what):
+    return ValueError(f"{path}: {what}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The face model
+
+def _rodrigues(r):
+    """Axis-angle (..., 3) -> rotation matrices (..., 3, 3)."""
+    th = np.linalg.norm(r, axis=-1, keepdims=True)[..., None]               # (..., 1, 1)
+    k = r / np.maximum(th[..., 0], 1e-8)
+    K = np.zeros(r.shape[:-1] + (3, 3), r.dtype)
+    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
+    K = K - np.swapaxes(K, -1, -2)
+    return np.eye(3, dtype=r.dtype) + np.sin(th) * K + (1 - np.cos(th)) * K @ K
+
+
+class FaceModel:
+    """A linear 3DMM-like face: template(beta) + exp @ blendshapes, jaw rotation, head rotation (module docstring)."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(1000 + seed)
+        el, az = np.meshgrid(np.linspace(1.15, -1.2, 14), np.linspace(-1.3, 1.3, 18), indexing="ij")
+        grid = np.stack([0.8 * np.sin(az) * np.cos(el), 1.05 * np.sin(el), 0.75 * np.cos(az) * np.cos(el)], -1)
+        nr, nc = el.shape
+        surf = lambda x, y: 0.75 * np.sqrt(np.clip(1 - (x / 0.8) ** 2 - (y / 1.05) ** 2, 0, 1)) + 0.03
+        parts, edges, n = {"grid": grid.reshape(-1, 3)}, [], nr * nc
+        ids = np.arange(n).reshape(nr, nc)
+        edges += [(a, b) for a, b in zip(ids[:, :-1].ravel(), ids[:, 1:].ravel())]
+        edges += [(a, b) for a, b in zip(ids[:-1].ravel(), ids[1:].ravel())]
+        lx = np.linspace(-0.27, 0.27, 11)
+        self.mouth_y = my = -0.5
+        curves = {"upper_lip": (lx, my + 0.03 * (1 - (lx / .27) ** 2), False),
+                  "lower_lip": (lx, my - 0.035 * (1 - (lx / .27) ** 2), False)}
+        a = np.linspace(0, 2 * np.pi, 11)[:-1]
+        for side, cx in (("l", -0.3), ("r", 0.3)):
+            curves["eye_" + side] = (cx + 0.12 * np.cos(a), 0.18 + 0.05 * np.sin(a), True)
+            bx = np.linspace(cx - 0.14, cx + 0.14, 5)
+            curves["brow_" + side] = (bx, 0.36 + 0.03 * (1 - ((bx - cx) / .14) ** 2), False)
+        curves["nose"] = (np.zeros(4), np.linspace(0.12, -0.22, 4), False)
+        self.groups = {}
+        for name, (x, y, closed) in curves.items():
+            z = surf(x, y) + (np.array([0.03, 0.08, 0.14, 0.1]) if name == "nose" else 0)
+            parts[name] = np.stack([x, y, z], -1)
+            idx = np.arange(n, n + len(x))
+            edges += list(zip(idx[:-1], idx[1:])) + ([(idx[-1], idx[0])] if closed else [])
+            self.groups[name], n = idx, n + len(x)
+        self.mean = np.concatenate(list(parts.values())).astype(np.float32)    # (V, 3)
+        self.n_vertices, self.edges = n, np.array(edges, np.int64)
+        V, P = self.mean, self.mean
+        x, y, z = P[:, 0], P[:, 1], P[:, 2]
+        gi = np.arange(nr * nc)
+        lips = np.concatenate([self.groups["upper_lip"], self.groups["lower_lip"]])
+        near_mouth = gi[(np.abs(x[gi]) < 0.4) & (np.abs(y[gi] - my) < 0.18)]
+        self.lip_idx = np.unique(np.concatenate([lips, near_mouth])).astype(np.int64)
+        self.upper_face_idx = np.unique(np.concatenate(
+            [gi[y[gi] > 0.05]] + [self.groups[k] for k in ("eye_l", "eye_r", "brow_l", "brow_r")])).astype(np.int64)
+        # jaw weights: lower face follows the jaw rotation; the lower lip fully
+        self.jaw_w = np.clip((my - 0.03 - y) / 0.3, 0, 1) * np.clip(1.2 - np.abs(x) / 0.6, 0, 1)
+        self.jaw_w[self.groups["lower_lip"]] = 1.0
+        self.jaw_w[self.groups["upper_lip"]] = 0.0
+        self.jaw_pivot, self.neck_pivot = np.array([0, -0.3, -0.35]), np.array([0, -1.1, -0.25])
+        # expression blendshapes (50, V, 3)
+        B = np.zeros((EXP_DIM, n, 3), np.float32)
+        ul, ll = self.groups["upper_lip"], self.groups["lower_lip"]
+        corner = lambda i: (x[i] / 0.27) ** 2                                 # 0 centre, 1 corners
+        mid = lambda i: 1 - corner(i)
+        B[JAW_OPEN, :, 1] = -0.1 * self.jaw_w
+        B[LIP_SPREAD, lips, 0] = 0.06 * x[lips] / 0.27
+        B[LIP_ROUND, lips, 0], B[LIP_ROUND, lips, 2] = -0.07 * x[lips] / 0.27, 0.05
+        B[LIP_ROUND, ul, 1], B[LIP_ROUND, ll, 1] = 0.015 * mid(ul), -0.015 * mid(ll)
+        B[LIP_PRESS, ul, 1], B[LIP_PRESS, ll, 1] = -0.025 * mid(ul), 0.03 * mid(ll)
+        cheek = gi[(np.abs(x[gi]) > 0.25) & (np.abs(x[gi]) < 0.55) & (y[gi] > -0.45) & (y[gi] < -0.1)]
+        for k, s in ((SMILE, 1.0), (OPEN_SMILE, 1.0), (FROWN, -0.9)):
+            B[k, lips, 1] += s * 0.08 * corner(lips)
+            B[k, lips, 0] += abs(s) * 0.03 * x[lips] / 0.27
+        B[SMILE, cheek, 1] = B[OPEN_SMILE, cheek, 1] = 0.03
+        B[OPEN_SMILE, ll, 1] -= 0.08 * mid(ll)
+        B[OPEN_SMILE, :, 1] -= 0.04 * self.jaw_w
+        brows = np.concatenate([self.groups["brow_l"], self.groups["brow_r"]])
+        eyes = np.concatenate([self.groups["eye_l"], self.groups["eye_r"]])
+        upper_lid = eyes[y[eyes] > 0.18]
+        B[FROWN, brows, 1] = -0.02
+        B[BROW_RAISE, brows, 1], B[BROW_RAISE, upper_lid, 1] = 0.08, 0.02
+        B[BROW_RAISE, gi[y[gi] > 0.35], 1] = 0.03
+        inner = 1 - np.abs(np.abs(x[brows]) - 0.16) / 0.3
+        B[BROW_FURROW, brows, 1], B[BROW_FURROW, brows, 0] = -0.05 * inner, -0.03 * np.sign(x[brows]) * inner
+        B[BLINK, upper_lid, 1] = -2 * (y[upper_lid] - 0.18)
+        for k in range(10, EXP_DIM):                                           # smooth random fields
+            for _ in range(2):
+                c, d = rng.uniform([-0.5, -0.7], [0.5, 0.6]), rng.standard_normal(3)
+                B[k] += (0.03 * np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2) / 0.06))[:, None] * (d / np.linalg.norm(d))
+        self.exp_basis = B
+        # identity basis (100, V, 3): a few meaningful components, then small random fields
+        S = np.zeros((BETA_DIM, n, 3), np.float32)
+        S[0, :, 0], S[1, :, 1], S[3, :, 2] = 0.06 * x, 0.06 * y, 0.06 * z
+        S[2, :, 0] = 0.08 * x * np.clip(-y, 0, 1)                                 # jaw width
+        S[4, np.concatenate([eyes, brows]), 0] = 0.03 * np.sign(x[np.concatenate([eyes, brows])])
+        S[5, lips, 0] = 0.04 * x[lips] / 0.27                                      # mouth width
+        for k in range(6, BETA_DIM):
+            c, d = rng.uniform([-0.6, -0.8], [0.6, 0.8]), rng.standard_normal(3)
+            S[k] = (0.015 / (1 + k / 20) * np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2) / 0.1))[:, None] * d
+        self.shape_basis = S
+        # readouts: linear maps of a motion frame (56) -> scores
+        W = np.zeros((MOTION_DIM, 15), np.float32)
+        for j, terms in enumerate([{BROW_RAISE: 1, FROWN: .3}, {BROW_RAISE: 1}, {BROW_FURROW: 1},
+                                   {SMILE: 1, OPEN_SMILE: 1}, {BROW_FURROW: 1, 10: .5}, {10: 1},
+                                   {10: .5, OPEN_SMILE: .5}, {SMILE: 1, OPEN_SMILE: 1}, {11: 1}, {FROWN: 1},
+                                   {LIP_PRESS: 1, FROWN: .5}, {LIP_PRESS: 1}, {LIP_PRESS: 1},
+                                   {JAW_OPEN: 1, OPEN_SMILE: 1, JAW_PITCH: 2}, {JAW_OPEN: 1, JAW_PITCH: 2}]):
+            for k, v in terms.items():
+                W[k, j] = v
+        self.au_w = W
+        self.au_thr = np.array([.3, .35, .3, .4, .4, .4, .3, .25, .4, .3, .4, .3, .5, .25, .5], np.float32)
+        self.emo_dims = [LIP_SPREAD, LIP_PRESS, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BROW_FURROW, 10, 11]
+
+    def template(self, beta):
+        """beta (100,) -> neutral vertices (V, 3)."""
+        b = _np(beta).astype(np.float32).reshape(-1)[:BETA_DIM]
+        return self.mean + np.tensordot(b, self.shape_basis[:len(b)], 1)
+
+    def vertices(self, motion, beta=None):
+        """motion (T, 56) (or (56,)), beta (100,) -> (T, V, 3) float32: blendshapes, jaw rotation, head rotation."""
+        m = _np(motion).astype(np.float32)
+        one = m.ndim == 1
+        m = m.reshape(-1, m.shape[-1])
+        tpl = self.template(np.zeros(BETA_DIM) if beta is None else beta)
+        v = tpl + np.einsum("te,evc->tvc", m[:, EXP], self.exp_basis)            # (T, V, 3)
+        Rj = _rodrigues(m[:, JAW].astype(np.float64))                           # (T, 3, 3)
+        vj = np.einsum("tij,tvj->tvi", Rj, v - self.jaw_pivot) + self.jaw_pivot
+        v = v + self.jaw_w[None, :, None] * (vj - v)
+        Rh = _rodrigues(m[:, HEAD].astype(np.float64))
+        v = (np.einsum("tij,tvj->tvi", Rh, v - self.neck_pivot) + self.neck_pivot).astype(np.float32)
+        return _like(v[0] if one else v, motion)
+
+    # readouts (stand-ins for EMOCA's emotion recogniser and REACT's 25 attributes)
+    def valence(self, motion):
+        m = _np(motion)
+        e = m[..., SMILE] + 0.8 * m[..., OPEN_SMILE] - m[..., FROWN] - 0.3 * m[..., BROW_FURROW]
+        return _like(np.tanh(1.5 * e).astype(np.float32), motion)
+
+    def arousal(self, motion):
+        m = _np(motion)
+        a = (0.8 * m[..., BROW_RAISE] + 0.8 * m[..., OPEN_SMILE] + 0.5 * m[..., JAW_OPEN] + 0.5 * m[..., BROW_FURROW]
+             + 0.3 * m[..., SMILE] - 0.2)
+        return _like(np.tanh(a).astype(np.float32), motion)
+
+    def aus(self, motion):
+        return _like((np.einsum("...d,da->...a", _np(motion), self.au_w) > self.au_thr).astype(np.float32), motion)
+
+    def emotion_probs(self, motion):
+        s = _np(motion)[..., self.emo_dims]                                   # (..., 9)
+        p = EMOTION_FACE[:, self.emo_dims]                                    # (8, 9): prototypes
+        logits = (s @ p.T - 0.5 * (p ** 2).sum(-1)) / 0.1                     # Gaussian classifier, equal priors
+        logits -= logits.max(-1, keepdims=True)
+        e = np.exp(logits)
+        return _like((e / e.sum(-1, keepdims=True)).astype(np.float32), motion)
+
+    def attributes(self, motion):
+        """(..., 56) -> (..., 25) = [15 AUs | valence, arousal | 8 emotion probs] (REACT order)."""
+        m = _np(motion).astype(np.float32)
+        out = np.concatenate([self.aus(m), self.valence(m)[..., None], self.arousal(m)[..., None],
+                              self.emotion_probs(m)], -1)
+        return _like(out, motion)
+
+
+_FACE = {}
+
+
+def _face(seed=0):
+    if seed not in _FACE:
+        _FACE[seed] = FaceModel(seed)
+    return _FACE[seed]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speech: a wavetable source-filter synthesiser, and the face that says it
+
+_FORMANTS = {"a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (270, 2290, 3010), "o": (570, 840, 2410),
+             "u": (300, 870, 2240), "m": (250, 1200, 2300), "l": (360, 1300, 2700)}
+_CLASSES = list(_FORMANTS)
+_F0_BINS = np.geomspace(70, 420, 32)
+_TABLE = None
+OPENNESS = {"a": 1.0, "o": 0.7, "e": 0.5, "u": 0.3, "i": 0.25}
+
+
+def _wavetable(P=256):
+    """One pitch period per (voice class, F0 bin): harmonics weighted by 3 formant resonances. (7, 32, P)."""
+    global _TABLE
+    if _TABLE is None:
+        th = np.arange(P) / P
+        T = np.zeros((len(_CLASSES), len(_F0_BINS), P), np.float32)
+        for c, F in enumerate(_FORMANTS.values()):
+            for b, f0 in enumerate(_F0_BINS):
+                h = np.arange(1, int(4000 / f0) + 1)
+                amp = sum(g / (1 + ((h * f0 - Fk) / bw) ** 2) for Fk, bw, g in zip(F, (90, 110, 160), (1, .6, .3)))
+                w = (amp / np.sqrt(h)) @ np.cos(2 * np.pi * h[:, None] * th[None])
+                T[c, b] = w / np.sqrt((w ** 2).mean())
+        _TABLE = T
+    return _TABLE
+
+
+def _speak(rng, next_word, voice, emotion_at, t_start=0.3, duration=10.0, loud_p=0.03):
+    """Lay out phrases of words (next_word(t) -> word) and return syllables
+    [(t0, t_vowel, t1, cons, vowel, stressed, loud, word_i, emotion, flat)], word ends [(text, end_s)] and
+    pause starts [s] (pauses >= 0.25 s). emotion_at(t) -> (emotion, flat)."""
+    sylls, ends, pauses, t, wi = [], [], [], t_start, 0
+    while t < duration - 1.0:
+        for _ in range(rng.integers(2, 8)):
+            if t > duration - 1.0:
+                break
+            e, flat = emotion_at(t)
+            word = next_word(t)
+            f0m, f0v, ratem, loudm = PROSODY[e] if not flat else (1.0, 0.02, 1.05, 0.85)
+            for si, (c, v) in enumerate(SPELLING[word]):
+                d = 0.17 * voice["rate"] * ratem * rng.uniform(0.85, 1.15)
+                stressed = si == 0 and rng.random() < 0.35
+                loud = rng.random() < (loud_p * (3 if e in (3, 6) and not flat else 1))
+                cd = 0.0 if c == "" else (0.05 if c in "ptkbdg" else 0.07)
+                sylls.append((t, t + cd, t + d, c, v, stressed, loud, wi, e, flat))
+                t += d
+            ends.append((word, round(float(t), 4)))
+            wi += 1
+            t += rng.uniform(0.02, 0.1)
+        pause = rng.uniform(0.15, 1.2)
+        if pause >= 0.25:
+            pauses.append(t)
+        t += pause
+    return sylls, ends, pauses
+
+
+def _synth(rng, sylls, voice, n_samples):
+    """Syllables -> waveform (n_samples,) float32 at SR. Vectorised wavetable lookup; consonants as noise."""
+    tab = _wavetable()
+    C, NB, P = tab.shape
+    kt, kf, ka = [0.0], [voice["f0"]], [0.0]                              # knots: time, F0, voiced amplitude
+    cls = np.zeros(n_samples, np.int64)
+    noise = np.zeros(n_samples, np.float32)
+    for (t0, tv, t1, c, v, stressed, loud, wi, e, flat) in sylls:
+        f0m, f0v, ratem, loudm = PROSODY[e] if not flat else (1.0, 0.02, 1.05, 0.85)
+        f0 = voice["f0"] * f0m * np.exp(f0v * rng.standard_normal()) * (1.12 if stressed else 1.0)
+        A = voice["loud"] * loudm * (1.5 if stressed else 1.0) * (3.0 if loud else 1.0)
+        voiced_c = c in "mnlr"
+        ta = tv if not voiced_c else t0
+        kt += [t0, ta + 0.015, t1 - 0.03, t1]
+        kf += [f0, f0, f0 * (0.97 if f0v < 0.05 else 0.92), f0 * 0.95]
+        ka += [0.0, A, A * 0.8, 0.0]
+        s0, sv, s1 = (min(int(x * SR), n_samples) for x in (t0, tv, t1))
+        cls[sv:s1] = _CLASSES.index(v)
+        if voiced_c:
+            cls[s0:sv] = _CLASSES.index("m" if c in "mn" else "l")
+        elif c and sv > s0:
+            nz = rng.standard_normal(sv - s0).astype(np.float32)
+            if c == "s":
+                nz = np.diff(nz, prepend=0) * 0.6
+            amp = {"p": .5, "t": .5, "k": .5, "b": .25, "d": .25, "g": .25, "s": .35, "f": .2, "h": .25}[c]
+            burst = 0.015 if c in "ptkbdg" else sv - s0
+            noise[s0:sv] = nz * amp * A * np.exp(-np.arange(sv - s0) / SR / burst * (1 if c in "ptkbdg" else 0.2))
+    ts = np.arange(n_samples) / SR
+    order = np.argsort(kt, kind="stable")
+    kt, kf, ka = np.array(kt)[order], np.array(kf)[order], np.array(ka)[order]
+    f0 = np.interp(ts, kt, kf).astype(np.float32)
+    amp = np.interp(ts, kt, ka).astype(np.float32)
+    phase = (np.cumsum(f0 / np.float64(SR)) % 1.0 * P).astype(np.int64) % P
+    fb = np.log(f0[::64] / _F0_BINS[0]) / np.log(_F0_BINS[1] / _F0_BINS[0])   # F0 bin, at a 250 Hz control rate
+    fb = np.repeat(np.clip(np.round(fb), 0, NB - 1).astype(np.int64), 64)[:n_samples]
+    wave = tab.reshape(-1)[(cls * NB + fb) * P + phase] * amp * 0.1 + noise * 0.1
+    return wave.astype(np.float32)
+
+
+def _speaker_face(rng, sylls, T, style, emo_frames=None, flat_frames=None):
+    """The speaker's own face (T, 56): lips/jaw follow syllables, emotion on the face, stress nods, blinks, idle."""
+    jaw, spread, rnd, press, stress = (np.zeros(T, np.float32) for _ in range(5))
+    for (t0, tv, t1, c, v, stressed, loud, wi, e, flat) in sylls:
+        i0, iv, i1 = (min(int(round(x * FPS)), T) for x in (t0, tv, t1))
+        A = (1.3 if stressed else 1.0) * (1.6 if loud else 1.0)
+        jaw[iv:i1] = OPENNESS[v] * A
+        spread[iv:i1] = {"i": 0.8, "e": 0.5}.get(v, 0.0)
+        rnd[iv:i1] = {"u": 0.9, "o": 0.6}.get(v, 0.0)
+        if c in "mbp":
+            press[i0:max(iv, i0 + 1)] = 1.0
+        if stressed or loud:
+            stress[min(i0, T - 1)] += 1.0 + loud
+    co = style.get("coart", 1.5)
+    m = np.zeros((T, MOTION_DIM), np.float32)
+    jaw = _smooth(jaw, co)
+    m[:, JAW_OPEN] = 0.6 * style.get("jaw", 1.0) * jaw
+    m[:, JAW_PITCH] = 0.12 * style.get("jaw", 1.0) * jaw
+    m[:, LIP_SPREAD] = 0.5 * _smooth(spread, co)
+    m[:, LIP_ROUND] = 0.7 * style.get("round", 1.0) * _smooth(rnd, co)
+    m[:, LIP_PRESS] = 0.9 * _smooth(press, max(co - 0.5, 0.5))
+    if emo_frames is not None:                                             # the episode's emotion on the face
+        face = EMOTION_FACE[emo_frames] * (~flat_frames)[:, None]
+        m[:, EXP] += _smooth(face * style.get("intensity", 1.0), 8)
+    k = np.exp(-0.5 * ((np.arange(-12, 13)) / 3.0) ** 2)                  # stress -> head nod + brow
+    m[:, PITCH] += 0.05 * np.convolve(stress, k, "same")
+    m[:, BROW_RAISE] += style.get("brow", 0.3) * np.convolve(stress, k, "same")
+    for t in np.cumsum(rng.uniform(2, 6, size=int(T / FPS / 2) + 2)):
+        _add(m[:, BLINK], t, 0.25, lambda tau: np.sin(np.pi * tau / 0.25) ** 2)
+    m[:, HEAD] += 0.03 * _smooth_noise(rng, (T, 3), 30)
+    m[:, 10:EXP_DIM] += 0.04 * _smooth_noise(rng, (T, 40), 40)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The conversation world
+
+def _fixed_maps():
+    r = np.random.default_rng(12345)                                      # fixed across worlds: style = f(beta)
+    return r.standard_normal((6, 8)) / np.sqrt(8), r.standard_normal((MOTION_DIM, 8)) / np.sqrt(8)
+
+
+def listener_style(beta):
+    """Identity style from beta[:8] through fixed maps (so AdaIN(beta) can generalise to unseen identities)."""
+    M, O = _fixed_maps()
+    z = np.tanh(M @ np.asarray(beta, np.float64)[:8])
+    off = O @ np.asarray(beta, np.float64)[:8]
+    scale = np.r_[np.full(10, 0.08), np.full(40, 0.12), np.full(3, 0.04), np.zeros(3)]
+    scale[BLINK] = 0.0
+    return {"gain": 1 + 0.4 * z[0], "p_nod": 0.55 + 0.35 * z[1], "p_smile": 0.75 + 0.22 * z[2],
+            "open_smile": bool(z[3] > 0), "lag": 1.5 + 0.5 * z[4], "idle": 1 + 0.3 * z[5],
+            "offset": (off * scale).astype(np.float32)}
+
+
+def _cast(seed):
+    rng = np.random.default_rng([seed, 1])
+    speakers = [{"beta": (0.8 * rng.standard_normal(BETA_DIM)).astype(np.float32),
+                 "f0": float(rng.uniform(95, 130) if i % 2 else rng.uniform(175, 230)),
+                 "rate": float(rng.uniform(0.85, 1.15)), "loud": float(rng.uniform(0.8, 1.2))} for i in range(8)]
+    listeners = [(0.8 * rng.standard_normal(BETA_DIM)).astype(np.float32) for _ in range(7)]
+    return speakers, listeners
+
+
+def _conversation(rng, speaker, duration):
+    """Speaker side of one conversation: wave, face (T, 56), words, and the events the listener reacts to."""
+    T = int(round(duration * FPS))
+    episodes, t = [], 0.0                                                 # (start, emotion, flat)
+    while t < duration:
+        e = int(rng.choice(8, p=[.26, .26, .1, .08, .06, .06, .1, .08]))
+        episodes.append((t, e, e in (0, 7) and rng.random() < 0.5))      # flat: neutral/contempt said flatly
+        t += rng.uniform(6, 14)
+    starts = np.array([ep[0] for ep in episodes])
+    emotion_at = lambda s: episodes[int(np.searchsorted(starts, s, "right") - 1)][1:]
+    wrng = np.random.default_rng(rng.integers(2 ** 32))
+
+    def next_word(t):                                                      # vocabulary follows the episode
+        e, flat = emotion_at(t)
+        p_h = 0.3 if e == 1 else (0.2 if e in (0, 7) and flat else 0.05)
+        p_s = 0.35 if e == 2 else 0.03
+        u = wrng.random()
+        pool = HUMOUR_WORDS if u < p_h else SAD_WORDS if u < p_h + p_s else NEUTRAL_WORDS
+        return pool[wrng.integers(len(pool))]
+    sylls, ends, pauses = _speak(rng, next_word, speaker, emotion_at, duration=duration)
+    fr = (np.arange(T) / FPS)
+    ep_idx = np.searchsorted(starts, fr, "right") - 1
+    emo = np.array([episodes[i][1] for i in ep_idx])
+    flat = np.array([episodes[i][2] for i in ep_idx])
+    face = _speaker_face(rng, sylls, T, {"intensity": rng.uniform(0.8, 1.2)}, emo, flat)
+    wave = _synth(rng, sylls, speaker, int(round(duration * SR)))
+    amused = [end for w, end in ends if w in HUMOUR_WORDS and emotion_at(end - 0.05) == (1, False)]
+    loud = [s[0] for s in sylls if s[6]]
+    valence = np.where(flat, 0.0, EMOTION_VALENCE[emo]).astype(np.float32)
+    return {"T": T, "wave": wave, "face": face, "words": ends, "pauses": pauses, "amused": amused,
+            "loud": loud, "valence": valence, "emotion": emo, "flat": flat,
+            "sarcastic": [end for w, end in ends if w in HUMOUR_WORDS and end not in amused]}
+
+
+def _listener(rng, ev, style):
+    """The hidden social rules (module docstring): speaker events -> listener motion (T, 56)."""
+    T, g = ev["T"], style["gain"]
+    m = np.zeros((T, MOTION_DIM), np.float32)
+    for p in ev["pauses"]:                                                # 1 back-channel nods
+        if rng.random() < style["p_nod"]:
+            a, n = g * rng.uniform(0.06, 0.12), rng.uniform(1.0, 1.6)
+            _add(m[:, PITCH], p + rng.uniform(0.15, 0.4), n,
+                 lambda tau: a * np.sin(2 * np.pi * 2.0 * tau) * np.exp(-tau / 0.35))
+    for w in ev["amused"]:                                                # 2 amusement (only when amused)
+        if rng.random() < style["p_smile"]:
+            f, dur = _env(0.25, rng.uniform(0.8, 2.0), 0.6)
+            a, t0 = g * rng.uniform(0.7, 1.1), w + rng.uniform(0.3, 0.6)
+            if style["open_smile"]:
+                _add(m[:, OPEN_SMILE], t0, dur, lambda tau: a * f(tau))
+                _add(m[:, JAW_PITCH], t0, dur, lambda tau: 0.06 * a * f(tau))
+                _add(m[:, PITCH], t0, dur, lambda tau: 0.03 * a * f(tau) * np.sin(2 * np.pi * 4 * tau))
+            else:
+                _add(m[:, SMILE], t0, dur, lambda tau: a * f(tau))
+    lag = int(round((style["lag"] + rng.uniform(-0.2, 0.2)) * FPS))       # 3 contagion (causal: lag >= 1 s)
+    v = np.r_[np.zeros(lag, np.float32), ev["valence"][:T - lag]]
+    v = _smooth(v, 9) * g * rng.uniform(0.8, 1.2)
+    m[:, SMILE] += 0.45 * np.maximum(v, 0)
+    m[:, FROWN] += 0.45 * np.maximum(-v, 0)
+    m[:, BROW_FURROW] += 0.15 * np.maximum(-v, 0)
+    for s in ev["loud"]:                                                  # 4 surprise
+        f, dur = _env(0.1, 0.2, 0.4)
+        a = g * rng.uniform(0.6, 1.0)
+        _add(m[:, BROW_RAISE], s + rng.uniform(0.15, 0.25), dur, lambda tau: a * f(tau))
+        _add(m[:, PITCH], s + 0.2, dur, lambda tau: -0.03 * a * f(tau))
+    for t in np.cumsum(rng.uniform(2, 6, size=int(T / FPS / 2) + 2)):     # 5 idle life
+        _add(m[:, BLINK], t, 0.2, lambda tau: np.sin(np.pi * tau / 0.2) ** 2)
+    idle = style["idle"]
+    m[:, HEAD] += 0.025 * idle * _smooth_noise(rng, (T, 3), 30)
+    m[:, 10:EXP_DIM] += 0.05 * idle * _smooth_noise(rng, (T, 40), 45)
+    m[:, :9] += 0.03 * idle * _smooth_noise(rng, (T, 9), 9)
+    return m + style["offset"]                                           # 6 identity offset
+
+
+PRESETS = {  # conversations per split, conversation seconds, train stride s; talking: sentences, seconds
+    "default": {"n": {"train": 60, "val": 8, "test": 24}, "dur": 48.0, "stride": 2.0, "sent": None,
+                "sent_dur": (1.5, 2.6)},
+    "tiny": {"n": {"train": 3, "val": 1, "test": 2}, "dur": 16.0, "stride": 2.0, "sent": 2,
+             "sent_dur": (1.2, 1.8)},
+}
+
+
+def _write_listener(out, cfg, seed):
+    face, (speakers, listeners) = _face(), _cast(seed)
+    (out / "wav").mkdir(parents=True)
+    counts, stats_frames, sp_frames = {}, [], []
+    for si, split in enumerate(("train", "val", "test")):
+        segs = []
+        for c in range(cfg["n"][split]):
+            rng = np.random.default_rng([seed, 2, si, c])
+            spk = int(rng.integers(8))
+            lid = 6 if split == "test" and c % 3 == 2 else int(rng.integers(6))  # unseen listener: test only
+            style = listener_style(listeners[lid])
+            ev = _conversation(rng, speakers[spk], cfg["dur"])
+            sim_seed = rng.integers(2 ** 32)
+            L = _listener(np.random.default_rng(sim_seed), ev, style)
+            fname = f"{split}_{c:03d}_s{spk}_l{lid}"
+            write_wav(out / "wav" / f"{fname}.wav", ev["wave"])
+            lexp, lpose, sexp, spose = (torch.from_numpy(np.ascontiguousarray(x)) for x in
+                                        (L[:, EXP], L[:, POSE], ev["face"][:, EXP], ev["face"][:, POSE]))
+            la, sa = torch.from_numpy(face.attributes(L)), torch.from_numpy(face.attributes(ev["face"]))
+            lb, sb = torch.from_numpy(listeners[lid])[None], torch.from_numpy(speakers[spk]["beta"])[None]
+            alt = None
+            if split != "train":
+                alt = torch.from_numpy(np.stack([_listener(np.random.default_rng([sim_seed, k + 1]), ev, style)
+                                                 for k in range(K_ALT)])).half()    # (K, Tc, 56)
+            if split == "train":
+                stats_frames.append(L)
+                sp_frames.append(ev["face"])
+            stride = int(cfg["stride"] * FPS) if split == "train" else SEGMENT_FRAMES
+            for s in range(0, ev["T"] - SEGMENT_FRAMES + 1, stride):
+                e = s + SEGMENT_FRAMES
+                t0, t1 = s / FPS, e / FPS
+                seg = {"fname": fname, "split_start_frame": s, "split_end_frame": e,
+                       "p0_exp": lexp[s:e], "p0_pose": lpose[s:e], "p0_shape": lb, "p0_attr": la[s:e],
+                       "p1_exp": sexp[s:e], "p1_pose": spose[s:e], "p1_shape": sb, "p1_attr": sa[s:e],
+                       "listener_id": lid, "speaker_id": spk,
+                       "before_words": [{"text": w, "end": round(x - t0, 4)} for w, x in ev["words"]
+                                        if t0 - 3.0 <= x < t0],
+                       "during_words": [{"text": w, "end": round(x - t0, 4)} for w, x in ev["words"]
+                                        if t0 <= x < t1]}
+                if alt is not None:
+                    seg["alt_listener"] = alt[:, s:e]
+                segs.append(seg)
+        torch.save(segs, out / f"segments_{split}.pth")
+        counts[split] = len(segs)
+    L = np.concatenate(stats_frames)
+    S = np.concatenate(sp_frames)
+    np.save(out / "mean.npy", L.mean(0).astype(np.float32))
+    np.save(out / "std.npy", np.maximum(L.std(0), 1e-3).astype(np.float32))
+    np.save(out / "speaker_mean.npy", S.mean(0).astype(np.float32))
+    np.save(out / "speaker_std.npy", np.maximum(S.std(0), 1e-3).astype(np.float32))
+    return counts
+
+
+def talking_styles(seed=0):
+    """Per-subject speaking styles (train subjects are style ids 0..7)."""
+    rng = np.random.default_rng([seed, 3])
+    subjects = TRAIN_SUBJECTS + VAL_SUBJECTS + TEST_SUBJECTS
+    return {s: {"jaw": float(rng.uniform(0.6, 1.4)), "round": float(rng.uniform(0.5, 1.5)),
+                "coart": float(rng.uniform(0.8, 3.0)), "brow": float(rng.uniform(0.0, 0.8)),
+                "beta": (0.8 * rng.standard_normal(BETA_DIM)).astype(np.float32),
+                "voice": {"f0": float(rng.uniform(95, 230)), "rate": float(rng.uniform(0.85, 1.15)),
+                          "loud": float(rng.uniform(0.8, 1.2))}} for s in subjects}
+
+
+def _write_vocaset(out, cfg, seed):
+    face, styles = _face(), talking_styles(seed)
+    (out / "wav").mkdir(parents=True)
+    (out / "vertices_npy").mkdir()
+    n = 0
+    for subj, st in styles.items():
+        split = "train" if subj in TRAIN_SUBJECTS else "val" if subj in VAL_SUBJECTS else "test"
+        sents = list(SENTENCES[split])[:cfg["sent"]] if cfg["sent"] else SENTENCES[split]
+        for k in sents:
+            rng = np.random.default_rng([seed, 4, TRAIN_SUBJECTS.index(subj) if split == "train" else 99, k,
+                                         len(subj), sum(map(ord, subj))])
+            dur = rng.uniform(*cfg["sent_dur"])
+            sylls, _, _ = _speak(rng, lambda t: NEUTRAL_WORDS[rng.integers(len(NEUTRAL_WORDS))], st["voice"], lambda t: (0, False), t_start=0.25, duration=dur + 0.7,
+                                 loud_p=0.0)
+            T = int(round(dur * FPS))
+            wave = _synth(rng, sylls, st["voice"], int(round(dur * SR)))
+            m = _speaker_face(rng, sylls, T, st)
+            v = face.vertices(m, st["beta"]).reshape(T, -1)
+            write_wav(out / "wav" / f"{subj}_sentence{k:02d}.wav", wave)
+            np.save(out / "vertices_npy" / f"{subj}_sentence{k:02d}.npy", v.astype(np.float32))
+            n += 1
+    with open(out / "templates.pkl", "wb") as f:
+        pickle.dump({s: face.template(st["beta"]) for s, st in styles.items()}, f)
+    np.savez(out / "regions.npz", lip_idx=face.lip_idx, upper_idx=face.upper_face_idx)
+    json.dump({"fps": FPS}, open(out / "meta.json", "w"))
+    return n
+
+
+def write_wav(path, wave, sr=SR):
+    """Write a mono 16-bit PCM RIFF/WAVE file (a plain writer: much faster than a soundfile round trip)."""
+    pcm = (np.clip(np.asarray(wave, np.float32), -1, 1) * 32767).astype("<i2").tobytes()
+    head = (b"RIFF" + (36 + len(pcm)).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+            + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + sr.to_bytes(4, "little")
+            + (2 * sr).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+            + b"data" + len(pcm).to_bytes(4, "little"))
+    with open(path, "wb") as f:
+        f.write(head + pcm)
+
+
+def _du(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def generate_world(root=None, preset="default", seed=0, force=False):
+    """Make (or reuse) the synthetic world under root: listener/ (segments format) and vocaset/. Atomic + cached."""
+    preset = "tiny" if preset in ("tiny", "smoke") else "default"
+    root = Path(root) if root else DATA_ROOT / ("tiny" if preset == "tiny" else "world")
+    want = {"preset": preset, "seed": seed, "version": VERSION}
+    meta_f = root / "meta.json"
+    if meta_f.exists() and not force:
+        meta = json.loads(meta_f.read_text())
+        if all(meta.get(k) == v for k, v in want.items()):
+            return root
+    t0 = time.time()
+    cfg = PRESETS[preset]
+    print(f"data.py: generating the {preset} synthetic world (seed {seed}) in {root} ...", flush=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        counts = _write_listener(tmp / "listener", cfg, seed)
+        n_sent = _write_vocaset(tmp / "vocaset", cfg, seed)
+        info = dict(want, segments=counts, sentences=n_sent, seconds=round(time.time() - t0, 2),
+                    mb=round(_du(tmp) / 2 ** 20, 1))
+        (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+        if root.exists():                                                 # stale/other world, or a racing writer
+            if (root / "meta.json").exists() and not force and all(
+                    json.loads((root / "meta.json").read_text()).get(k) == v for k, v in want.items()):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return root
+            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:6]}"
+            os.rename(root, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if meta_f.exists():                                               # another process won the race
+            return root
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"data.py: made {counts['train']}/{counts['val']}/{counts['test']} train/val/test listener segments "
+          f"and {n_sent} talking-face sentences, {info['mb']} MB, in {time.time() - t0:.1f} s -> {root}", flush=True)
+    return root
+
+
+def resolve_data(path, kind, preset="default"):
+    """Where the data of `kind` ("listener" | "talking") lives (see the API contract)."""
+    sub = {"listener": "listener", "talking": "vocaset"}[kind]
+    if not path:
+        return generate_world(preset="tiny" if preset in ("smoke", "tiny") else "default") / sub
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such dataset folder (expected a world root, or a {kind} dataset)")
+    if (p / "listener").is_dir() and (p / "vocaset").is_dir():
+        return p / sub
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio: reading wavs, resampling, MFCC
+
+def _check_wav_header(path):
+    """RIFF/WAVE files: the data chunk must be as long as the header says (libsndfile reads truncated files quietly)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        while True:
+            ch = f.read(8)
+            if len(ch) < 8:
+                raise _err(path, "truncated WAV file: no 'data' chunk (expected a complete RIFF/WAVE file)")
+            size = int.from_bytes(ch[4:], "little")
+            if ch[:4] == b"data":
+                have = os.path.getsize(path) - f.tell()
+                if size != 0xFFFFFFFF and have < size:
+                    raise _err(path, f"truncated WAV file: header says {size} data bytes, file holds {have}")
+                return
+            f.seek(size + (size & 1), 1)
+
+
+def resample(wave, sr_in, sr_out=SR):
+    """Band-limited resampling by FFT (exact for any pair of rates). (S,) -> (round(S * sr_out / sr_in),)."""
+    w = torch.as_tensor(_np(wave), dtype=torch.float32)
+    if sr_in == sr_out:
+        return w.numpy()
+    n_out = int(round(len(w) * sr_out / sr_in))
+    X = torch.fft.rfft(w)
+    keep = min(len(X), n_out // 2 + 1)
+    Y = torch.zeros(n_out // 2 + 1, dtype=X.dtype)
+    Y[:keep] = X[:keep]
+    return (torch.fft.irfft(Y, n=n_out) * (n_out / len(w))).numpy().astype(np.float32)
+
+
+def load_wav(path, sr=SR):
+    """Read an audio file -> (S,) float32 mono at `sr`. Clear errors for missing, empty, truncated, non-audio."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such audio file (expected a .wav file)")
+    if path.stat().st_size == 0:
+        raise _err(path, "empty file (expected audio samples)")
+    _check_wav_header(path)
+    try:
+        w, file_sr = sf.read(str(path), dtype="float32", always_2d=True)   # (S, C)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
+        raise _err(path, f"not a readable audio file ({e})") from None
+    if len(w) == 0:
+        raise _err(path, "audio file holds no samples")
+    return resample(w.mean(1), file_sr, sr)
+
+
+def _mel_fb(n_fft, n_mels, sr):
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    pts = hz(np.linspace(0, 2595 * np.log10(1 + (sr / 2) / 700), n_mels + 2))
+    f = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    lo, c, hi = pts[:-2, None], pts[1:-1, None], pts[2:, None]
+    fb = np.maximum(0, np.minimum((f - lo) / (c - lo), (hi - f) / (hi - c)))  # (n_mels, F) triangles
+    return torch.tensor(fb, dtype=torch.float32)
+
+
+def mfcc(wave, sr=SR, rate=120.0, n_mfcc=40, n_rows=None, n_mels=None):
+    """MFCC rows at `rate` per second: (n_rows, n_mfcc) float32. Stereo (2, S) or (S, 2) is mixed down.
+    16 kHz -> torch.stft (25 ms Hann window, hop = SR/rate) -> mel power -> log -> DCT-II -> rows resampled
+    linearly to exactly n_rows (default round(duration * rate))."""
+    w = _np(wave).astype(np.float32)
+    if w.ndim == 2:
+        w = w.mean(0) if w.shape[0] <= 2 < w.shape[1] else w.mean(1)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"mfcc: expected a non-empty waveform (S,) or stereo (S, 2); got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("mfcc: waveform holds NaN or inf")
+    dur = len(w) / sr
+    w = torch.from_numpy(resample(w, sr, SR))
+    n_mels = n_mels or max(64, n_mfcc)
+    hop, n_fft = max(1, int(round(SR / rate))), 512
+    if len(w) < n_fft:
+        w = torch.nn.functional.pad(w, (0, n_fft - len(w)))
+    spec = torch.stft(w, n_fft, hop_length=hop, win_length=400, window=torch.hann_window(400),
+                      center=True, return_complex=True).abs() ** 2               # (F, N)
+    logmel = torch.log(_mel_fb(n_fft, n_mels, SR) @ spec + 1e-6)                # (n_mels, N)
+    k = torch.arange(n_mels, dtype=torch.float32)
+    dct = torch.cos(np.pi / n_mels * (k[None] + 0.5) * torch.arange(n_mfcc, dtype=torch.float32)[:, None])
+    c = (dct @ logmel).T * np.sqrt(2.0 / n_mels)                                # (N, n_mfcc) DCT-II
+    n_rows = int(n_rows if n_rows is not None else max(1, round(dur * rate)))
+    pos = torch.arange(n_rows, dtype=torch.float32) / rate * SR / hop           # row j's time in frames
+    i0 = pos.floor().long().clamp(0, len(c) - 1)
+    i1 = (i0 + 1).clamp(max=len(c) - 1)
+    fr = (pos - i0.float()).clamp(0, 1)[:, None]
+    return ((1 - fr) * c[i0] + fr * c[i1]).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers: every format -> the same items
+
+def _check_motion(arr, path, what, T=None, D=None):
+    a = np.asarray(_np(arr), dtype=np.float32)
+    if a.ndim != 2 or (T is not None and a.shape[0] != T) or (D is not None and a.shape[1] != D):
+        raise _err(path, f"{what} has shape {a.shape}, expected ({T or 'T'}, {D or 'D'})")
+    if not np.isfinite(a).all():
+        raise _err(path, f"{what} holds NaN or inf values (expected finite motion)")
+    return a
+
+
+def _item(name, fps, start, listener, speaker, lbeta=None, sbeta=None, lid=-1, lattr=None, sattr=None,
+          audio=None, audio_rows=None, words=(), alt=None):
+    face = _face()
+    attr = lambda m, a: (np.asarray(_np(a), np.float32) if a is not None else
+                         face.attributes(m[..., :MOTION_DIM]) if m.shape[-1] >= MOTION_DIM
+                         else np.zeros(m.shape[:-1] + (ATTR_DIM,), np.float32))
+    beta = lambda b: np.zeros(BETA_DIM, np.float32) if b is None else np.asarray(_np(b), np.float32).reshape(
+        -1, BETA_DIM)[0]
+    alt = None if alt is None else np.asarray(_np(alt), np.float32)
+    return {"name": name, "fps": int(fps), "start_frame": int(start), "listener": listener, "speaker": speaker,
+            "listener_beta": beta(lbeta), "speaker_beta": beta(sbeta), "listener_id": int(lid),
+            "listener_attr": attr(listener, lattr), "speaker_attr": attr(speaker, sattr), "audio": audio,
+            "audio_rows": audio_rows, "words": sorted(words, key=lambda w: w[1]), "alt_listener": alt,
+            "alt_listener_attr": None if alt is None else attr(alt, None)}
+
+
+def _load_pth(f):
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - real LM-Listener files may hold numpy arrays: trusted local file
+        return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def _read_segments(path, split):
+    f = path / f"segments_{split}.pth"
+    segs = _load_pth(f)
+    if not isinstance(segs, list):
+        raise _err(f, f"expected a list of segment dicts, got {type(segs).__name__}")
+    wavs, items = {}, []
+    need = ("fname", "split_start_frame", "split_end_frame", "p0_exp", "p0_pose", "p1_exp", "p1_pose")
+    for i, s in enumerate(segs):
+        miss = [k for k in need if k not in s]
+        if miss:
+            raise _err(f, f"segment {i} lacks keys {miss} (expected LM-Listener segment dicts)")
+        a, b = int(s["split_start_frame"]), int(s["split_end_frame"])
+        T, fps = b - a, int(s.get("fps", FPS))
+        where = f"{f} [segment {i}]"
+        L = np.concatenate([_check_motion(s["p0_exp"], where, "p0_exp", T), _check_motion(s["p0_pose"], where,
+                                                                                         "p0_pose", T)], 1)
+        S = np.concatenate([_check_motion(s["p1_exp"], where, "p1_exp", T), _check_motion(s["p1_pose"], where,
+                                                                                         "p1_pose", T)], 1)
+        audio, wf = None, path / "wav" / f"{s['fname']}.wav"
+        if (path / "wav").is_dir():
+            if s["fname"] not in wavs:
+                wavs[s["fname"]] = load_wav(wf)
+            w = wavs[s["fname"]]
+            s0, s1 = int(round(a * SR / fps)), int(round(b * SR / fps))
+            if s1 > len(w):
+                raise _err(wf, f"audio is {len(w) / SR:.2f} s long, segment {i} needs {s1 / SR:.2f} s")
+            audio = w[s0:s1]
+        words = [(w["text"], float(w["end"])) for w in list(s.get("before_words", [])) + list(s.get("during_words",
+                                                                                                  []))]
+        alt = s.get("alt_listener")
+        if alt is not None and (tuple(alt.shape[1:]) != (T, L.shape[1]) or not torch.isfinite(
+                torch.as_tensor(alt).float()).all()):
+            raise _err(where, f"alt_listener has shape {tuple(alt.shape)}, expected (K, {T}, {L.shape[1]}), finite")
+        items.append(_item(f"{s['fname']}:{a}-{b}", fps, a, L, S, s.get("p0_shape"), s.get("p1_shape"),
+                           s.get("listener_id", -1), s.get("p0_attr"), s.get("p1_attr"), audio, None, words, alt))
+    return items
+
+
+def load_listener(path, split, fmt=None):
+    """Read listener items of `split` from a segments / l2l / react folder (format detected; see the docstring)."""
+    path = Path(path)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test; got {split!r}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such dataset folder (expected segments_{split}.pth, "
+                                f"{split}/p0_list_faces_clean_deca.npy or {split}/Emotion/)")
+    if (path / "listener").is_dir() and (path / "vocaset").is_dir():
+        path = path / "listener"                                          # a world root
+    if fmt is None:
+        fmt = ("segments" if (path / f"segments_{split}.pth").exists() else
+               "l2l" if any((path / split / f"p{p}_list_faces_clean_deca.npy").exists() for p in (0, 1)) else
+               "react" if (path / split / "Emotion").is_dir() else None)
+    if fmt is None:
+        raise FileNotFoundError(f"{path}: found no {split} split: expected segments_{split}.pth (segments), "
+                                f"{split}/p0_list_faces_clean_deca.npy (l2l) or {split}/Emotion/ (react)")
+    return {"segments": _read_segments, "l2l": _read_l2l, "react": _read_react}[fmt](path, split)
+
+
+def load_stats(path, who="listener"):
+    """(mean (D,), std (D,)) float32 train statistics stored with the data (listener, or who="speaker")."""
+    path = Path(path)
+    if (path / "listener").is_dir():
+        path = path / "listener"
+    pre = "" if who == "listener" else "speaker_"
+    out = []
+    for k in ("mean", "std"):
+        f = path / f"{pre}{k}.npy"
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: missing train statistics (expected {pre}mean.npy and {pre}std.npy)")
+        a = np.load(f).astype(np.float32).reshape(-1)
+        if not np.isfinite(a).all():
+            raise _err(f, "holds NaN or inf")
+        out.append(a)
+    return out[0], np.maximum(out[1], 1e-3)
+
+
+def load_talking(path, split, fps=None):
+    """VOCASET layout -> items (see docstring). Real VOCASET (60 fps) is detected and kept [::2] to 30 fps."""
+    path = Path(path)
+    if (path / "vocaset").is_dir():
+        path = path / "vocaset"
+    for need in ("wav", "vertices_npy", "templates.pkl"):
+        if not (path / need).exists():
+            raise FileNotFoundError(f"{path / need}: missing (expected VOCASET layout: wav/, vertices_npy/, "
+                                    f"templates.pkl)")
+    with open(path / "templates.pkl", "rb") as f:
+        templates = pickle.load(f, encoding="latin1")
+    subjects = {"train": TRAIN_SUBJECTS, "val": VAL_SUBJECTS, "test": TEST_SUBJECTS}[split]
+    src_fps = fps or (json.loads((path / "meta.json").read_text())["fps"] if (path / "meta.json").exists() else None)
+    items = []
+    for subj in subjects:
+        for k in SENTENCES[split]:
+            vf, wf = path / "vertices_npy" / f"{subj}_sentence{k:02d}.npy", path / "wav" / f"{subj}_sentence{k:02d}.wav"
+            if not vf.exists():
+                continue                                                  # VOCASET has holes; so may we
+            tpl = np.asarray(templates[subj], np.float32).reshape(-1, 3)
+            v = np.load(vf).astype(np.float32)
+            if v.ndim != 2 or v.shape[1] != tpl.size:
+                raise _err(vf, f"vertices have shape {v.shape}, expected (T, {tpl.size}) = (T, V*3) for the template")
+            if not np.isfinite(v).all():
+                raise _err(vf, "vertices hold NaN or inf")
+            audio = load_wav(wf)
+            f_src = src_fps or (60 if len(v) / (len(audio) / SR) > 45 else 30)
+            step = max(1, int(round(f_src / FPS)))
+            v = v[::step].reshape(-1, tpl.shape[0], 3)
+            items.append({"name": f"{subj}_sentence{k:02d}", "subject": subj,
+                          "style": TRAIN_SUBJECTS.index(subj) if subj in TRAIN_SUBJECTS else -1,
+                          "audio": audio, "vertices": v, "template": tpl, "fps": FPS})
+    if not items:
+        raise FileNotFoundError(f"{path}: no {split} sentences found (expected vertices_npy/<subject>_sentenceXX.npy "
+                                f"for {subjects})")
+    return items
+
+
+def talking_regions(path):
+    """(lip_idx, upper_idx) int64 vertex indices stored with the talking-face data."""
+    path = Path(path)
+    if (path / "vocaset").is_dir():
+        path = path / "vocaset"
+    f = path / "regions.npz"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: missing (expected lip_idx and upper_idx; for real VOCASET use FaceFormer's "
+                                f"lip vertex index file and an upper-face mask)")
+    r = np.load(f)
+    return r["lip_idx"].astype(np.int64), r["upper_idx"].astype(np.int64)
+
+
+def _read_l2l(path, split):
+    raise NotImplementedError("l2l reader: coming next")
+
+
+def _read_react(path, split):
+    raise NotImplementedError("react reader: coming next")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Generate (or reuse) the synthetic world.")
+    ap.add_argument("--preset", default="default", choices=["default", "tiny"])
+    ap.add_argument("--root", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args()
+    r = generate_world(a.root, a.preset, a.seed, a.force)
+    print(json.loads((r / "meta.json").read_text()))
