@@ -129,7 +129,7 @@ EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "
 EXP, POSE, HEAD, JAW = slice(0, 50), slice(50, 56), slice(50, 53), slice(53, 56)
 SEGMENT_FRAMES, K_ALT = 240, 10
 DATA_ROOT = Path(__file__).resolve().parent / "data"
-VERSION = 1                                  # bump when the world changes: cached worlds are then regenerated
+VERSION = 2                                  # bump when the world changes: cached worlds are then regenerated
 (JAW_OPEN, LIP_SPREAD, LIP_ROUND, LIP_PRESS, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BROW_FURROW,
  BLINK) = range(10)                          # semantic expression channels
 PITCH, JAW_PITCH = 50, 53                    # head pitch (+ = nod down) and jaw pitch (+ = open) in a motion frame
@@ -257,12 +257,14 @@ class FaceModel:
             curves["brow_" + side] = (bx, 0.36 + 0.03 * (1 - ((bx - cx) / .14) ** 2), False)
         curves["nose"] = (np.zeros(4), np.linspace(0.12, -0.22, 4), False)
         self.groups = {}
+        self.polylines = [(r, False) for r in ids] + [(c, False) for c in ids.T]   # for drawing: (indices, feature)
         for name, (x, y, closed) in curves.items():
             z = surf(x, y) + (np.array([0.03, 0.08, 0.14, 0.1]) if name == "nose" else 0)
             parts[name] = np.stack([x, y, z], -1)
             idx = np.arange(n, n + len(x))
             edges += list(zip(idx[:-1], idx[1:])) + ([(idx[-1], idx[0])] if closed else [])
             self.groups[name], n = idx, n + len(x)
+            self.polylines.append((np.r_[idx, idx[:1]] if closed else idx, True))
         self.mean = np.concatenate(list(parts.values())).astype(np.float32)    # (V, 3)
         self.n_vertices, self.edges = n, np.array(edges, np.int64)
         V, P = self.mean, self.mean
@@ -589,7 +591,7 @@ def _listener(rng, ev, style):
     m = np.zeros((T, MOTION_DIM), np.float32)
     for p in ev["pauses"]:                                                # 1 back-channel nods
         if rng.random() < style["p_nod"]:
-            a, n = g * rng.uniform(0.06, 0.12), rng.uniform(1.0, 1.6)
+            a, n = g * rng.uniform(0.08, 0.15), rng.uniform(1.0, 1.6)
             _add(m[:, PITCH], p + rng.uniform(0.15, 0.4), n,
                  lambda tau: a * np.sin(2 * np.pi * 2.0 * tau) * np.exp(-tau / 0.35))
     for w in ev["amused"]:                                                # 2 amusement (only when amused)
@@ -619,6 +621,8 @@ def _listener(rng, ev, style):
     m[:, HEAD] += 0.025 * idle * _smooth_noise(rng, (T, 3), 30)
     m[:, 10:EXP_DIM] += 0.05 * idle * _smooth_noise(rng, (T, 40), 45)
     m[:, :9] += 0.03 * idle * _smooth_noise(rng, (T, 9), 9)
+    for k in (SMILE, OPEN_SMILE, BROW_RAISE):                             # overlapping responses saturate
+        m[:, k] = 1.3 * np.tanh(m[:, k] / 1.3)
     return m + style["offset"]                                           # 6 identity offset
 
 
@@ -791,6 +795,81 @@ def resolve_data(path, kind, preset="default"):
     if (p / "listener").is_dir() and (p / "vocaset").is_dir():
         return p / sub
     return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pictures: animated GIFs of faces (PIL) and channel plots (matplotlib)
+
+CHANNEL_NAMES = {JAW_OPEN: "jaw-open", LIP_SPREAD: "lip-spread", LIP_ROUND: "lip-round", LIP_PRESS: "lip-press",
+                 SMILE: "smile", OPEN_SMILE: "open smile", FROWN: "frown", BROW_RAISE: "brow raise",
+                 BROW_FURROW: "brow furrow", BLINK: "blink", PITCH: "head pitch", 51: "head yaw", 52: "head roll",
+                 JAW_PITCH: "jaw pitch"}
+
+
+def render_vertices_gif(path, vertices, titles=None, fps=FPS, size=220, max_fps=15):
+    """Side-by-side animated GIF of vertex sequences [(T, V, 3)] (front view). FaceModel meshes are drawn as a
+    wireframe with darker lips/eyes/brows; other meshes (e.g. real VOCASET) as points."""
+    from PIL import Image, ImageDraw
+    vs = [np.asarray(_np(v), np.float32).reshape(len(v), -1, 3) for v in vertices]
+    titles = list(titles or [""] * len(vs))
+    face, step = _face(), max(1, int(round(fps / max_fps)))
+    T = min(len(v) for v in vs)
+    frames = []
+    boxes = []
+    for v in vs:                                          # one fixed camera per panel: the sequence's bounding box
+        lo, hi = v[..., :2].reshape(-1, 2).min(0), v[..., :2].reshape(-1, 2).max(0)
+        boxes.append(((lo + hi) / 2, 0.8 * size / max(float((hi - lo).max()), 1e-6)))
+    for t in range(0, T, step):
+        im = Image.new("P", (size * len(vs), size + 18), 0)              # palette: white, dark, light, points
+        im.putpalette([255, 255, 255, 40, 40, 40, 175, 185, 200, 60, 60, 60] + [0] * 756)
+        d = ImageDraw.Draw(im)
+        for p, (v, (c, sc)) in enumerate(zip(vs, boxes)):
+            xy = (v[t, :, :2] - c) * sc * np.array([1, -1]) + np.array([p * size + size / 2, 18 + size / 2])
+            if v.shape[1] == face.n_vertices:
+                for idx, f in face.polylines:
+                    d.line(xy[idx].ravel().tolist(), fill=1 if f else 2, width=2 if f else 1)
+            else:
+                for x, y in xy[:: max(1, len(xy) // 2000)]:
+                    d.point((x, y), fill=3)
+            d.text((p * size + 6, 3), f"{titles[p]}  {t / fps:4.1f}s", fill=1)
+        frames.append(im)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(round(1000 * step / fps)), loop=0)
+    return path
+
+
+def render_gif(path, motions, betas=None, titles=None, fps=FPS):
+    """Animated GIF of FaceModel faces driven by 56-d motions [(T, 56)] with identities betas [(100,)]."""
+    face = _face()
+    betas = betas if betas is not None else [None] * len(motions)
+    return render_vertices_gif(path, [face.vertices(_np(m)[:, :MOTION_DIM], b) for m, b in zip(motions, betas)],
+                               titles, fps)
+
+
+def plot_channels(path, series, channels=None, fps=FPS):
+    """PNG of a few motion channels over time, one panel per channel, one line per series {name: (T, D)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    arrs = {k: np.asarray(_np(v), np.float32).reshape(len(v), -1) for k, v in series.items()}
+    D = min(a.shape[1] for a in arrs.values())
+    if channels is None:
+        channels = ([JAW_OPEN, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BLINK, PITCH, JAW_PITCH] if D >= MOTION_DIM
+                    else list(range(min(D, 6))))
+    fig, axes = plt.subplots(len(channels), 1, figsize=(9, 1.4 * len(channels) + 0.6), sharex=True, squeeze=False)
+    for ax, ch in zip(axes[:, 0], channels):
+        for k, a in arrs.items():
+            ax.plot(np.arange(len(a)) / fps, a[:, ch], lw=1, label=k)
+        ax.set_ylabel(CHANNEL_NAMES.get(ch, f"ch {ch}") if D >= MOTION_DIM else f"ch {ch}", fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="upper right", ncol=len(arrs))
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
