@@ -728,7 +728,7 @@ def _write_vocaset(out, cfg, seed):
 
 def write_wav(path, wave, sr=SR):
     """Write a mono 16-bit PCM RIFF/WAVE file (a plain writer: much faster than a soundfile round trip)."""
-    pcm = (np.clip(np.asarray(wave, np.float32), -1, 1) * 32767).astype("<i2").tobytes()
+    pcm = np.clip(np.round(np.asarray(wave, np.float64) * 32768), -32768, 32767).astype("<i2").tobytes()
     head = (b"RIFF" + (36 + len(pcm)).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
             + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + sr.to_bytes(4, "little")
             + (2 * sr).to_bytes(4, "little") + (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
@@ -1126,12 +1126,158 @@ def talking_regions(path):
     return r["lip_idx"].astype(np.int64), r["upper_idx"].astype(np.int64)
 
 
+L2L_T, L2L_D = 64, 184                     # L2L windows: 64 frames of 184-d DECA codes (exp 50 | pose 6 | detail 128)
+
+
+def write_l2l(path, split, items, rows_per_frame=4, n_mel=128):
+    """Write items as L2L npy files: p0_list_faces (N,64,184) paired with p1_speak_{faces,audio,files}.
+    Items are cut into 64-frame windows; audio rows are `audio_rows` or MFCC rows of `audio` (4 per frame)."""
+    d = Path(path) / split
+    d.mkdir(parents=True, exist_ok=True)
+    L, S, A, F = [], [], [], []
+    for it in items:
+        for s in range(0, len(it["listener"]) - L2L_T + 1, L2L_T):
+            pad = lambda m: np.pad(m[s:s + L2L_T], ((0, 0), (0, L2L_D - m.shape[1])))
+            L.append(pad(it["listener"]))
+            S.append(pad(it["speaker"]))
+            if it.get("audio_rows") is not None:
+                A.append(it["audio_rows"][rows_per_frame * s:rows_per_frame * (s + L2L_T)])
+            else:
+                sps = SR / it["fps"]
+                A.append(mfcc(it["audio"][int(round(s * sps)):int(round((s + L2L_T) * sps))], rate=rows_per_frame *
+                              it["fps"], n_mfcc=n_mel, n_rows=rows_per_frame * L2L_T))
+            F.append([[it["name"].split(":")[0], "p1", str(it["start_frame"] + s + f)] for f in range(L2L_T)])
+    np.save(d / "p0_list_faces_clean_deca.npy", np.stack(L).astype(np.float32))
+    np.save(d / "p1_speak_faces_clean_deca.npy", np.stack(S).astype(np.float32))
+    np.save(d / "p1_speak_audio_clean_deca.npy", np.stack(A).astype(np.float32))
+    np.save(d / "p1_speak_files_clean_deca.npy", np.array(F))
+    return d
+
+
 def _read_l2l(path, split):
-    raise NotImplementedError("l2l reader: coming next")
+    d = path / split
+    items = []
+    for o in (0, 1):                                                      # listener p{o}, speaker p{1-o}
+        lf = d / f"p{o}_list_faces_clean_deca.npy"
+        if not lf.exists():
+            continue
+        sp = lambda kind: d / f"p{1 - o}_speak_{kind}_clean_deca.npy"
+        for f in (sp("faces"), sp("audio")):
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: missing (expected next to {lf.name}, as in Learning2Listen)")
+        L, S, A = np.load(lf), np.load(sp("faces")), np.load(sp("audio"))
+        names = np.load(sp("files")) if sp("files").exists() else None
+        for f, a in ((lf, L), (sp("faces"), S)):
+            if a.ndim != 3 or a.shape[2] < MOTION_DIM or a.shape[:2] != L.shape[:2]:
+                raise _err(f, f"shape {a.shape}, expected (N, T, >= 56) with (N, T) = {L.shape[:2]} (e.g. (N, 64, 184))")
+            if not np.isfinite(a[..., :MOTION_DIM]).all():
+                raise _err(f, "holds NaN or inf in the first 56 channels (expected finite motion)")
+        if A.ndim != 3 or len(A) != len(L):
+            raise _err(sp("audio"), f"shape {A.shape}, expected (N, 4T, F) with N = {len(L)} (e.g. (N, 256, 128))")
+        for i in range(len(L)):
+            T = L.shape[1]
+            fname, start = f"l2l_p{o}_{i:05d}", 0
+            if names is not None and names.ndim == 3:
+                fname = str(names[i, 0, 0])
+                start = int(names[i, 0, 2]) if str(names[i, 0, 2]).lstrip("-").isdigit() else 0
+            items.append(_item(f"{fname}:{start}-{start + T}", FPS, start, np.ascontiguousarray(L[i, :, :MOTION_DIM],
+                               np.float32), np.ascontiguousarray(S[i, :, :MOTION_DIM], np.float32),
+                               audio_rows=A[i].astype(np.float32)))
+    seen = {}
+    for it in items:                                                      # names stay unique
+        seen[it["name"]] = seen.get(it["name"], -1) + 1
+        if seen[it["name"]]:
+            it["name"] += f"#{seen[it['name']]}"
+    return items
+
+
+REACT_PEOPLE = ("Expert_video", "Novice_video")                           # NoXI-style person folders
+
+
+def write_react(path, split, items, site="synthetic"):
+    """Write items in the REACT layout: <split>/{Emotion,3D_FV_files,Audio_files}/<site>/<session>/<person>/1.*
+    (the speaker is Expert_video, the listener Novice_video; 3DMM as (T, 1, D) npy; 25 attributes as csv)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    for it in items:
+        session = it["name"].replace(":", "_").replace("/", "_")
+        for person, m, attr, wav in ((REACT_PEOPLE[0], it["speaker"], it["speaker_attr"], it["audio"]),
+                                     (REACT_PEOPLE[1], it["listener"], it["listener_attr"], None)):
+            dirs = [root / split / k / site / session / person for k in ("Emotion", "3D_FV_files", "Audio_files")]
+            for x in dirs:
+                x.mkdir(parents=True, exist_ok=True)
+            np.savetxt(dirs[0] / "1.csv", attr, delimiter=",", header=",".join(ATTR_NAMES), comments="", fmt="%.7g")
+            np.save(dirs[1] / "1.npy", np.asarray(m, np.float32)[:, None])
+            n = int(round(len(m) * SR / it["fps"]))
+            write_wav(dirs[2] / "1.wav", np.zeros(n, np.float32) if wav is None else wav)
+    (root / "react_meta.json").write_text(json.dumps({"fps": int(items[0]["fps"]) if items else 25}))
+    return root
 
 
 def _read_react(path, split):
-    raise NotImplementedError("react reader: coming next")
+    fps = json.loads((path / "react_meta.json").read_text())["fps"] if (path / "react_meta.json").exists() else 25
+    emo = path / split / "Emotion"
+    items = []
+    for sess in sorted(p for p in emo.glob("*/*") if p.is_dir()):
+        people = sorted(p.name for p in sess.iterdir() if p.is_dir())
+        if len(people) != 2:
+            raise _err(sess, f"holds {len(people)} person folders {people}, expected the 2 people of a session")
+        for li, person in enumerate(people):
+            partner = people[1 - li]
+            for csv in sorted((sess / person).glob("*.csv")):
+                rel = sess.relative_to(emo)
+                get = lambda kind, who, ext: path / split / kind / rel / who / f"{csv.stem}.{ext}"
+                mot = []
+                for who in (person, partner):
+                    f = get("3D_FV_files", who, "npy")
+                    if not f.exists():
+                        raise FileNotFoundError(f"{f}: missing 3DMM file (expected (T, 1, 58) or (T, 58) npy)")
+                    mot.append(_check_motion(np.load(f).reshape(len(np.load(f)), -1), f, "3DMM coefficients"))
+                att = []
+                for who in (person, partner):
+                    f = get("Emotion", who, "csv")
+                    try:
+                        a = np.loadtxt(f, delimiter=",", skiprows=1, ndmin=2).astype(np.float32)
+                    except (OSError, ValueError) as e:
+                        raise _err(f, f"unreadable attribute csv ({e}); expected a header and {ATTR_DIM} columns") from None
+                    if a.shape[1] != ATTR_DIM or not np.isfinite(a).all():
+                        raise _err(f, f"attributes have shape {a.shape}, expected (T, {ATTR_DIM}), finite")
+                    att.append(a)
+                T = min(len(mot[0]), len(mot[1]), len(att[0]), len(att[1]))
+                w = get("Audio_files", partner, "wav")
+                audio = load_wav(w) if w.exists() else None
+                if audio is not None:
+                    audio = np.pad(audio, (0, max(0, int(round(T * SR / fps)) - len(audio))))[:int(round(T * SR / fps))]
+                items.append(_item(f"{rel.as_posix()}/{person}/{csv.stem}", fps, 0, mot[0][:T], mot[1][:T],
+                                   lattr=att[0][:T], sattr=att[1][:T], audio=audio))
+    if not items:
+        raise FileNotFoundError(f"{emo}: no <site>/<session>/<person>/<clip>.csv files (expected the REACT layout)")
+    return items
+
+
+def write_segments(path, split, items):
+    """Write items as an LM-Listener-style segments_{split}.pth (+ wav/<name>.wav per item), readable again."""
+    path = Path(path)
+    (path / "wav").mkdir(parents=True, exist_ok=True)
+    segs = []
+    for i, it in enumerate(items):
+        fname = f"seg{i:05d}"
+        T = len(it["listener"])
+        t = lambda a: torch.as_tensor(np.asarray(a, np.float32))
+        seg = {"fname": fname, "split_start_frame": 0, "split_end_frame": T, "fps": it["fps"],
+               "p0_exp": t(it["listener"][:, EXP]), "p0_pose": t(it["listener"][:, POSE]),
+               "p1_exp": t(it["speaker"][:, EXP]), "p1_pose": t(it["speaker"][:, POSE]),
+               "p0_shape": t(it["listener_beta"])[None], "p1_shape": t(it["speaker_beta"])[None],
+               "p0_attr": t(it["listener_attr"]), "p1_attr": t(it["speaker_attr"]), "listener_id": it["listener_id"],
+               "before_words": [{"text": w, "end": e} for w, e in it["words"] if e < 0],
+               "during_words": [{"text": w, "end": e} for w, e in it["words"] if e >= 0]}
+        if it.get("alt_listener") is not None:
+            seg["alt_listener"] = t(it["alt_listener"])
+        if it.get("audio") is not None:
+            write_wav(path / "wav" / f"{fname}.wav", it["audio"])
+        segs.append(seg)
+    torch.save(segs, path / f"segments_{split}.pth")
+    return path
 
 
 if __name__ == "__main__":
