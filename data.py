@@ -129,7 +129,7 @@ EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "
 EXP, POSE, HEAD, JAW = slice(0, 50), slice(50, 56), slice(50, 53), slice(53, 56)
 SEGMENT_FRAMES, K_ALT = 240, 10
 DATA_ROOT = Path(__file__).resolve().parent / "data"
-VERSION = 2                                  # bump when the world changes: cached worlds are then regenerated
+VERSION = 3                                  # bump when the world changes: cached worlds are then regenerated
 (JAW_OPEN, LIP_SPREAD, LIP_ROUND, LIP_PRESS, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BROW_FURROW,
  BLINK) = range(10)                          # semantic expression channels
 PITCH, JAW_PITCH = 50, 53                    # head pitch (+ = nod down) and jaw pitch (+ = open) in a motion frame
@@ -643,7 +643,7 @@ def _write_listener(out, cfg, seed):
         for c in range(cfg["n"][split]):
             rng = np.random.default_rng([seed, 2, si, c])
             spk = int(rng.integers(8))
-            lid = 6 if split == "test" and c % 3 == 2 else int(rng.integers(6))  # unseen listener: test only
+            lid = 6 if split == "test" and c % 3 == 1 else int(rng.integers(6))  # unseen listener: test only
             style = listener_style(listeners[lid])
             ev = _conversation(rng, speakers[spk], cfg["dur"])
             sim_seed = rng.integers(2 ** 32)
