@@ -1,0 +1,280 @@
+"""discrete_diffusion.py: schedule, q(x_t|x0), the two-case posterior against brute-force Bayes, the exact jump,
+truncation, the loss formula, fusion shapes, overfitting one batch, determinism, and a train -> sample CLI run."""
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import discrete_diffusion as dd
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULES = {"code": dict(mask_end=0.99999, replace_mass=1e-6), "paper": dict(mask_end=0.9, replace_mass=0.1)}
+
+
+def one_step_matrix(sched, t, s=None):
+    """Explicit (K+1)x(K+1) transition x_s -> x_t (rows: from, cols: to), s = t-1 by default (D1)."""
+    K = sched["K"]
+    s = t - 1 if s is None else s
+    a, b, g = (float(v) for v in dd.jump_params(sched, torch.tensor([t]), torch.tensor([s])))
+    Q = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+    Q[:K, :K] = b
+    Q[:K, :K] += a * torch.eye(K, dtype=torch.float64)
+    Q[:K, K] = g
+    Q[K, K] = 1.0                                                      # [MASK] is absorbing
+    return Q
+
+
+def cumulative_matrix(sched, t):
+    """Closed form q(x_t | x0) as a matrix (D2)."""
+    K = sched["K"]
+    Q = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+    Q[:K, :K] = sched["bbar"][t] + sched["abar"][t] * torch.eye(K, dtype=torch.float64)
+    Q[:K, K], Q[K, K] = sched["gbar"][t], 1.0
+    return Q
+
+
+def brute_posterior(sched, p0, x_t, t, s):
+    """sum_i p0_i Q_{t|s}[j -> x_t] Qbar_s[i -> j] / Qbar_t[i -> x_t] over states j (terms with 0 denominators, which
+    have 0 numerators too, are dropped)."""
+    Qts, Qs, Qt = one_step_matrix(sched, t, s), cumulative_matrix(sched, s), cumulative_matrix(sched, t)
+    K = sched["K"]
+    out = torch.zeros(K + 1, dtype=torch.float64)
+    for i in range(K):
+        if Qt[i, x_t] > 0:
+            out += p0[i] * Qts[:, x_t] * Qs[i, :] / Qt[i, x_t]
+    return out
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_schedule_and_matrix_product(name):
+    K, T = 3, 6
+    sc = dd.make_schedule(T, K, **SCHEDULES[name])
+    assert torch.allclose(sc["abar"] + K * sc["bbar"] + sc["gbar"], torch.ones(T + 1, dtype=torch.float64), atol=1e-15)
+    prod = torch.eye(K + 1, dtype=torch.float64)
+    for t in range(1, T + 1):
+        Q = one_step_matrix(sc, t)
+        assert (Q >= 0).all() and torch.allclose(Q.sum(1), torch.ones(K + 1, dtype=torch.float64))
+        prod = prod @ Q
+        assert torch.allclose(prod, cumulative_matrix(sc, t), atol=1e-14)
+        for s in range(t):                                             # jump parameters in [0, 1]
+            a, b, g = dd.jump_params(sc, torch.tensor([t]), torch.tensor([s]))
+            assert 0 <= a <= 1 and 0 <= K * b <= 1 and 0 <= g <= 1
+
+
+def test_q_sample_frequencies():
+    K, T, n = 3, 6, 20000
+    sc = dd.make_schedule(T, K, **SCHEDULES["paper"])
+    gen = torch.Generator().manual_seed(0)
+    for t in (1, 3, 6):
+        x0 = torch.full((1, n), 1)
+        x_t = dd.q_sample(sc, x0, torch.tensor([t]), gen)
+        freq = torch.bincount(x_t.view(-1), minlength=K + 1).double() / n
+        assert torch.allclose(freq, cumulative_matrix(sc, t)[1], atol=0.01)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_posterior_matches_bayes(name):
+    K, T = 3, 6
+    sc = dd.make_schedule(T, K, **SCHEDULES[name])
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, T + 1):
+        for s in sorted({t - 1, 0, max(0, t - 3)}):                  # one step and exact jumps
+            for x_t in range(K + 1):
+                p0 = torch.rand(K, generator=gen, dtype=torch.float64)
+                p0 /= p0.sum()
+                got = dd.posterior(p0.view(1, 1, K), torch.tensor([[x_t]]), t, s, sc)[0, 0]
+                assert abs(got.sum() - 1) < 1e-12
+                assert torch.allclose(got, brute_posterior(sc, p0, x_t, t, s), atol=1e-10, rtol=1e-8)
+                for x0 in range(K):                                    # one-hot p0 -> true q(x_s | x_t, x0)
+                    if cumulative_matrix(sc, t)[x0, x_t] == 0:
+                        continue
+                    oh = F.one_hot(torch.tensor(x0), K).double()
+                    got = dd.posterior(oh.view(1, 1, K), torch.tensor([[x_t]]), t, s, sc)[0, 0]
+                    true = (one_step_matrix(sc, t, s)[:, x_t] * cumulative_matrix(sc, s)[x0]
+                            / cumulative_matrix(sc, t)[x0, x_t])
+                    assert torch.allclose(got, true, atol=1e-10, rtol=1e-8)
+                if x_t == K:                                           # stay masked w.p. gbar_s / gbar_t
+                    assert abs(got[K] - sc["gbar"][s] / sc["gbar"][t]) < 1e-12
+
+
+def test_absorbing_limits():
+    K, T = 8, 100
+    ab = dd.make_schedule(T, K, replace_mass=0.0)
+    code = dd.make_schedule(T, K)
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.softmax(torch.randn(1, 1, K, generator=gen, dtype=torch.float64), -1)
+    for t in (1, 2, 50, 100):
+        m = dd.posterior(p0, torch.tensor([[K]]), t, t - 1, ab)[0, 0]
+        assert abs(m[K] - ab["gbar"][t - 1] / ab["gbar"][t]) < 1e-12
+        c = dd.posterior(p0, torch.tensor([[3]]), t, t - 1, ab)[0, 0]
+        assert c[3] == 1.0 and c.sum() == 1.0                          # unmasked tokens are copied
+        oh = F.one_hot(torch.tensor([[3]]), K).double()
+        c = dd.posterior(oh, torch.tensor([[3]]), t, t - 1, code)[0, 0]
+        # code schedule: copies to 1e-9, except near t = T where abar_t ~ 1e-5 is comparable to beta_bar
+        assert abs(c[3] - 1) < (1e-9 if t <= 50 else 1e-5)
+        # the general posterior tends to the absorbing one as the replace mass -> 0
+        tiny = dd.make_schedule(T, K, replace_mass=1e-12)
+        for x in (3, K):
+            lim = dd.posterior(oh, torch.tensor([[x]]), t, t - 1, tiny)[0, 0]
+            assert torch.allclose(lim, dd.posterior(oh, torch.tensor([[x]]), t, t - 1, ab)[0, 0], atol=1e-9)
+
+
+def test_truncation():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.softmax(3 * torch.randn(64, 20, generator=gen, dtype=torch.float64), -1)
+    p[0] = 0
+    p[0, 5] = 1.0                                                      # a one-hot row keeps only its top-1
+    q = dd.truncate(p, 0.86)
+    assert torch.equal(q[p > 0][(q[p > 0] > 0)], p[q > 0])            # kept values are not renormalised
+    sp, order = p.sort(-1, descending=True)
+    kept = (q.gather(-1, order) > 0)
+    assert kept[:, 0].all()                                            # top-1 always kept
+    assert (kept[:, 1:].int() <= kept[:, :-1].int()).all()            # the kept set is a sorted prefix
+    mass = q.sum(-1)
+    only_top = kept.sum(-1) == 1
+    assert (mass[~only_top] < 0.86).all()
+    assert torch.equal(dd.truncate(p, 1.0), p)
+
+
+def test_loss_by_hand():
+    K, T, lam = 3, 6, 0.3
+    sc = dd.make_schedule(T, K, **SCHEDULES["paper"])
+    logits = torch.tensor([[[0.2, -1.0, 0.7], [1.5, 0.1, -0.3]]])     # (1, 2, K)
+    x0 = torch.tensor([[2, 0]])
+    p0 = torch.softmax(logits.double(), -1)[0]
+    for t, x_t in ((4, torch.tensor([[K, 1]])), (1, torch.tensor([[K, 0]]))):
+        terms = []
+        for pos in range(2):
+            xt, x = int(x_t[0, pos]), int(x0[0, pos])
+            pm = brute_posterior(sc, p0[pos], xt, t, t - 1)
+            qt = one_step_matrix(sc, t)[:, xt] * cumulative_matrix(sc, t - 1)[x] / cumulative_matrix(sc, t)[x, xt]
+            if t == 1:
+                vlb = -math.log(pm[x])
+            else:
+                kl = sum(float(q * (math.log(q) - math.log(m))) for q, m in zip(qt, pm) if q > 0)
+                assert kl >= 0
+                vlb = kl
+            terms.append(vlb + lam * (2 - (t - 1) / T) * -math.log(p0[pos, x]))
+        loss, _ = dd.diffusion_loss(logits, x0, x_t, torch.tensor([t]), sc, lam)
+        assert abs(loss.item() - T * np.mean(terms)) < 1e-9
+
+
+def tiny_cfg(**kw):
+    base = dict(d_model=32, n_layers=2, n_heads=2, d_text=16, dropout=0.0, n_mfcc=8)
+    return dd.Config(**{**base, **kw})
+
+
+def cond(B, T, N=5, F_=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, T, 56, generator=g), torch.randn(B, 4 * T, F_, generator=g),
+            torch.randint(3, 20, (B, N), generator=g), torch.rand(B, N, generator=g) * T)
+
+
+def test_differential_and_fusion_shapes():
+    x = torch.randn(2, 7, 56)
+    d = dd.facial_differential(x)
+    assert (d[:, 0] == 0).all() and torch.allclose(d[:, 1:], x[:, 1:] - x[:, :-1])
+    model = dd.DiffListener(tiny_cfg(), K=16, n_feat=8, n_words=20, L_max=8)
+    for T, N in ((32, 3), (64, 9), (40, 1)):
+        spk, feat, w, e = cond(3, T, N)
+        w[0, 1:] = 0                                                   # padded word slots
+        R = model.fusion(spk, dd.facial_differential(spk), feat, w, e)
+        assert R.shape == (3, T, 32) and torch.isfinite(R).all()
+    n_full = sum(p.numel() for p in model.parameters())
+    for kw in (dict(no_diff=True), dict(no_text=True), dict(no_audio=True)):
+        m = dd.DiffListener(tiny_cfg(**kw), K=16, n_feat=8, n_words=20, L_max=8)
+        spk, feat, w, e = cond(2, 32)
+        logits = m(torch.full((2, 4), 16), torch.tensor([5, 100]), m.condition(spk, feat, w, e))
+        assert logits.shape == (2, 4, 16)                              # no [MASK] logit
+        assert sum(p.numel() for p in m.parameters()) < n_full
+    m = dd.DiffListener(tiny_cfg(no_text=True), K=16, n_feat=8, n_words=20, L_max=8)
+    assert not any("text" in k or "cm2" in k for k, _ in m.named_parameters())
+
+
+def test_sampler_jump_and_long():
+    torch.manual_seed(0)
+    model = dd.DiffListener(tiny_cfg(), K=16, n_feat=8, n_words=20, L_max=8).eval()
+    kv = model.condition(*cond(3, 32))
+    outs = {}
+    for S in (None, 100, 10, 1):
+        gen = torch.Generator().manual_seed(3)
+        outs[S] = model.sample(kv, 4, [0], 4, S, 0.86, gen, batch=3)
+        assert outs[S].shape == (3, 4) and (outs[S] < 16).all()       # no [MASK] left, never a [MASK] x0
+    assert torch.equal(outs[None], outs[100])                          # stride 1 = the full ancestral sampler
+    # long: 3 overlapping windows of 4 tokens over 8 tokens, jointly denoised
+    spk, feat, w, e = cond(3, 32)
+    kv = model.condition(spk, feat, w, e)
+    long = model.sample(kv, 8, dd.window_starts(8, 4, 2), 4, 10, 0.86, torch.Generator().manual_seed(0), batch=1)
+    assert long.shape == (1, 8) and (long < 16).all()
+    assert dd.window_starts(30, 8, 4) == [0, 4, 8, 12, 16, 20, 22] and dd.window_starts(5, 8, 4) == [0]
+
+
+def overfit(steps, seed=0, K=16, B=4, L=8):
+    torch.manual_seed(seed)
+    model = dd.DiffListener(tiny_cfg(), K=K, n_feat=8, n_words=20, L_max=L)
+    g = torch.Generator().manual_seed(123)
+    x0 = torch.randint(0, K, (B, L), generator=g)
+    c = cond(B, L * 8, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen, losses = torch.Generator().manual_seed(seed), []
+    for _ in range(steps):
+        t = torch.randint(1, model.T + 1, (B,), generator=gen)
+        x_t = dd.q_sample(model.sched, x0, t, gen)
+        loss, _ = dd.diffusion_loss(model(x_t, t, model.condition(*c)), x0, x_t, t, model.sched, 5e-4)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, x0, c, losses
+
+
+def test_overfit_one_batch():
+    t0 = time.time()
+    model, x0, c, losses = overfit(300)
+    assert np.mean(losses[-30:]) < 0.5 * np.mean(losses[:30])
+    model.eval()
+    x = model.sample(model.condition(*c), 8, [0], 8, None, 0.86, torch.Generator().manual_seed(0), batch=4)
+    assert (x == x0).float().mean() > 0.9
+    assert time.time() - t0 < 30
+
+
+def test_determinism():
+    m1, *_ = overfit(10, seed=5)
+    m2, _, c, _ = overfit(10, seed=5)
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    m1.eval(), m2.eval()
+    s1 = m1.sample(m1.condition(*c), 8, [0], 8, 20, 0.86, torch.Generator().manual_seed(7), batch=4)
+    s2 = m2.sample(m2.condition(*c), 8, [0], 8, 20, 0.86, torch.Generator().manual_seed(7), batch=4)
+    s3 = m2.sample(m2.condition(*c), 8, [0], 8, 20, 0.86, torch.Generator().manual_seed(8), batch=4)
+    assert torch.equal(s1, s2) and not torch.equal(s1, s3)
+
+
+def test_cli_train_then_sample(tiny_world, tiny_vq_naive, tmp_path):
+    out = tmp_path / "dd"
+    common = ["--data", str(tiny_world), "--out", str(out), "--preset", "smoke", "--vq", str(tiny_vq_naive)]
+    r = subprocess.run([sys.executable, "train.py", "--model", "discrete_diffusion", *common, "--steps", "40"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    loss = ck["metrics"]["loss"]
+    assert len(loss) == 40 and np.isfinite(loss).all() and np.mean(loss[-10:]) < np.mean(loss[:10])
+    r = subprocess.run([sys.executable, "sample.py", "--model", "discrete_diffusion", "--out", str(out),
+                        "--long-seconds", "10"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((out / "metrics.json").read_text())
+    for row in ("GT", "alt-GT", "baseline:random", "baseline:nn_motion", "baseline:random_walk", "model"):
+        assert row in rows and np.isfinite(rows[row]["mse/all"])
+    assert rows["GT"]["mse/all"] == 0
+    pred = np.load(out / "samples" / "pred.npy")
+    assert pred.shape[1:] == (32, 56) and np.isfinite(pred).all()
+    assert np.load(out / "samples" / "long_listener.npy").shape == (296, 56)  # 10 s of 8-frame tokens
+    assert (out / "samples" / "window0.gif").exists() and (out / "samples" / "window0.png").exists()
+    assert "| model |" in r.stdout
