@@ -81,6 +81,8 @@ Listener data (every reader returns the same items)
           alt_listener  (K, T, D) float32 alternative appropriate reactions (val/test), or None
           alt_listener_attr (K, T, 25) float32 or None (added: FaceModel readouts of alt_listener)
     load_stats(path, who="listener") -> (mean (D,), std (D,)) float32: train-split statistics stored with the data.
+    ListenerWindows(items, window=64, stride=None, mean=None, std=None): torch Dataset of z-normalised windows.
+    write_segments / write_l2l / write_react(path, split, items): writers of the real formats (round trips).
     VOCAB: list[str] of the world's words (index 0 is not reserved here; method files add their own pads).
 
 Talking-face data (VOCASET layout)
@@ -1232,7 +1234,8 @@ def _read_react(path, split):
                     f = get("3D_FV_files", who, "npy")
                     if not f.exists():
                         raise FileNotFoundError(f"{f}: missing 3DMM file (expected (T, 1, 58) or (T, 58) npy)")
-                    mot.append(_check_motion(np.load(f).reshape(len(np.load(f)), -1), f, "3DMM coefficients"))
+                    a = np.load(f)
+                    mot.append(_check_motion(a.reshape(len(a), -1), f, "3DMM coefficients"))
                 att = []
                 for who in (person, partner):
                     f = get("Emotion", who, "csv")
@@ -1278,6 +1281,37 @@ def write_segments(path, split, items):
         segs.append(seg)
     torch.save(segs, path / f"segments_{split}.pth")
     return path
+
+
+class ListenerWindows(torch.utils.data.Dataset):
+    """Windows of `window` frames (every `stride` frames) cut from listener items, z-normalised with the
+    train statistics (mean, std). Each sample: listener/speaker (window, D) float32 tensors, listener_beta,
+    listener_id, audio (window * SR / fps samples, or empty), and the item index and start frame."""
+
+    def __init__(self, items, window=64, stride=None, mean=None, std=None):
+        self.items, self.window = items, window
+        D = items[0]["listener"].shape[1]
+        self.mean = np.zeros(D, np.float32) if mean is None else np.asarray(mean, np.float32)
+        self.std = np.ones(D, np.float32) if std is None else np.asarray(std, np.float32)
+        self.index = [(i, s) for i, it in enumerate(items)
+                      for s in range(0, len(it["listener"]) - window + 1, stride or window)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        i, s = self.index[k]
+        it, e = self.items[i], s + self.window
+        z = lambda m: torch.from_numpy((m[s:e] - self.mean) / self.std)      # (window, D)
+        sps = SR / it["fps"]
+        audio = it["audio"][int(round(s * sps)):int(round(e * sps))] if it["audio"] is not None else np.zeros(0)
+        return {"listener": z(it["listener"]), "speaker": z(it["speaker"]),
+                "listener_beta": torch.from_numpy(it["listener_beta"]), "listener_id": it["listener_id"],
+                "audio": torch.from_numpy(np.ascontiguousarray(audio, np.float32)), "item": i, "start": s}
+
+    def denormalise(self, x):
+        """(..., D) normalised -> raw motion."""
+        return x * torch.as_tensor(self.std, device=x.device) + torch.as_tensor(self.mean, device=x.device)
 
 
 if __name__ == "__main__":

@@ -315,3 +315,16 @@ def test_load_wav_bad_files(tmp_path):
     (tmp_path / "text.wav").write_text("this is not audio at all, just text" * 10)
     with pytest.raises(ValueError, match="text.wav: not a readable audio file"):
         data.load_wav(tmp_path / "text.wav")
+
+
+def test_listener_windows_normalise_with_train_stats(tiny_world):
+    mean, std = data.load_stats(tiny_world)
+    items = data.load_listener(tiny_world, "train")
+    ds = data.ListenerWindows(items, window=64, stride=32, mean=mean, std=std)
+    assert len(ds) == len(items) * 6
+    b = ds[3]
+    assert b["listener"].shape == (64, 56) and b["audio"].shape == (64 * data.SR // data.FPS,)
+    raw = items[b["item"]]["listener"][b["start"]:b["start"] + 64]
+    assert torch.allclose(ds.denormalise(b["listener"]), torch.from_numpy(raw), atol=1e-5)
+    allw = torch.stack([ds[k]["listener"] for k in range(len(ds))])
+    assert allw.mean().abs() < 0.5                                             # roughly z-normalised
