@@ -418,3 +418,51 @@ def test_nan_inputs_name_the_argument():
             fn(*args)
     with pytest.raises(ValueError, match="b contains NaN"):
         M.dtw_batch(torch.zeros(1, 2, 2), torch.full((1, 2, 2), float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# integration on the tiny synthetic world (the rows every method's table shows)
+# ---------------------------------------------------------------------------------------------------------
+
+def test_tiny_world_tables(tiny_world):
+    import data
+    test, train = data.load_listener(tiny_world / "listener", "test"), data.load_listener(tiny_world / "listener", "train")
+    fm = data.FaceModel()
+    G = [it["listener"] for it in test]
+    S = [it["speaker"] for it in test]
+    T = G[0].shape[0]
+    bank_l, bank_s = np.stack([it["listener"] for it in train]), np.stack([it["speaker"] for it in train])
+    preds = {"GT": G, "alt-GT": [it["alt_listener"][0] for it in test],
+             "baseline:mime": [M.baseline_mime(s) for s in S],
+             "baseline:mean_frame": [M.baseline_mean_frame(bank_l, T)] * len(G),
+             "baseline:random": list(M.baseline_random(bank_l, len(G), T, seed=0)),
+             "baseline:nn_motion": list(M.baseline_nn_motion(np.stack(S), bank_s, bank_l))}
+    rows = {name: M.listener_metrics(P, G, S, valence_fn=fm.valence) for name, P in preds.items()}
+    gt, alt, mf = rows["GT"], rows["alt-GT"], rows["baseline:mean_frame"]
+    assert gt["mse/all"] == 0.0 and gt["fd/all"] <= 1e-12 and gt["pfd/all"] <= 1e-12 and gt["affect_l2"] == 0.0
+    assert alt["mse/all"] > 0 and alt["fd/all"] > 0 and mf["var_pred/all"] == 0.0 and mf["div_pred/all"] == 0.0
+    table = M.format_table(rows, M.LISTENER_COLUMNS)
+    assert len(table.splitlines()) == 2 + len(rows) and "–" not in table
+    # REACT-style: attributes, pool = each segment's GT + its alternatives, A marks the own ones
+    Ga = np.stack([it["listener_attr"] for it in test])  # (N, T, 25)
+    Alt = np.stack([it["alt_listener_attr"] for it in test])  # (N, K, T, 25)
+    N, K = Alt.shape[:2]
+    pool = np.concatenate([Ga, Alt.reshape(N * K, T, -1)])
+    A = np.zeros((N, N + N * K), bool)
+    A[np.arange(N), np.arange(N)] = True
+    for k in range(N):
+        A[k, N + k * K: N + (k + 1) * K] = True
+    Sa = np.stack([it["speaker_attr"] for it in test])
+    r_gt = M.react_metrics(np.repeat(Ga[:, None], 3, 1), pool, Sa, A, fps=data.FPS)
+    assert np.isclose(r_gt["frcorr_sum"], 3, **R) and r_gt["frdist_sum"] == 0.0
+    A_loo = A.copy()
+    A_loo[:, N:] = False  # alt-GT scored against the own GT only (leave its own alternatives out)
+    r_alt = M.react_metrics(Alt, pool, Sa, A_loo, fps=data.FPS)
+    assert r_alt["frdist_mean"] > 0 and r_alt["frdiv"] > 0 and -1 <= r_alt["frcorr_mean"] < 1
+    # talking faces: GT row 0; a static template is not
+    talk = data.load_talking(tiny_world / "vocaset", "test")
+    lip, upper = data.talking_regions(tiny_world / "vocaset")
+    Vg, tm = [t["vertices"] for t in talk], [t["template"] for t in talk]
+    assert M.face_metrics(Vg, Vg, tm, lip, upper) == {k: 0.0 for k in M.FACE_COLUMNS}
+    static = M.face_metrics([np.repeat(t[None], len(v), 0) for t, v in zip(tm, Vg)], Vg, tm, lip, upper)
+    assert static["lve"] > 0 and static["fdd"] > 0 and static["mve"] > 0
