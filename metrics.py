@@ -314,14 +314,9 @@ def listener_metrics(preds, gts, speakers, *, valence_fn=None, groups=None, lm_c
         P, G, S = ([np.concatenate([X[i] for i in members[gid]]) for gid in order] for X in (P, G, S))
     n = len(P)
     out = {}
-    fd_pairs, pfd_pairs = {}, {}
     for part, sl in PARTS.items():
         ps, gs = [p[:, sl] for p in P], [g[:, sl] for g in G]
-        ss = [s[:, sl] if s.shape[1] == p.shape[1] else s for s, p in zip(S, P)]  # same part of the speaker
         out[f"mse/{part}"] = float(np.mean([np.mean((p - g) ** 2) for p, g in zip(ps, gs)]))
-        fd_pairs[part] = (ps, gs)
-        pfd_pairs[part] = ([np.concatenate([s, g], 1) for s, g in zip(ss, gs)],
-                           [np.concatenate([s, p], 1) for s, p in zip(ss, ps)])
         out[f"var_pred/{part}"] = float(np.mean([(p - p[:1]).var(0).mean() for p in ps]))
         out[f"var_gt/{part}"] = float(np.mean([(g - g[:1]).var(0).mean() for g in gs]))
         for key, X in ((f"div_pred/{part}", ps), (f"div_gt/{part}", gs)):
@@ -331,14 +326,18 @@ def listener_metrics(preds, gts, speakers, *, valence_fn=None, groups=None, lm_c
                 if min(x.shape[0] for x in X) < 2:
                     raise ValueError("diversity needs at least 2 frames per window")
                 out[key] = float(_diversity_many(X).mean())
-    # one batched call for all FD and P-FD of all parts (grouped by feature dim inside)
-    A, B = [], []
-    for part in PARTS:
-        A += fd_pairs[part][0] + pfd_pairs[part][0]
-        B += fd_pairs[part][1] + pfd_pairs[part][1]
-    fds = frechet_many(A, B).reshape(len(PARTS), 2, n)  # (part, fd|pfd, window)
-    for k, part in enumerate(PARTS):
-        out[f"fd/{part}"], out[f"pfd/{part}"] = float(fds[k, 0].mean()), float(fds[k, 1].mean())
+    # FD and P-FD of every part are sub-blocks of the statistics of [s | y] and [s | y_hat]: one (Ds + D)-dim
+    # mean/covariance per window and side, then one batched eigensolve per sub-block size
+    Ds, D = S[0].shape[1], P[0].shape[1]
+    with _one_thread():
+        (mp, cp), (mg, cg) = (_stats_many([np.concatenate([s, x], 1) for s, x in zip(S, X)]) for X in (P, G))
+        mp, cp, mg, cg = (torch.stack(v) for v in (mp, cp, mg, cg))  # (n, Ds+D), (n, Ds+D, Ds+D)
+        for part, sl in PARTS.items():
+            li = torch.arange(Ds + D)[Ds:][sl]  # listener dims of this part
+            si = torch.arange(Ds)[sl] if Ds == D else torch.arange(Ds)  # the same part of the speaker
+            for key, ix in ((f"fd/{part}", li), (f"pfd/{part}", torch.cat([si, li]))):
+                sub = lambda c: c[:, ix][:, :, ix]  # noqa: E731
+                out[key] = float(_frechet_batch(mp[:, ix], sub(cp), mg[:, ix], sub(cg)).mean())
     if valence_fn is not None:
         out["affect_l2"] = float(np.mean([affect_l2(p, g, valence_fn) for p, g in zip(P, G)]))
     out["n_windows"] = n
