@@ -75,6 +75,7 @@ class Config:
     ablations: bool = False           # train mode: also train the Tab. 3/4 ablation models
     stream: bool = False              # sample mode: streaming decode, frame by frame, with latency per token
     n_stream: int = 8                 # windows used for the streaming measurement
+    cache: str = ""                   # folder of cached acoustic features and k-means (default: out)
     ckpt: str = ""                    # sample mode: checkpoint (default <out>/ckpt.pt)
     split: str = "test"               # sample mode: split to evaluate
     device: str = "auto"              # auto | cpu | cuda | mps
@@ -146,10 +147,12 @@ def build_words(items, max_words):
 def kmeans(x, k, iters=20, seed=0):
     """k-means++ initialisation then Lloyd iterations; x (M, F) -> centroids (k, F)."""
     g = torch.Generator().manual_seed(seed)
-    c = x[torch.randint(len(x), (1,), generator=g)]                                 # (1, F)
+    c = [x[int(torch.randint(len(x), (1,), generator=g))]]
+    d2 = ((x - c[0]) ** 2).sum(1)                                                    # (M,) distance to nearest centre
     for _ in range(1, k):
-        d2 = torch.cdist(x, c).pow(2).min(1).values + 1e-12                          # (M,)
-        c = torch.cat([c, x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])     # (j+1, F)
+        c.append(x[int(torch.multinomial(d2 + 1e-12, 1, generator=g))])
+        d2 = torch.minimum(d2, ((x - c[-1]) ** 2).sum(1))
+    c = torch.stack(c)                                                               # (k, F)
     for _ in range(iters):
         a = torch.cdist(x, c).argmin(1)                                              # (M,)
         cnt = torch.bincount(a, minlength=k).float()[:, None]
@@ -180,8 +183,8 @@ def sa_tokens(f, km):
     return sa, isc
 
 
-def fit_sa_kmeans(items, v_sa, seed, max_frames=60000):
-    fs = torch.cat([sa_features(it["audio"])[0] for it in items if it.get("audio") is not None])     # (M, 80)
+def fit_sa_kmeans(feats, v_sa, seed, max_frames=20000):
+    fs = torch.cat([f for f, _ in feats])                                                 # (M, 80)
     fs = fs[torch.randperm(len(fs), generator=torch.Generator().manual_seed(seed))[:max_frames]]
     mean, std = fs.mean(0), fs.std(0) + 1e-5
     z = (fs - mean) / std
@@ -398,12 +401,24 @@ def vq_tokens(vq, items):
     return torch.cat(out)
 
 
-def prepare(items, V, km, lr_tokens):
+def clip_features(items, cache):
+    """SA features of every clip (the slow part), cached in `cache` keyed by clip names."""
+    key = [it["name"] for it in items]
+    if cache and Path(cache).exists():
+        c = torch.load(cache)
+        if c["key"] == key:
+            return c["feats"]
+    feats = [sa_features(it["audio"], n_rows=len(it["listener"]) // R * R * data.SR // data.FPS // HOP) for it in items]
+    if cache:
+        save_atomic(dict(key=key, feats=feats), cache)
+    return feats
+
+
+def prepare(items, V, km, lr_tokens, feats):
     """Per clip: word ids with end frames, SA/iSC tokens with support ends, emo (G,), LR (G,) and raw arrays."""
     clips = []
-    for it, lr in zip(items, lr_tokens):
+    for it, lr, (f, end) in zip(items, lr_tokens, feats):
         T = len(it["listener"]) // R * R
-        f, end = sa_features(it["audio"], n_rows=T * data.SR // data.FPS // HOP)
         sa, isc = sa_tokens(f, km)
         clips.append(dict(words=[(V.word(t), e * data.FPS) for t, e in it["words"]], sa=sa, isc=isc, sa_end=end,
                           emo=emo_tokens(it["speaker_attr"][:T, 17:25]), lr=lr, item=it, T=T))
@@ -419,13 +434,14 @@ def setup_tokens(cfg, path, train_items, vq, km=None, words=None):
     mods = cfg.modalities.split("+")
     words = build_words(train_items, cfg.max_words) if words is None else words
     V = Vocab(words, cfg.v_sa, vq.K, isc="iSC" in mods)
-    kpath = Path(cfg.out) / "sa_kmeans.pt"
+    kpath = Path(cfg.cache or cfg.out) / "sa_kmeans.pt"
     if km is None and kpath.exists():
         km = torch.load(kpath)
         km = km if km.get("key") == [str(path), cfg.v_sa, cfg.seed] else None
     if km is None:
         t0 = time.time()
-        km = {**fit_sa_kmeans(train_items, cfg.v_sa, cfg.seed), "key": [str(path), cfg.v_sa, cfg.seed]}
+        feats = clip_features(train_items, Path(cfg.cache or cfg.out) / "sa_feats_train.pt")
+        km = {**fit_sa_kmeans(feats, cfg.v_sa, cfg.seed), "key": [str(path), cfg.v_sa, cfg.seed]}
         torch.save(km, kpath)
         print(f"[lm_listener] acoustic k-means fitted ({cfg.v_sa}+{cfg.v_sa} centroids) in {time.time() - t0:.1f}s")
     return V, km, mods
@@ -468,8 +484,9 @@ def train(cfg, given=None):
     tr_items, va_items = data.load_listener(path, "train"), data.load_listener(path, "val")
     vq = get_vq(cfg.vq, cfg)
     V, km, mods = setup_tokens(cfg, path, tr_items, vq)
-    tr = prepare(tr_items, V, km, vq_tokens(vq, tr_items))
-    va = prepare(va_items, V, km, vq_tokens(vq, va_items))
+    cache = Path(cfg.cache or cfg.out)
+    tr = prepare(tr_items, V, km, vq_tokens(vq, tr_items), clip_features(tr_items, cache / "sa_feats_train.pt"))
+    va = prepare(va_items, V, km, vq_tokens(vq, va_items), clip_features(va_items, cache / "sa_feats_val.pt"))
     G = cfg.clip_frames // R
     model = GPT(V.size, V.v_lr, cfg).to(dev)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -537,7 +554,8 @@ def train(cfg, given=None):
             if which == "naive":
                 get_vq(vq_a, cfg, naive=True)
             print(f"\n[lm_listener] ablation {name}: modalities {mods_a}, {which} VQ {vq_a}")
-            main(argv + ["--out", str(out / "ablations" / name), "--vq", vq_a, "--modalities", mods_a], mode="train")
+            main(argv + ["--out", str(out / "ablations" / name), "--vq", vq_a, "--modalities", mods_a, "--cache", str(cache)],
+                 mode="train")
     return out / "ckpt.pt"
 
 
@@ -640,7 +658,8 @@ def sample(cfg, given):
     print(f"[lm_listener] sampling {ckpt} on {path} ({cfg.split}), modalities {tcfg.modalities}, vq {tcfg.vq}")
     tr_items, te_items = data.load_listener(path, "train"), data.load_listener(path, cfg.split)
     vq = get_vq(tcfg.vq, tcfg)
-    te = prepare(te_items, V, km, vq_tokens(vq, te_items))
+    feats = clip_features(te_items, Path(tcfg.cache or ckpt.parent) / f"sa_feats_{cfg.split}.pt")
+    te = prepare(te_items, V, km, vq_tokens(vq, te_items), feats)
     T, G = tcfg.clip_frames, tcfg.clip_frames // R
     wins = windows(te, T)
     wins = wins[: tcfg.max_eval] if tcfg.max_eval > 0 else wins
@@ -673,7 +692,7 @@ def sample(cfg, given):
     for ab in sorted((ckpt.parent / "ablations").glob("*/ckpt.pt")):
         m_a, V_a, km_a, c_a = load_model(ab)
         c_a.seed, vq_a = cfg.seed, get_vq(c_a.vq, c_a)
-        te_a = prepare(te_items, V_a, km_a, vq_tokens(vq_a, te_items))
+        te_a = prepare(te_items, V_a, km_a, vq_tokens(vq_a, te_items), feats)
         rows[f"ablation:{ab.parent.name}"] = score(predict(m_a, V_a, te_a, wins, vq_a, c_a, c_a.modalities.split("+"))[0])
     (out / "samples").mkdir(parents=True, exist_ok=True)
     np.save(out / "samples" / "pred.npy", np.stack(preds[:16]))

@@ -1,5 +1,6 @@
 """lm_listener.py: sequence builder (Eq. 1/2), tokenisers, causality, KV cache, overfit, determinism, CLI."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import lm_listener as L
 
 ROOT = Path(__file__).resolve().parents[1]
 MODS = ["W", "SA", "emo"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def tiny_cfg(**kw):
@@ -26,6 +28,15 @@ def random_clip(V, G=4, seed=0):
     sa_end = torch.arange(1, 4 * G + 1) * (L.R * G / (4 * G + 0.5))
     return dict(words=words, sa=torch.as_tensor(g.integers(0, V.v_sa, len(sa_end))), isc=torch.as_tensor(g.integers(0, V.v_sa, len(sa_end))),
                 sa_end=sa_end, emo=torch.as_tensor(g.integers(0, 8, G)), lr=torch.as_tensor(g.integers(0, V.v_lr, G)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -211,14 +222,14 @@ def test_cli_train_then_sample_stream(tiny_world, tiny_vq, tiny_vq_naive, tmp_pa
     out = tmp_path / "lm"
     common = ["--data", str(tiny_world), "--out", str(out), "--vq", str(tiny_vq), "--vq-naive", str(tiny_vq_naive)]
     r = subprocess.run([sys.executable, "train.py", "--model", "lm_listener", "--preset", "smoke", *common],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     losses = [v for k, v in sorted(ck["metrics"]["loss"].items())]
     s2 = [l for st, l in losses if st == 2]
     assert np.isfinite([l for _, l in losses]).all() and np.mean(s2[-10:]) < np.mean(s2[:10])
     r = subprocess.run([sys.executable, "sample.py", "--model", "lm_listener", "--ckpt", str(out / "ckpt.pt"),
-                        "--stream", "--vq-naive", str(tiny_vq_naive)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                        "--stream", "--vq-naive", str(tiny_vq_naive)], cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((out / "metrics.json").read_text())
     for row in ["GT", "alt-GT", "baseline:random", "baseline:nn_motion", "baseline:nn_speech",
