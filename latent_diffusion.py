@@ -18,7 +18,7 @@ Deviations [ours], each said again where it happens:
     windows and no seams. Longer sequences: latent outpainting. Chunks of n windows overlap by o windows; the
     overlap latents of chunk j are already known and are imposed during sampling (replacement inpainting,
     noised to the current level), then the chunks are decoded and cross-faded over the overlap frames.
-  * E_r is trained on listener and speaker windows (it encodes both); the latent normaliser uses listener ones.
+  * E_r is trained on listener windows only (as the paper) and reused, frozen, on the speaker's windows.
 Shapes: B batch, K samples per speaker, T frames, L = n*w frames of a chunk, n windows, w frames per window,
   v latent dims per window, D attribute dims (25), F 3DMM dims (56 synthetic, 58 REACT).
 
@@ -55,9 +55,9 @@ class Config:
     out: str = "runs/latent_diffusion"  # run folder (checkpoint, config, samples, metrics)
     preset: str = "default"        # smoke | default | full
     steps: int = 0                 # if > 0: diffusion steps; AE steps = steps, D_f steps = steps // 5
-    ae_steps: int = 1500           # stage 1a: E_r + D_r optimiser steps
-    df_steps: int = 300            # stage 1b: codebook + D_f steps (E_r frozen)
-    diff_steps: int = 3000         # stage 2: MLPSkipNet steps (E_r, D_r frozen)
+    ae_steps: int = 600            # stage 1a: E_r + D_r optimiser steps
+    df_steps: int = 150            # stage 1b: codebook + D_f steps (E_r frozen)
+    diff_steps: int = 2000         # stage 2: MLPSkipNet steps (E_r, D_r frozen)
     window: int = 30               # w, frames per latent window (30 = 1 s at 30 fps; paper 50 at 25 fps)
     seq_windows: int = 0           # n, windows generated jointly (0 = training segment length / w)
     d_model: int = 64              # Transformer width of E_r, D_r, D_f
@@ -81,22 +81,23 @@ class Config:
     overlap: int = 0               # windows shared by consecutive chunks of a long sequence (0 = n // 2)
     grid_orders: str = "1,2,3,4"   # PLMS orders of the Table-3 ablation ("" = no grid)
     grid_steps: str = "10,25,50,100"  # sampling steps of the Table-3 ablation
-    batch: int = 64                # batch size (segments)
+    batch: int = 32                # batch size (segments)
     lr: float = 1e-3               # AdamW learning rate (all stages), cosine-decayed
     eval_every: int = 500          # stage 2: sample val speakers and print FRCorr / FRDiv every N steps
     eval_speakers: int = 100       # speakers scored in sample mode (evenly spaced over the split; 0 = all)
     device: str = "auto"           # auto | cpu | cuda | mps
     dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast on GPU)
     seed: int = 0                  # seeds everything
+    threads: int = 0               # CPU threads for torch (0 = torch's default)
     resume: bool = False           # continue from <out>/ckpt.pt
     ckpt: str = ""                 # sample mode: checkpoint (default <out>/ckpt.pt)
     split: str = "test"            # sample mode: split to evaluate
 
 
 PRESETS = {
-    "smoke": dict(ae_steps=60, df_steps=20, diff_steps=80, d_model=32, latent=16, n_z=2, mlp_layers=4,
-                  mlp_hidden=128, batch=16, eval_every=40, eval_speakers=4, grid_orders="1,4",
-                  grid_steps="10", n_samples=3),
+    "smoke": dict(ae_steps=40, df_steps=20, diff_steps=60, d_model=32, latent=16, n_z=2, mlp_layers=4,
+                  mlp_hidden=128, batch=8, eval_every=60, eval_speakers=2, grid_orders="1,4",
+                  grid_steps="10", n_samples=3, sample_steps=20),
     "default": dict(),
     "full": dict(window=50, d_model=256, latent=256, n_z=8, mlp_layers=10, mlp_hidden=1024, ae_steps=20000,
                  df_steps=4000, diff_steps=20000, lr=1e-4, batch=64),
@@ -155,7 +156,7 @@ class WindowEncoder(nn.Module):
         self.w, self.v = cfg.window, cfg.latent
         self.inp = nn.Linear(d_in, cfg.d_model)
         self.register_buffer("pe", sinusoid(torch.arange(cfg.window), cfg.d_model), persistent=False)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, 4 * cfg.d_model, dropout=0.0,
+        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, 2 * cfg.d_model, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
         self.tf = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -169,30 +170,53 @@ class WindowEncoder(nn.Module):
         return self.out(self.norm(h)).view(B, n, self.v)                        # (B, n, v)
 
 
+class CrossBlock(nn.Module):
+    """Pre-LN cross-attention block: frame queries read the latent tokens, then a per-frame MLP."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, q, mem):                                                  # (B, L, d), (B, M, d)
+        q = q + self.attn(self.ln1(q), mem, mem, need_weights=False)[0]
+        return q + self.mlp(self.ln2(q))
+
+
 class SequenceDecoder(nn.Module):
-    """D_r / D_f: the n*n_z latent tokens of a chunk are the memory of a Transformer decoder whose queries are
-    all L = n*w frames (learned in-window PE + sinusoidal window index), so frames attend across window borders
-    and a segment is decoded in one piece [ours; modelled on Trans-VAE's decoder]."""
+    """D_r / D_f [ours; Trans-VAE-like]: the n*n_z latent tokens of a chunk (each with the sinusoid of its window's
+    centre frame) pass a Transformer encoder, then all L = n*w frame queries cross-attend to them. A query is the
+    sinusoid of its *absolute* frame index (no per-window reset), so every frame sees every window and the decoded
+    curve has no seam at window borders. No frame-to-frame self-attention: cost O(L * n * n_z), not O(L^2)."""
 
     def __init__(self, d_out, cfg):
         super().__init__()
         self.w, self.n_z, d = cfg.window, cfg.n_z, cfg.d_model
         self.tok = nn.Linear(cfg.latent // cfg.n_z, d)
         self.sub = nn.Parameter(0.02 * torch.randn(cfg.n_z, d))                  # which sub-vector a token is
-        self.query = nn.Parameter(0.02 * torch.randn(cfg.window, d))            # learned PE within a window
-        layer = nn.TransformerDecoderLayer(d, cfg.heads, 4 * d, dropout=0.0, activation="gelu",
+        layer = nn.TransformerEncoderLayer(d, cfg.heads, 4 * d, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
-        self.tf = nn.TransformerDecoder(layer, cfg.layers)
+        self.mix = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.qproj = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(CrossBlock(d, cfg.heads) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, d_out)
 
+    def pe(self, pos, d):                                                       # frame positions -> (.., d)
+        return sinusoid(pos * (100.0 / self.w), d)                              # ~w frames per 100 "steps"
+
     def forward(self, z):                                                       # (B, n, v)
         B, n, v = z.shape
-        win_pe = sinusoid(torch.arange(n, device=z.device), self.query.shape[1])  # (n, d_m)
-        mem = self.tok(z.view(B, n, self.n_z, v // self.n_z)) + self.sub + win_pe[:, None]  # (B, n, n_z, d_m)
-        q = (self.query[None] + win_pe[:, None]).reshape(1, n * self.w, -1).expand(B, -1, -1)  # (B, L, d_m)
-        h = self.tf(q, mem.reshape(B, n * self.n_z, -1))                        # (B, L, d_m)
-        return self.out(self.norm(h))                                           # (B, L, d_out)
+        d = self.sub.shape[1]
+        centre = (torch.arange(n, device=z.device) + 0.5) * self.w             # (n,) window centres in frames
+        mem = self.tok(z.view(B, n, self.n_z, v // self.n_z)) + self.sub + self.pe(centre, d)[:, None]
+        mem = self.mix(mem.reshape(B, n * self.n_z, d))                         # (B, n*n_z, d)
+        q = self.qproj(self.pe(torch.arange(n * self.w, device=z.device).float(), d))  # (L, d)
+        q = q[None].expand(B, -1, -1)                                           # (B, L, d)
+        for blk in self.blocks:
+            q = blk(q, mem)
+        return self.out(self.norm(q))                                           # (B, L, d_out)
 
 
 class Codebook(nn.Module):
@@ -231,6 +255,7 @@ class MLPSkipNet(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.last.weight)                                        # [ours] ε̂ = 0 at init: loss starts at 1
 
     def forward(self, x, t, c):                                                 # (B, dim), (B,), (B, dim)
         e = F.silu(torch.cat([self.time(sinusoid(t, self.t_dim)), self.cond(c)], dim=-1))  # (B, 2*dim)
@@ -433,9 +458,11 @@ def save_ckpt(path, obj):
     os.replace(tmp, path)                                                       # atomic
 
 
-def seed_all(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+def seed_all(cfg):
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,7 +470,7 @@ def seed_all(seed):
 
 
 def train(cfg):
-    seed_all(cfg.seed)
+    seed_all(cfg)
     device = pick_device(cfg.device)
     path = Path(data.resolve_data(cfg.data, "listener", cfg.preset))
     out = Path(cfg.out)
@@ -525,9 +552,8 @@ def train(cfg):
                 g["lr"] = lr
             with autocast(device, cfg.dtype):
                 if name == "ae":                                                # L1: ‖D_r(E_r(Y)) − Y‖²
-                    y, c = crop(ya, ca)
-                    x = torch.cat([y, c])
-                    loss = F.mse_loss(model.dec(model.enc(x)), x)
+                    y, = crop(ya)
+                    loss = F.mse_loss(model.dec(model.enc(y)), y)
                 elif name == "df":                                              # Eq. 4 with E_r frozen
                     y, m = crop(ya, ym)
                     with torch.no_grad():
@@ -552,7 +578,7 @@ def train(cfg):
             step += 1
             log[name].append(loss.item())
             pbar.update(1)
-            pbar.set_postfix(stage=name, loss=f"{loss.item():.4f}")
+            pbar.set_postfix(stage=name, loss=f"{loss.item():.4f}", refresh=False)
             last = step == hi
             if name == "diff" and (step - lo) % cfg.eval_every == 0 or last:
                 if name == "diff":
@@ -622,6 +648,7 @@ def evaluate(cfg):
     ckpt_path = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
     if not ckpt_path.exists():
         sys.exit(f"error: no checkpoint at {ckpt_path}; train first (python train.py --model latent_diffusion)")
+    seed_all(cfg)
     ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     tcfg = Config(**{**ck["config"], "plms_order": cfg.plms_order, "sample_steps": cfg.sample_steps})
     device = pick_device(cfg.device)

@@ -156,7 +156,7 @@ def test_latent_normaliser_round_trip():
 def test_autoencoder_overfits_one_batch():
     torch.manual_seed(0)
     m = tiny_model().train()
-    x = torch.randn(8, 3 * m.cfg.window, 25).cumsum(1) / 4                    # smooth-ish signals
+    x = torch.randn(4, 3 * m.cfg.window, 25).cumsum(1) / 4                    # smooth-ish signals
     opt = torch.optim.AdamW([*m.enc.parameters(), *m.dec.parameters()], lr=3e-3)
     losses = []
     for _ in range(300):
@@ -172,7 +172,7 @@ def test_denoiser_overfits_one_pair():
     dim = 2 * m.cfg.latent
     z0, c = torch.randn(1, dim), torch.randn(1, dim)
     opt = torch.optim.AdamW(m.den.parameters(), lr=2e-3)
-    for _ in range(600):
+    for _ in range(400):
         t = torch.randint(1, 1001, (64,))
         eps = torch.randn(64, dim)
         loss = F.mse_loss(m.den(ld.q_sample(z0, eps, m.abar[t].float()[:, None]), t.float(), c.expand(64, -1)), eps)
@@ -219,18 +219,19 @@ def test_cli_train_then_sample(tiny_world, tmp_path):
     if not (hasattr(data, "load_listener") and hasattr(metrics, "react_metrics")):
         pytest.skip("data.py / metrics.py not implemented yet")
     out = tmp_path / "run"
-    common = ["--data", str(tiny_world), "--out", str(out), "--preset", "smoke"]
+    common = ["--data", str(tiny_world), "--out", str(out), "--preset", "smoke", "--threads", "1"]
     r = subprocess.run([sys.executable, "train.py", "--model", "latent_diffusion", *common], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(out / "ckpt.pt", weights_only=False)
     assert ck["config"]["preset"] == "smoke" and ck["step"] == sum(
         ck["config"][k] for k in ["ae_steps", "df_steps", "diff_steps"])
     for stage in ["ae", "df", "diff"]:
         log = ck["metrics"]["log"][stage]
-        assert np.all(np.isfinite(log)) and np.mean(log[-10:]) < np.mean(log[:10]), stage
+        h = len(log) // 2
+        assert np.all(np.isfinite(log)) and np.mean(log[h:]) < np.mean(log[:h]), stage
     r = subprocess.run([sys.executable, "sample.py", "--model", "latent_diffusion", *common], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((out / "metrics.json").read_text())
     for row in ["GT", "alt-GT", "baseline:random", "baseline:mime", "baseline:mean_frame", "baseline:nn_motion",
@@ -238,5 +239,5 @@ def test_cli_train_then_sample(tiny_world, tmp_path):
         assert row in rows and np.isfinite(rows[row]["frcorr_sum"]), row
     assert rows["model"]["frdiv"] > 0 and "mse/all" in rows["model"]
     preds = np.load(out / "test_reactions.npy")
-    assert preds.ndim == 4 and preds.shape[1] == 3 and preds.shape[-1] == 25
+    assert preds.shape[:2] == (2, 3) and preds.shape[-1] == 25
     assert (out / "channels.png").exists() and (out / "reactions.gif").exists()
