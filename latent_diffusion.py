@@ -390,6 +390,17 @@ class LBD(nn.Module):
         return z.view(B, K, N, v), y.view(B, K, T, -1)
 
 
+def to_attributes(y):
+    """De-normalised D_r output -> valid REACT attributes (25-d layout only): AU occurrences are binary (>= 0.5),
+    valence/arousal in [-1, 1], emotion probabilities non-negative and summing to 1 [ours: the REACT features are
+    binary AUs, and the sensible CCC scores a never-firing AU predicted as exactly 0 with 1, as 0.01 with 0]."""
+    if y.shape[-1] != data.ATTR_DIM:
+        return y
+    au, va, em = y[..., :15], y[..., 15:17], y[..., 17:].clamp_min(0)
+    em = em / em.sum(-1, keepdim=True).clamp_min(1e-6)
+    return torch.cat([(au >= 0.5).to(y.dtype), va.clamp(-1, 1), em], -1)
+
+
 def chunk_starts(N, n, overlap):
     """Window offsets of chunks of n windows covering N windows with the given overlap (last one flush)."""
     if N <= n:
@@ -604,7 +615,7 @@ def quick_eval(model, cfg, path, device, n_speakers=8):
     spk = (stack(items, "speaker_attr", T).to(device) - model.attr_mean) / model.attr_std
     _, y = model.generate(spk, cfg.n_samples, cfg.plms_order, cfg.sample_steps,
                           torch.Generator().manual_seed(cfg.seed))
-    preds = (y * model.attr_std + model.attr_mean).cpu().numpy()
+    preds = to_attributes(y * model.attr_std + model.attr_mean).cpu().numpy()
     pool, A, _ = appropriate_pool(items, T)
     model.train()
     return {"frcorr_mean": metrics.fr_corr(preds, pool, A)["mean"], "frdiv": metrics.fr_div(preds)}
@@ -644,6 +655,11 @@ def alt_gt_metrics(items, T, spk, fps):
     return row
 
 
+REACT_COLS = ["frcorr_sum", "frcorr_mean", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs", "frsyn", "K"]
+MOTION_COLS = ["mse/all", "mse/exp", "mse/pose", "fd/all", "fd/exp", "fd/pose", "pfd/all", "var_pred/all",
+               "div_pred/all"]
+
+
 def evaluate(cfg):
     ckpt_path = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
     if not ckpt_path.exists():
@@ -671,7 +687,7 @@ def evaluate(cfg):
         g = torch.Generator().manual_seed(seed)
         for b in spk_n.split(16):
             z, y = model.generate(b, K, order, S, g)
-            zs.append(z), ys.append(y * model.attr_std + model.attr_mean)
+            zs.append(z), ys.append(to_attributes(y * model.attr_std + model.attr_mean))
         return torch.cat(zs), torch.cat(ys).cpu().double().numpy()
 
     pool, A, _ = appropriate_pool(items, T)
@@ -724,7 +740,9 @@ def evaluate(cfg):
     metrics.write_metrics_json(rows, out / "metrics.json")
     print(f"REACT metrics, {cfg.split} split, {N} speakers, K={K}, T={T} at {fps} fps; appropriate set = GT + "
           f"alternatives; model PLMS-{cfg.plms_order} S={cfg.sample_steps}; FRCorr/FRDist sum over K (mean)")
-    print(metrics.format_table(rows))
+    print(metrics.format_table(rows, REACT_COLS))
+    print(f"\n3DMM branch (D_f on sample 0, raw {mot.shape[-1]}-d motion units, per {T}-frame window):")
+    print(metrics.format_table({k: r for k, r in rows.items() if "mse/all" in r}, MOTION_COLS))
     it = items[0]
     data.plot_channels(out / "channels.png", {"speaker": spk[0], "GT": gt[0], **{f"sample {k}": preds[0, k]
                                                                             for k in range(min(3, K))}},
