@@ -347,18 +347,6 @@ def decode_cached(model, chunks, V, top_p=0.0, gen=None):
     return out
 
 
-@torch.no_grad()
-def decode_full(model, chunks, V):
-    """The same greedy decode, recomputing the whole prefix at every step (quadratic; the test reference)."""
-    seq, out = [], []
-    dev = model.wte.weight.device
-    for ch in chunks:
-        seq += ch
-        out.append(int(model.lr_head(model(torch.tensor([seq], device=dev))[0, -1]).argmax()))
-        seq += [V.lr0 + out[-1], V.b["</lr>"]]
-    return out
-
-
 def batch_loss(model, seqs, stage, V):
     """Right-padded batch of (ids, kind). Stage 1 (Eq. 3): LM head over the full vocabulary on speaker content
     targets; stage 2 (Eq. 4): LR head on LR targets only. Mean over target positions. Returns (loss, acc)."""
@@ -454,9 +442,7 @@ def setup_tokens(cfg, path, train_items, vq, km=None, words=None):
 def pick_device(name):
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def lr_at(step, steps, cfg):
@@ -718,6 +704,8 @@ def sample(cfg, given):
               f"p95 {np.percentile(lat, 95):.2f} ms; {same}/{min(tcfg.n_stream, len(te))} windows equal to offline decoding")
     metrics.write_metrics_json(rows, out / "metrics.json")
     print(metrics.format_table(rows))
+    print("\nTable 1 layout (L2 = mse/all, FD, Variation, Diversity, P-FD, L2-Affect; raw units, per window):")
+    print(metrics.format_table(rows, ["mse/all", "fd/all", "var_pred/all", "div_pred/all", "pfd/all", "affect_l2"]))
     print(f"[lm_listener] wrote {out / 'metrics.json'} and {out / 'samples'}")
     return rows
 
