@@ -39,7 +39,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from tqdm import tqdm
 
 import data
@@ -68,6 +67,7 @@ class Config:
     n_layers: int = 4                 # denoiser blocks
     n_heads: int = 4                  # attention heads
     n_fuse: int = 1                   # self-attention layers after cross-modal fusion
+    fuse_stride: int = 4              # frames per fusion position (1 = per frame, the spec; 4 = CPU speed)
     text_layers: int = 1              # word-encoder Transformer layers
     d_text: int = 64                  # word-encoder width
     n_mfcc: int = 40                  # MFCC coefficients (4 rows per frame)
@@ -86,6 +86,8 @@ class Config:
     n_samples: int = 3                # seeds per test window in sample mode (mean +- std)
     max_test: int = 0                 # cap on test windows in sample mode (0 = all)
     long_seconds: float = 60.0        # length of the long-conversation demo in sample mode
+    time_runs: int = 3                # sample mode: timed repeats (median) of the 8-s listener timing
+    time_batch: int = 32              # sample mode: batch size for the throughput timing
     ablations: bool = False           # train mode: also train the ablation models under <out>/ablations/
     device: str = "auto"              # auto | cpu | cuda | mps
     dtype: str = "float32"            # float32 | bfloat16 | float16 (autocast on GPU only)
@@ -98,9 +100,10 @@ class Config:
 PRESETS = {
     "smoke": dict(steps=60, batch_size=8, clip_frames=32, crop_stride=16, d_model=32, n_layers=1, n_heads=2,
                   d_text=16, n_mfcc=20, eval_every=30, n_eval=8, n_samples=1, max_test=8, long_seconds=8.0,
+                  time_runs=1, time_batch=4,
                   warmup=10),
     "default": {},
-    "full": dict(steps=100_000, batch_size=64, lr=2e-4, warmup=1000, clip_frames=240, d_model=512, n_layers=12,
+    "full": dict(fuse_stride=1, steps=100_000, batch_size=64, lr=2e-4, warmup=1000, clip_frames=240, d_model=512, n_layers=12,
                  n_heads=8, n_fuse=1, text_layers=2, d_text=256, n_mfcc=128, eval_every=5000, n_eval=256),
 }
 
@@ -183,15 +186,21 @@ def posterior(p0, x_t, t, s, sched):
     p0 (B, L, K) x0-distribution (one-hot gives the true posterior); x_t (B, L) in 0..K; t, s (B,) or int, s < t.
     Returns (B, L, K+1). It sums to p0's total mass (1 unless truncated)."""
     B, L, K = p0.shape
-    t = torch.as_tensor(t, device=p0.device).expand(B)
-    s = torch.as_tensor(s, device=p0.device).expand(B)
-    ab_t, bb_t, gb_t = (sched[k].to(p0.device)[t].view(B, 1, 1) for k in ("abar", "bbar", "gbar"))
-    ab_s, bb_s, gb_s = (sched[k].to(p0.device)[s].view(B, 1, 1) for k in ("abar", "bbar", "gbar"))
-    a_ts, b_ts, g_ts = (v.to(p0.device).view(B, 1, 1) for v in jump_params(sched, t.cpu(), s.cpu()))
+    if isinstance(t, int) and isinstance(s, int):                      # sampling: python scalars, cached
+        key = ("coef", t, s)
+        if key not in sched:
+            sched[key] = [float(sched[k][i]) for i in (t, s) for k in ("abar", "bbar", "gbar")] + \
+                [float(v) for v in jump_params(sched, torch.tensor([t]), torch.tensor([s]))]
+        ab_t, bb_t, gb_t, ab_s, bb_s, gb_s, a_ts, b_ts, g_ts = sched[key]
+    else:                                                              # training: one (t, s) per sample
+        t, s = torch.as_tensor(t).cpu().expand(B), torch.as_tensor(s).cpu().expand(B)
+        ab_t, bb_t, gb_t = (sched[k][t].view(B, 1, 1).to(p0.device) for k in ("abar", "bbar", "gbar"))
+        ab_s, bb_s, gb_s = (sched[k][s].view(B, 1, 1).to(p0.device) for k in ("abar", "bbar", "gbar"))
+        a_ts, b_ts, g_ts = (v.view(B, 1, 1).to(p0.device) for v in jump_params(sched, t, s))
     # (D3) masked x_t: stay masked w.p. gbar_s/gbar_t, else code j w.p. (gamma_ts/gbar_t)(abar_s p0_j + bbar_s)
     # (bbar_s is weighted by sum(p0), the D5 marginal, so a truncated p0 keeps its exact meaning)
     from_mask = torch.cat([g_ts / gb_t * (ab_s * p0 + bb_s * p0.sum(-1, keepdim=True)),
-                           (gb_s / gb_t).expand(B, L, 1)], -1)         # (B, L, K+1)
+                           torch.ones_like(p0[..., :1]) * (gb_s / gb_t)], -1)  # (B, L, K+1)
     k = F.one_hot(x_t.clamp(max=K - 1), K).double()                    # (B, L, K) one-hot of an unmasked x_t
     if sched["absorbing"]:
         from_code = k                                                  # beta = 0: x_t = k means x0 = k, copy it
@@ -256,15 +265,20 @@ class Attention(nn.Module):
         self.h, self.drop = heads, dropout
         self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
 
+    def split(self, x):                                                # (B, N, d) -> (B, h, N, d/h)
+        B, N, D = x.shape
+        return x.view(B, N, self.h, D // self.h).transpose(1, 2)
+
     def kv_of(self, ctx):                                              # (B, M, d) -> 2 x (B, h, M, d/h)
-        return rearrange(self.kv(ctx), "b m (two h e) -> two b h m e", two=2, h=self.h).unbind(0)
+        return tuple(self.split(z) for z in self.kv(ctx).chunk(2, -1))
 
     def forward(self, x, ctx=None, keep=None, kv=None):
-        q = rearrange(self.q(x), "b n (h e) -> b h n e", h=self.h)     # (B, h, N, d/h)
+        B, N, D = x.shape
+        q = self.split(self.q(x))                                      # (B, h, N, d/h)
         k, v = kv if kv is not None else self.kv_of(x if ctx is None else ctx)
         mask = None if keep is None else keep[:, None, None, :]         # (B, 1, 1, M) True = attend
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.drop if self.training else 0.0)
-        return self.o(rearrange(y, "b h n e -> b n (h e)"))
+        return self.o(y.transpose(1, 2).reshape(B, N, D))             # (B, h, N, d/h) -> (B, N, d)
 
 
 class Block(nn.Module):
@@ -282,13 +296,14 @@ class Block(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """MFCC rows at 4 per frame -> one vector per frame. Conv k5 s2, k5 s2, k5 s1, k3 dilation 2: receptive field
-    45 rows = 0.375 s at 120 Hz (>= 0.3 s)."""
+    """MFCC rows at 4 per frame -> one vector per frame. Conv k5 s2, k5 s2, k5 s1, k3 dilation 2 (width d/2, the
+    last to d): receptive field 45 rows = 0.375 s at 120 Hz (>= 0.3 s)."""
 
     def __init__(self, n_feat, d):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv1d(n_feat, d, 5, 2, 2), nn.GELU(), nn.Conv1d(d, d, 5, 2, 2), nn.GELU(),
-                                 nn.Conv1d(d, d, 5, 1, 2), nn.GELU(), nn.Conv1d(d, d, 3, 1, 2, dilation=2))
+        c = d // 2
+        self.net = nn.Sequential(nn.Conv1d(n_feat, c, 5, 2, 2), nn.GELU(), nn.Conv1d(c, c, 5, 2, 2), nn.GELU(),
+                                 nn.Conv1d(c, c, 5, 1, 2), nn.GELU(), nn.Conv1d(c, d, 3, 1, 2, dilation=2))
 
     def forward(self, a):                                              # (B, 4T, F) -> (B, T, d)
         return self.net(a.transpose(1, 2)).transpose(1, 2)
@@ -313,13 +328,16 @@ class TextEncoder(nn.Module):
 
 
 class Fusion(nn.Module):
-    """(3.1) R^S: e = Lin_F(F) + Lin_D(Delta) + PE -> CM1 (audio) -> CM2 (text, pad mask) -> n_fuse self-attention."""
+    """(3.1) R^S: e = Lin_F(F) + Lin_D(Delta) + PE -> CM1 (audio) -> CM2 (text, pad mask) -> n_fuse self-attention.
+    With fuse_stride s > 1 [ours, CPU speed] Lin_F / Lin_D see patches of s frames (a linear map of the patch, so no
+    frame is averaged away) and R^S has T/s positions; PEs stay in frame units, so words align the same way."""
 
     def __init__(self, cfg, n_feat, n_words, D=56):
         super().__init__()
-        d, h, p = cfg.d_model, cfg.n_heads, cfg.dropout
-        self.lin_f = nn.Linear(D, d)
-        self.lin_d = None if cfg.no_diff else nn.Linear(D, d)
+        d, h, p, s = cfg.d_model, cfg.n_heads, cfg.dropout, cfg.fuse_stride
+        self.s, self.d = s, d
+        self.lin_f = nn.Conv1d(D, d, s, s)                            # = Linear(D, d) when s = 1
+        self.lin_d = None if cfg.no_diff else nn.Conv1d(D, d, s, s)
         self.audio = None if cfg.no_audio else AudioEncoder(n_feat, d)
         self.cm1 = None if cfg.no_audio else Block(d, h, p)
         self.text = None if cfg.no_text else TextEncoder(n_words, cfg.d_text, d, cfg.text_layers,
@@ -329,18 +347,20 @@ class Fusion(nn.Module):
 
     def forward(self, spk, diff, feat, words, end):
         B, T, _ = spk.shape
-        pe = sinusoid(torch.arange(T, device=spk.device), self.lin_f.out_features)  # (T, d)
-        e = self.lin_f(spk) + pe                                       # (B, T, d)
+        assert T % self.s == 0, f"T = {T} must be a multiple of fuse_stride = {self.s}"
+        pe = sinusoid(torch.arange(T // self.s, device=spk.device) * self.s + (self.s - 1) / 2, self.d)  # (T/s, d)
+        e = self.lin_f(spk.transpose(1, 2)).transpose(1, 2) + pe      # (B, T, D) -> (B, T/s, d)
         if self.lin_d is not None:
-            e = e + self.lin_d(diff)                                   # the facial differential, additive
+            e = e + self.lin_d(diff.transpose(1, 2)).transpose(1, 2)   # the facial differential, additive
         if self.audio is not None:
-            e = self.cm1(e, self.audio(feat) + pe)                     # CM1: frames attend to audio frames
+            a = F.avg_pool1d(self.audio(feat).transpose(1, 2), self.s).transpose(1, 2)  # (B, T/s, d)
+            e = self.cm1(e, a + pe)                                    # CM1: frames attend to audio frames
         if self.text is not None:
             tok, keep = self.text(words, end)                          # (B, N, d)
             e = self.cm2(e, tok, keep)                                 # CM2: frames attend to words
         for blk in self.fuse:
             e = blk(e)
-        return e                                                       # (B, T, d) = R^S
+        return e                                                       # (B, T/s, d) = R^S
 
 
 class AdaLN(nn.Module):
@@ -849,7 +869,7 @@ def sample(cfg):
     # Long conversation: a ~long_seconds speaker stream from consecutive test segments, joint vs independent windows
     Ts = te["spk"].shape[1]
     ls, lf, lw, lb, lg = concat_segments(te, max(1, math.ceil(cfg.long_seconds * te["fps"] / Ts)))
-    lg_len = ls.shape[1] - ls.shape[1] % vq.r
+    lg_len = int(min(ls.shape[1], cfg.long_seconds * te["fps"])) // vq.r * vq.r
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     _, xl = sample_long(model, vq, ls[:, :lg_len], lf[:, :4 * lg_len], lw, lb, T, te["fps"], steps, r, gen)
     _, xi = sample_long(model, vq, ls[:, :lg_len], lf[:, :4 * lg_len], lw, lb, T, te["fps"], steps, r, gen, hop=L)
@@ -864,11 +884,13 @@ def sample(cfg):
     n8 = (8 * te["fps"]) // vq.r * vq.r
     one = lambda S, B=1: sample_long(model, vq, ls8[:, :n8].expand(B, -1, -1), lf8[:, :4 * n8].expand(B, -1, -1),
                                      lw8 * B, lb8.expand(B, -1), T, te["fps"], S, r, gen)
-    t1, tf, tb = timed(lambda: one(steps)), timed(lambda: one(10)), timed(lambda: one(steps, 32), n=1)
+    nb = cfg.time_batch
+    t1, tf = timed(lambda: one(steps), cfg.time_runs), timed(lambda: one(10), cfg.time_runs)
+    tb = timed(lambda: one(steps, nb), n=1)
     print(f"[discrete_diffusion] timing on {device} ({torch.get_num_threads()} threads): one 8-s listener "
           f"{t1:.3f} s ({steps or model.T} steps; target <= 0.25 s), fast sampler 10 steps {tf:.3f} s, "
-          f"batch 32: {tb:.2f} s = {32 / tb:.1f} 8-s listeners/s")
-    rows["model"].update({"sec_per_8s_sample": t1, "sec_per_8s_sample_fast10": tf, "samples_per_s_batch32": 32 / tb})
+          f"batch {nb}: {tb:.2f} s = {nb / tb:.1f} 8-s listeners/s")
+    rows["model"].update({"sec_per_8s_sample": t1, "sec_per_8s_sample_fast10": tf, f"samples_per_s_batch{nb}": nb / tb})
     metrics.write_metrics_json(rows, out / "metrics.json")
     print(metrics.format_table(rows, ["mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all", "affect_l2"]))
     return rows
