@@ -23,6 +23,7 @@ K codebook size, N flattened tokens.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -385,10 +386,16 @@ def load_vqvae(path, device="cpu"):
 # Data helpers
 
 
+@functools.lru_cache(maxsize=8)
+def load_items(path, split):
+    """data.load_listener, read once per process (train() and evaluation share the items; never mutated)."""
+    return data.load_listener(path, split)
+
+
 def load_split(path, split, model):
     """-> list of (x_norm (T, D), beta_raw (D_id,), item) with T cropped to a multiple of r."""
     out = []
-    for it in data.load_listener(path, split):
+    for it in load_items(str(path), split):
         x = torch.as_tensor(it["listener"], dtype=torch.float32)
         T = x.shape[0] - x.shape[0] % model.r
         if T >= model.r:
@@ -478,7 +485,7 @@ def train(cfg: Config):
     cfg.data = str(path)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_items = data.load_listener(path, "train")
+    train_items = load_items(str(path), "train")
     cfg.motion_dim = int(train_items[0]["listener"].shape[1])
     cfg.beta_dim = int(np.asarray(train_items[0]["listener_beta"]).shape[0])
     print(f"device {device} | config {json.dumps(asdict(cfg))}")
@@ -526,12 +533,12 @@ def train(cfg: Config):
         scaler.step(opt)
         scaler.update()
         H, ppl, active = usage_stats(o["idx"], cfg.codebook_size)
-        first_rec = first_rec if first_rec is not None else float(o["rec"])
-        bar.set_postfix(rec=f"{float(o['rec']):.3f}", vel=f"{float(o['vel']):.3f}", commit=f"{float(o['commit']):.3f}",
+        first_rec = first_rec if first_rec is not None else float(o["rec"].detach())
+        bar.set_postfix(rec=f"{float(o['rec']):.3f}", vel=f"{float(o["vel"].detach()):.3f}", commit=f"{float(o["commit"].detach()):.3f}",
                         ppl=f"{ppl:.1f}", act=f"{active:.0%}", resets=model.quantizer.last_resets)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val, _ = evaluate(model, val_clips, device) if val_clips else ({}, None)
-            metrics = {**{f"val_{k}": v for k, v in val.items()}, "train_rec": float(o["rec"]),
+            metrics = {**{f"val_{k}": v for k, v in val.items()}, "train_rec": float(o["rec"].detach()),
                        "train_rec_first": first_rec}
             tqdm.write(f"step {step + 1}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             plot_recon(model, (val_clips or train_clips)[0], out / "recon.png", device)
@@ -562,23 +569,20 @@ def evaluate_ckpt(ckpt, split="test", data_path=None, device="cpu", max_eval=256
     path = data_path or model.cfg.data
     clips = load_split(path, split, model)[: max_eval or None]
     tab, recons = evaluate(model, clips, device)
-    train_ids = {it["listener_id"] for it in data.load_listener(path, "train")}
+    train_ids = {it["listener_id"] for it in load_items(str(path), "train")}
     unseen = [c for c in clips if c[2]["listener_id"] not in train_ids]
     if unseen:
         tab["rec_unseen"] = evaluate(model, unseen, device)[0]["rec"]
     gts = [model.denormalize(c[0]).numpy() for c in clips]
     spk = [np.asarray(c[2]["speaker"])[: g.shape[0]] for c, g in zip(clips, gts)]
     preds = [model.denormalize(r).numpy() for r in recons]
-    # random walk fitted on train tokens (equal-length sequences: crop to the shortest), decoded with each clip's beta
-    train_toks = tokens_of(model, load_split(path, "train", model)[:2000], device)
-    Lmin = min(t.shape[0] for t in train_toks)
+    # random walk over the codebook: bigram fitted on full-clip train tokens, decoded with each clip's own beta
+    train_toks = [t.numpy() for t in tokens_of(model, load_split(path, "train", model), device)]
     walk = []
     for i, c in enumerate(clips):
-        L = c[0].shape[0] // model.r
-        codes = metrics.baseline_random_walk_codes(torch.stack([t[:Lmin] for t in train_toks]).numpy(), 1, L,
-                                                   model.K, seed=seed + i)
-        walk.append(model.denormalize(model.decode(torch.as_tensor(codes, device=device).long(),
-                                                   c[1][None].to(device))[0]).cpu().numpy())
+        codes = metrics.baseline_random_walk_codes(train_toks, 1, c[0].shape[0] // model.r, model.K, seed=seed + i)
+        x_w = model.decode(torch.as_tensor(codes, device=device), c[1][None].to(device))[0]  # (T, D)
+        walk.append(model.denormalize(x_w).cpu().numpy())
     rows = {"GT": metrics.listener_metrics(gts, gts, spk), "model": metrics.listener_metrics(preds, gts, spk),
             "baseline:random_walk": metrics.listener_metrics(walk, gts, spk)}
     alt = [(np.asarray(c[2]["alt_listener"][0])[: g.shape[0]], g, s) for c, g, s in zip(clips, gts, spk)
