@@ -534,7 +534,7 @@ def train(cfg: Config):
         scaler.update()
         H, ppl, active = usage_stats(o["idx"], cfg.codebook_size)
         first_rec = first_rec if first_rec is not None else float(o["rec"].detach())
-        bar.set_postfix(rec=f"{float(o['rec']):.3f}", vel=f"{float(o["vel"].detach()):.3f}", commit=f"{float(o["commit"].detach()):.3f}",
+        bar.set_postfix(rec=f"{o['rec'].item():.3f}", vel=f"{o['vel'].item():.3f}", commit=f"{o['commit'].item():.3f}",
                         ppl=f"{ppl:.1f}", act=f"{active:.0%}", resets=model.quantizer.last_resets)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             val, _ = evaluate(model, val_clips, device) if val_clips else ({}, None)
