@@ -85,6 +85,7 @@ class Config:
     audio: str = ""  # sample: animate this wav instead of the split (any rate, mono or stereo)
     style: int = 0  # sample --audio: training-style id
     bench: bool = False  # sample: time diffusion (S = 10/25/50) vs --arch ar for T in {100, 300, 600}
+    threads: int = 0  # torch CPU threads (0 = torch's default; 1 is much faster on a busy shared machine)
 
 
 PRESETS = {
@@ -142,13 +143,15 @@ class AudioEncoder(nn.Module):
                                                                     norm_first=True), 2)
                    if cfg.audio_transformer else None)
 
-    def forward(self, f):  # (B, N, F) -> (B, N, a)
-        h = self.inp(f.transpose(1, 2))  # (B, a, N)
+    def forward(self, f, rows=None):  # (B, N, F), rows (B, N) 1 = real row -> (B, N, a)
+        keep = torch.ones(f.shape[:2], device=f.device) if rows is None else rows.float().to(f.device)
+        keep = keep[:, None]  # (B, 1, N): re-zeroing padded rows makes a padded batch equal per-sequence runs
+        h = self.inp(f.transpose(1, 2)) * keep  # (B, a, N)
         for conv, norm in zip(self.convs, self.norms):
             y = conv(h).transpose(1, 2)  # (B, N, a)
-            h = h + F.gelu(norm(y.reshape(-1, y.shape[-1])).view_as(y)).transpose(1, 2)  # residual, (B, a, N)
+            h = (h + F.gelu(norm(y.reshape(-1, y.shape[-1])).view_as(y)).transpose(1, 2)) * keep  # residual
         h = h.transpose(1, 2)  # (B, N, a)
-        return self.tf(h) if self.tf is not None else h
+        return self.tf(h, src_key_padding_mask=keep[:, 0] == 0) if self.tf is not None else h
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,9 +225,23 @@ class DecoderLayer(nn.Module):
         h = self.ln1(x)
         kv = torch.cat([cond, h], 1)  # (B, C + T, d): condition tokens are keys/values, never queries
         x = x + self.drop(self.sa(h, kv, kv, attn_mask=self_mask, need_weights=False)[0])
-        kv = torch.cat([cond, mem], 1)  # (B, C + T, d)
-        x = x + self.drop(self.ca(self.ln2(x), kv, kv, attn_mask=cross_mask, need_weights=False)[0])
+        if cross_mask is None:  # diagonal mask: attend to the C + 1 visible keys only (same maths, O(T) not O(T^2))
+            x = x + self.drop(self.diag_cross(self.ln2(x), cond, mem))
+        else:
+            kv = torch.cat([cond, mem], 1)  # (B, C + T, d)
+            x = x + self.drop(self.ca(self.ln2(x), kv, kv, attn_mask=cross_mask, need_weights=False)[0])
         return x + self.drop(self.ff(self.ln3(x)))
+
+    def diag_cross(self, h, cond, mem):
+        """self.ca with mask S2, computed directly: query i scores [cond, audio i] only: (B, T, d)."""
+        (B, T, d), C, H = h.shape, cond.shape[1], self.ca.num_heads
+        W, b = self.ca.in_proj_weight, self.ca.in_proj_bias
+        q = F.linear(h, W[:d], b[:d]).view(B, T, H, -1)  # (B, T, H, dh)
+        k, v = F.linear(torch.cat([cond, mem], 1), W[d:], b[d:]).view(B, C + T, 2, H, -1).unbind(2)  # (B, C+T, H, dh)
+        s = torch.cat([torch.einsum("bthe,bche->bthc", q, k[:, :C]), (q * k[:, C:]).sum(-1, keepdim=True)], -1)
+        a = F.dropout((s / q.shape[-1] ** 0.5).softmax(-1), self.ca.dropout, self.training)  # (B, T, H, C + 1)
+        o = torch.einsum("bthc,bche->bthe", a[..., :C], v[:, :C]) + a[..., C:] * v[:, C:]  # (B, T, H, dh)
+        return self.ca.out_proj(o.reshape(B, T, d))
 
 
 class TalkingTransformer(nn.Module):
@@ -235,6 +252,7 @@ class TalkingTransformer(nn.Module):
         super().__init__()
         self.cfg, d, N = cfg, cfg.d_model, cfg.n_layers
         self.n_cond = 2 if (cfg.arch == "diffusion" and cfg.cond == "kv") else 0
+        self.fast_diag = True  # False: the masked nn.MultiheadAttention path (tests check both agree)
         self.audio = AudioEncoder(cfg)
         self.audio_proj = nn.Linear(cfg.audio_width, d)
         self.inp = nn.Linear(D, d)
@@ -250,12 +268,13 @@ class TalkingTransformer(nn.Module):
     def encode(self, feats, lengths):
         """Audio features per sequence [(N_i, F)] -> memory (B, max T, d); each is interpolated to exactly
         T_i frames *before* padding (the released code interpolates padded tensors and misaligns)."""
-        out = []
-        for f, T in zip(feats, lengths):
-            if self.training and self.cfg.time_mask_p > 0:
-                f = time_mask(f, self.cfg.time_mask_p, self.cfg.time_mask_span)
-            h = self.audio(f[None].to(self.inp.weight.device)).transpose(1, 2)  # (1, a, N)
-            out.append(F.interpolate(h, size=T, mode="linear", align_corners=True)[0].T)  # (T, a)
+        if self.training and self.cfg.time_mask_p > 0:
+            feats = [time_mask(f, self.cfg.time_mask_p, self.cfg.time_mask_span) for f in feats]
+        n = torch.tensor([len(f) for f in feats])  # (B,) audio rows per sequence
+        f = nn.utils.rnn.pad_sequence(list(feats), batch_first=True).to(self.inp.weight.device)  # (B, N, F)
+        h = self.audio(f, torch.arange(f.shape[1])[None] < n[:, None]).transpose(1, 2)  # (B, a, N)
+        out = [F.interpolate(h[b:b + 1, :, :n[b]], size=T, mode="linear", align_corners=True)[0].T  # (T, a)
+               for b, T in enumerate(lengths)]
         return self.audio_proj(nn.utils.rnn.pad_sequence(out, batch_first=True))  # (B, T, d), no positions
 
     def masks(self, T, pad=None, B=1):
@@ -270,6 +289,8 @@ class TalkingTransformer(nn.Module):
         # the diagonal never points at padding from a real frame, so only the full mask needs key padding
         ckp = kp if cfg.cross_mask == "full" else None
         dev = self.inp.weight.device
+        if cfg.cross_mask == "diag" and self.fast_diag:  # None selects DecoderLayer.diag_cross
+            return tile_heads(sb, B, H, kp).to(dev), None
         return tile_heads(sb, B, H, kp).to(dev), tile_heads(cm, B, H, ckp).to(dev)
 
     def forward(self, x, t, mem, style, masks):
@@ -298,7 +319,7 @@ class TalkingTransformer(nn.Module):
         sm, cm = self.masks(T)
         y = self.start.expand(B, 1, -1)  # (B, 1, D)
         for t in range(1, T + 1):
-            mk = (sm[:, :t, :t].repeat(B, 1, 1), cm[:, :t, :t].repeat(B, 1, 1))  # (B*H, t, t), b*H + h order
+            mk = (sm[:, :t, :t].repeat(B, 1, 1), None if cm is None else cm[:, :t, :t].repeat(B, 1, 1))  # (B*H, t, t)
             y = torch.cat([y, self(y, None, mem[:, :t], style, mk)[:, -1:]], 1)  # (B, t + 1, D)
         return y[:, 1:]
 
@@ -370,6 +391,12 @@ def smooth3(x):
 # ---------------------------------------------------------------------------------------------------------------
 # Data, runtime helpers
 
+def to_vertices(x, sigma, template, smooth=False):
+    """Normalised (T, D) -> vertices (T, V, 3): de-normalise, add the template back."""
+    v = denormalise(x, sigma).reshape(len(x), *template.shape) + template
+    return smooth3(v) if smooth else v
+
+
 def load_items(path, split, n_mfcc):
     """VOCASET-layout items with audio features (N, F) and flat displacements (T, V*3) added."""
     items = data.load_talking(path, split)
@@ -400,9 +427,7 @@ def make_batch(items, cfg, rng, sigma):
 def pick_device(name):
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
 
 
 def save_atomic(obj, path):
@@ -449,8 +474,7 @@ def quick_val(model, items, sigma, cfg, lip_idx, upper_idx):
     n_style = model.style.num_embeddings
     x = generate(model, [it["feats"] for it in items], [len(it["disp"]) for it in items],
                  torch.arange(len(items)) % n_style, ddim_steps=cfg.ddim_steps, legacy=cfg.ddim_legacy).cpu()
-    preds = [denormalise(x[k, :len(it["disp"])].numpy(), sigma).reshape(-1, *it["template"].shape) + it["template"]
-             for k, it in enumerate(items)]
+    preds = [to_vertices(x[k, :len(it["disp"])].numpy(), sigma, it["template"]) for k, it in enumerate(items)]
     gts = [it["vertices"] for it in items]
     mse = float(np.mean([np.mean((p - g) ** 2) for p, g in zip(preds, gts)]) / sigma ** 2)
     return {"val_mse": mse, "lve": float(metrics.lip_vertex_error(preds, gts, lip_idx)),
@@ -521,13 +545,10 @@ def train(cfg):
         bar.set_postfix(loss=f"{loss.item():.4f}", vert=f"{vert.item():.4f}", vel=f"{vel.item():.4f}",
                         ms=f"{1000 * (time.time() - t0):.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            try:
-                v = quick_val(model, val_items, sigma, cfg, lip_idx, upper_idx)
-                hist.setdefault("val", []).append({"step": step, **v})
-                tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-50:]):.4f} | " +
-                           " | ".join(f"{k} {x:.4g}" for k, x in v.items()))
-            except (ImportError, AttributeError) as e:  # metrics.py not there yet
-                tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-50:]):.4f} (no val: {e})")
+            v = quick_val(model, val_items, sigma, cfg, lip_idx, upper_idx)
+            hist.setdefault("val", []).append({"step": step, **v})
+            tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-50:]):.4f} | " +
+                       " | ".join(f"{k} {x:.4g}" for k, x in v.items()))
             checkpoint()
     bar.close()
     for name in filter(None, cfg.ablations.split(",")):  # the AR baseline and the ablations, same data
@@ -539,12 +560,6 @@ def train(cfg):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling and evaluation
-
-def to_vertices(x, sigma, template, smooth=False):
-    """Normalised (T, D) -> vertices (T, V, 3): de-normalise, add the template back."""
-    v = denormalise(x, sigma).reshape(len(x), *template.shape) + template
-    return smooth3(v) if smooth else v
-
 
 def evaluate_model(model, ck, items, cfg, n_style):
     """LVE / FDD / |FDD| / MVE of unseen test subjects, averaged over every training style and repetition."""
@@ -688,6 +703,8 @@ def parse(argv):
 
 def main(argv=None, mode="train"):
     cfg, explicit, m = parse(sys.argv[1:] if argv is None else argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     return train(cfg) if (m or mode) == "train" else sample(cfg, explicit)
 

@@ -71,6 +71,20 @@ def test_condition_tokens_and_padding():
         assert torch.isfinite(mk(x, t, mem, s, mk.masks(T, pad))).all()
 
 
+@pytest.mark.parametrize("kw", [{}, {"arch": "ar"}])
+def test_fast_diagonal_cross_attention_equals_masked_attention(kw):
+    m = small_model(**kw)
+    B, T = 2, 19
+    x, mem = torch.randn(B, T, 12), m.encode([torch.randn(32, 120), torch.randn(20, 120)], [T, 12])
+    pad = torch.arange(T)[None] >= torch.tensor([T, 12])[:, None]
+    args = (x, None if kw else torch.tensor([3, 800]), mem, torch.tensor([0, 2]))
+    fast = m(*args, m.masks(T, pad))
+    m.fast_diag = False
+    slow = m(*args, m.masks(T, pad))
+    assert m.masks(T, pad)[1] is not None and torch.allclose(fast[0], slow[0], atol=1e-5)
+    assert torch.allclose(fast[1, :12], slow[1, :12], atol=1e-5)
+
+
 def test_zero_init_head():
     m = small_model(randomise_head=False)
     mem = m.encode([torch.randn(30, 120)], [17])
@@ -211,7 +225,7 @@ def test_determinism():
 def smoke_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("dt")
     r = subprocess.run([sys.executable, "train.py", "--model", "diff_transformer", "--preset", "smoke",
-                        "--data", str(tiny_world), "--out", str(out), "--steps", "30", "--eval-every", "30"],
+                        "--data", str(tiny_world), "--out", str(out), "--steps", "30", "--eval-every", "30", "--threads", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -227,7 +241,7 @@ def test_cli_train_then_sample(smoke_run):
     model, _ = dt.load_checkpoint(out / "ckpt.pt")  # rebuilt from the checkpoint alone, with its stats
     assert ck["sigma"] > 0 and model.head.out_features == ck["D"]
     r = subprocess.run([sys.executable, "sample.py", "--model", "diff_transformer", "--ckpt", str(out / "ckpt.pt"),
-                        "--ddim-steps", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--ddim-steps", "5", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((out / "metrics.json").read_text())
     for row in ["GT", "baseline:static_template", "baseline:autoregressive", "ablation:plain_attention", "model"]:
