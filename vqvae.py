@@ -140,14 +140,15 @@ class Norm(nn.Module):
     def forward(self, h, s=None):
         if self.kind == "none":
             return h
-        dim = -1 if self.kind.endswith("IN") else 1  # IN: over time per channel; LN: over channels per frame
-        mu = h.mean(dim, keepdim=True)
-        var = h.var(dim, keepdim=True, unbiased=False)
-        h = (h - mu) / torch.sqrt(var + self.eps)  # (B, W, T)
-        if self.kind in ("IN", "LN"):
-            return h * self.weight[:, None] + self.bias[:, None]
-        g, b = self.head(s).chunk(2, dim=-1)  # (B, H) -> 2 x (B, W)
-        return h * (1 + g[:, :, None]) + b[:, :, None]
+        affine = (self.weight, self.bias) if self.kind in ("IN", "LN") else (None, None)
+        if self.kind.endswith("IN"):  # statistics over time, per channel (fused kernel)
+            h = F.instance_norm(h, weight=affine[0], bias=affine[1], eps=self.eps)  # (B, W, T)
+        else:  # statistics over channels, per frame
+            h = F.layer_norm(h.transpose(1, 2), h.shape[1:2], affine[0], affine[1], self.eps).transpose(1, 2)
+        if self.kind.startswith("Ada"):
+            g, b = self.head(s).chunk(2, dim=-1)  # (B, H) -> 2 x (B, W)
+            h = h * (1 + g[:, :, None]) + b[:, :, None]
+        return h
 
 
 def conv(cin, cout, k, stride=1, dilation=1):

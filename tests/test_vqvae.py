@@ -230,3 +230,13 @@ def test_cli_train_then_sample(tiny_world, tmp_path):
     assert rows["GT"]["mse/all"] == 0.0 and rows["model"]["mse/all"] > 0 and 0 < rows["model"]["active"] <= 1
     for f in ["recon_test.png", "recon_test.gif", "recon.npy", "random_walk.npy"]:
         assert (out / f).exists(), f
+
+
+@pytest.mark.parametrize("norm", vqvae.NORMS)
+def test_every_table5_config_trains_a_step(norm):
+    m = vqvae.VQVAE(small_cfg(norm=norm))
+    x, b = smooth_batch(2)
+    o = m(x, b)
+    o["loss"].backward()
+    assert o["x_hat"].shape == x.shape and torch.isfinite(o["loss"])
+    assert (m.decoder.cond is not None) == norm.endswith("Ada" + norm.split(",")[0])
