@@ -8,8 +8,10 @@ cross-attention to the audio is diagonal. x0-prediction, vertex + velocity loss,
 Papers: DiffSpeaker arXiv 2402.05712; FaceFormer arXiv 2112.05329 (the autoregressive baseline, `--arch ar`);
 ALiBi arXiv 2108.12409; DDPM arXiv 2006.11239; DDIM arXiv 2010.02502; CodeTalker arXiv 2301.02379 (metrics).
 Substitutes: wav2vec2/HuBERT (pretrained, unavailable) -> 40 MFCC + deltas + CMVN at 50 Hz through a dilated
-conv encoder (receptive field 33 rows = 0.66 s). Deliberate deviation: motion is normalised by one global
-scalar sigma (the released code trains on raw metres and often collapses to the template).
+conv encoder (receptive field 33 rows = 0.66 s). Deliberate deviations: motion is normalised by one global
+scalar sigma (the released code trains on raw metres and often collapses to the template), and the schedule is
+rescaled to zero terminal SNR (--no-zero-snr is the paper's), because with normalised 924-d motion x_999 still
+carries enough of x0 that the net ignores the audio and DDIM from pure noise drifts away from the data.
 Shape letters: B batch, T motion frames (30 fps), N audio rows (50 Hz), F audio features, D = V*3 motion dims,
 V vertices, H heads, C condition tokens (2, or 0 for --cond add / --arch ar), S = C + T keys, d model width.
 
@@ -65,6 +67,8 @@ class Config:
     audio_transformer: bool = False  # 2-layer Transformer encoder after the convs (full preset)
     dropout: float = 0.1  # dropout everywhere
     period: int = 30  # PPE and ALiBi period p in frames (= fps)
+    zero_snr: bool = True  # abar_T = 0 (our deviation: normalised 924-d motion leaks x0 through x_999, so the
+    #                        model ignores the audio and DDIM from pure noise fails; --no-zero-snr is the paper's)
     n_mfcc: int = 40  # MFCC coefficients (x3 with deltas)
     steps: int = 3000  # optimiser steps
     batch_size: int = 16  # clips per batch
@@ -101,6 +105,8 @@ ABLATIONS = {"ar": ({"arch": "ar"}, "baseline:autoregressive"),
              "nobias": ({"self_bias": "none"}, "ablation:no_alibi"),
              "nodiag": ({"cross_mask": "full"}, "ablation:full_cross"),
              "add": ({"cond": "add"}, "ablation:cond_add")}
+CHOICES = {"preset": list(PRESETS), "arch": ["diffusion", "ar"], "self_bias": ["alibi", "none"],
+           "cross_mask": ["diag", "full"], "cond": ["kv", "add"], "dtype": ["float32", "bfloat16", "float16"]}
 T_TRAIN = 1000  # diffusion steps
 AUDIO_RATE = 50  # audio feature rows per second (wav2vec2's grid)
 
@@ -327,10 +333,15 @@ class TalkingTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Diffusion (S3) and DDIM (section 5), losses (S4, S5), normalisation
 
-def scaled_linear_abar(n=T_TRAIN, b0=8.5e-4, b1=1.2e-2):
-    """Scaled-linear betas (linear in sqrt(beta)) -> abar_t = prod(1 - beta): (n,) float64."""
+def scaled_linear_abar(n=T_TRAIN, b0=8.5e-4, b1=1.2e-2, zero_snr=False):
+    """Scaled-linear betas (linear in sqrt(beta)) -> abar_t = prod(1 - beta): (n,) float64.
+    zero_snr: shift and scale sqrt(abar) so that abar_T = 0 (Lin et al., arXiv 2305.08891, Algorithm 1)."""
     betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0)
+    abar = torch.cumprod(1 - betas, 0)
+    if zero_snr:
+        s = abar.sqrt()
+        abar = ((s - s[-1]) * s[0] / (s[0] - s[-1])) ** 2
+    return abar
 
 
 def q_sample(x0, t, noise, abar):
@@ -458,7 +469,7 @@ def generate(model, feats, lens, style, seed=1234, ddim_steps=50, legacy=False):
     masks = model.masks(T, pad)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, T, model.head.out_features, generator=g).to(mem.device)  # x_T
-    abar = scaled_linear_abar()
+    abar = scaled_linear_abar(zero_snr=model.cfg.zero_snr)
     net = lambda x_t, tau: model(x_t, torch.full((B,), tau, device=mem.device), mem, style, masks)
     return ddim_sample(net, x, abar, ddim_steps, legacy)
 
@@ -506,7 +517,7 @@ def train(cfg):
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, D = {D}, sigma = {sigma:.4g}, "
           f"{len(train_items)} train clips, {n_style} styles")
     rng = np.random.default_rng(cfg.seed + step)
-    abar = scaled_linear_abar()
+    abar = scaled_linear_abar(zero_snr=cfg.zero_snr)
     amp = device.type == "cuda" and cfg.dtype != "float32"
     scaler = torch.amp.GradScaler(enabled=amp and cfg.dtype == "float16")
 
@@ -691,12 +702,12 @@ def parse(argv):
         if isinstance(f.default, bool):
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
         else:
-            p.add_argument(*flags, dest=f.name, type=type(f.default), default=None, help=h)
+            p.add_argument(*flags, dest=f.name, type=type(f.default), default=None, help=h, choices=CHOICES.get(f.name))
     a = vars(p.parse_args(argv))
     explicit = {k for k, v in a.items() if v is not None and k != "mode"}
     preset = a["preset"] or "default"
-    if preset not in PRESETS:
-        p.error(f"--preset must be one of {list(PRESETS)}")
+    if set(filter(None, (a["ablations"] or "").split(","))) - set(ABLATIONS):
+        p.error(f"--ablations takes a comma-separated subset of {list(ABLATIONS)}")
     cfg = replace(Config(), **{**PRESETS[preset], **{k: a[k] for k in explicit}})
     return cfg, explicit, a["mode"]
 

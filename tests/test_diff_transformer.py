@@ -17,6 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = replace(dt.Config(), d_model=32, d_ffn=64, audio_width=16, dropout=0.0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is as fast, and far faster on a busy shared machine; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_model(D=12, n_style=3, randomise_head=True, **kw):
     torch.manual_seed(0)
     m = dt.TalkingTransformer(replace(SMALL, **kw), D, n_style).eval()
@@ -124,6 +133,8 @@ def test_schedule_and_ddim_against_an_oracle():
     abar = dt.scaled_linear_abar()
     betas = 1 - abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
     assert math.isclose(betas[0], 8.5e-4, rel_tol=1e-9) and math.isclose(betas[-1], 1.2e-2, rel_tol=1e-9)
+    z = dt.scaled_linear_abar(zero_snr=True)  # our default: same abar_0, abar_T = 0 (arXiv 2305.08891)
+    assert math.isclose(z[0], abar[0], rel_tol=1e-12) and z[-1] == 0 and torch.all(z[1:] < z[:-1])
     grid = dt.ddim_timesteps(50)
     assert grid[0] == 981 and grid[-1] == 1 and len(grid) == 50 and torch.all(grid[:-1] - grid[1:] == 20)
     x0 = torch.randn(2, 7, 5, dtype=torch.float64)
