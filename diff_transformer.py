@@ -15,12 +15,16 @@ carries enough of x0 that the net ignores the audio and DDIM from pure noise dri
 Shape letters: B batch, T motion frames (30 fps), N audio rows (50 Hz), F audio features, D = V*3 motion dims,
 V vertices, H heads, C condition tokens (2, or 0 for --cond add / --arch ar), S = C + T keys, d model width.
 
-    python diff_transformer.py --preset smoke                     # seconds, tiny world
-    python train.py --model diff_transformer                      # default: model + AR + plain-attention runs
+    python diff_transformer.py --preset smoke                     # ~10 s, tiny world
+    python train.py --model diff_transformer                      # default: model + AR + plain-attention runs,
+                                                                  # ~9 CPU-min each (3000 steps, 1 thread)
     python sample.py --model diff_transformer                     # test split: LVE/FDD/MVE table, speed, GIFs
     python sample.py --model diff_transformer --audio speech.wav --style 3   # animate any wav
     python diff_transformer.py --ablations ar,plain,nobias,nodiag,add        # every ablation of spec section 7
     python sample.py --model diff_transformer --bench             # ms per sequence, T in {100, 300, 600}
+Measured (2000 steps x 16; synthetic test, 8 styles): LVE 0.0111 vs static template 0.0116 and AR 0.0092 (800 x 8):
+not yet the target (<= 20 % of static). Audio-only regression reaches only ~60 % of the variance-free
+error, so the audio encoder is the bottleneck. 10 s of speech: DDIM-50 0.44 s vs AR 1.25 s on 2 CPU threads.
 """
 import argparse
 import inspect
