@@ -23,8 +23,8 @@ V vertices, H heads, C condition tokens (2, or 0 for --cond add / --arch ar), S 
     python diff_transformer.py --ablations ar,plain,nobias,nodiag,add        # every ablation of spec section 7
     python sample.py --model diff_transformer --bench             # ms per sequence, T in {100, 300, 600}
 Measured (2000 steps x 16; synthetic test, 8 styles): LVE 0.0111 vs static template 0.0116 and AR 0.0092 (800 x 8):
-not yet the target (<= 20 % of static). Audio-only regression reaches only ~60 % of the variance-free
-error, so the audio encoder is the bottleneck. 10 s of speech: DDIM-50 0.44 s vs AR 1.25 s on 2 CPU threads.
+not yet the target (<= 20 % of static). The same net at t = T (audio only) explains only ~40 % of the motion
+variance after 400 steps, so the audio pathway is the bottleneck. 10 s of speech: DDIM-50 0.44 s vs AR 1.25 s on 2 CPU threads.
 """
 import argparse
 import inspect
