@@ -614,6 +614,7 @@ def speech_feats(items, seconds, n_mfcc):
     return audio_features(wave, n_mfcc), int(seconds * data.FPS)
 
 
+@torch.no_grad()
 def sample(cfg, explicit):
     device = pick_device(cfg.device)
     ckpt = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
@@ -622,7 +623,6 @@ def sample(cfg, explicit):
     path = cfg.data if "data" in explicit else mcfg.data
     out = Path(cfg.out if "out" in explicit else ckpt.parent)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_grad_enabled(False)
     if cfg.audio:  # animate any wav: T = floor(duration * fps) frames
         wave = data.load_wav(cfg.audio)
         T = int(len(wave) / data.SR * data.FPS)

@@ -33,3 +33,17 @@ def tiny_vq_naive(tiny_world, tmp_path_factory):
     vqvae.main(["--data", str(tiny_world), "--out", str(out), "--preset", "smoke", "--norm", "none,none"],
                mode="train")
     return out / "ckpt.pt"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_torch_state():
+    """A test must leave autograd and the thread count as it found them: a `torch.set_grad_enabled(False)`
+    left behind by one sample() once broke every later training test. Fail the test that leaks, not those after."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    leaked_grad, leaked_threads = not torch.is_grad_enabled(), torch.get_num_threads() != threads
+    torch.set_grad_enabled(True)
+    torch.set_num_threads(threads)
+    assert not leaked_grad, "this test left autograd disabled (use `with torch.no_grad()` or @torch.no_grad())"
+    assert not leaked_threads, "this test changed torch's thread count and did not restore it"
