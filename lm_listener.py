@@ -109,6 +109,9 @@ def parse_config(argv, mode):
             p.add_argument(*names, dest=f.name, type=type(f.default), default=None, help=f"(default {f.default!r})")
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     cfg = Config(**{**PRESETS[given.get("preset", "default")], **given})
+    if cfg.preset == "smoke":  # a smoke run never reads or writes the default runs/ VQ-VAEs
+        cfg.vq = given.get("vq", str(Path(cfg.out) / "vq" / "ckpt.pt"))
+        cfg.vq_naive = given.get("vq_naive", str(Path(cfg.out) / "vq_naive" / "ckpt.pt"))
     if cfg.steps > 0 and "stage1_steps" not in given and "stage2_steps" not in given:
         cfg.stage1_steps = cfg.stage2_steps = cfg.steps // 2
     return cfg, given

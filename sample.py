@@ -22,7 +22,7 @@ PIPELINE = [
     ("vqvae_naive", "vqvae", ["--norm", "none,none"]),
     ("vqvae", "vqvae", []),
     ("discrete_diffusion", "discrete_diffusion", ["--vq", "{runs}/vqvae_naive/ckpt.pt"]),
-    ("lm_listener", "lm_listener", ["--vq", "{runs}/vqvae/ckpt.pt"]),
+    ("lm_listener", "lm_listener", ["--vq", "{runs}/vqvae/ckpt.pt", "--vq-naive", "{runs}/vqvae_naive/ckpt.pt"]),
     ("latent_diffusion", "latent_diffusion", []),
     ("diff_transformer", "diff_transformer", []),
 ]
