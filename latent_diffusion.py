@@ -692,7 +692,7 @@ def evaluate(cfg):
 
     pool, A, _ = appropriate_pool(items, T)
     rows = {}
-    react = lambda p: metrics.react_metrics(p, pool, spk, A, fps=fps)
+    react = lambda p, dist=True: metrics.react_metrics(p, pool, spk, A, fps=fps, with_dist=dist)
     rows["GT"] = react(np.repeat(gt[:, None], K, 1))
     if items[0].get("alt_listener_attr") is not None:
         rows["alt-GT"] = alt_gt_metrics(items, T, spk, fps)
@@ -733,8 +733,8 @@ def evaluate(cfg):
 
     orders = [int(o) for o in cfg.grid_orders.split(",") if o]
     for o in orders:                                                            # Table 3: same denoiser
-        for S in [int(s) for s in cfg.grid_steps.split(",") if s]:
-            rows[f"ablation:plms{o}_s{S}"] = react(run(o, S)[1])
+        for S in [int(s) for s in cfg.grid_steps.split(",") if s]:             # (FRCorr/FRDiv/FRSyn as Tab. 3;
+            rows[f"ablation:plms{o}_s{S}"] = react(run(o, S)[1], dist=False)  # no FRDist: its DTW is ~1.5 min)
             tqdm.write(f"plms{o}_s{S}: FRCorr {rows[f'ablation:plms{o}_s{S}']['frcorr_sum']:.3f}")
 
     np.save(out / f"{cfg.split}_reactions.npy", preds.astype(np.float32))      # (N, K, T, D)

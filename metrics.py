@@ -662,14 +662,17 @@ def fr_syn(preds, speakers, *, fps=25, seconds=2, first_sample_only=False, react
     return _fr_syn(preds, speakers, fps, seconds, first_sample_only, react_compat)[0]
 
 
-def react_metrics(preds, listeners, speakers, appropriate, *, fps=25, react_compat=False, device="cpu"):
+def react_metrics(preds, listeners, speakers, appropriate, *, fps=25, react_compat=False, device="cpu",
+                  with_dist=True):
     """§3.6 all REACT metrics: preds (N, K, T, D), listeners (M, T, D), speakers (N, T, D), appropriate (N, M).
 
     react_compat=True: official CCC, TLCC, float32 DTW inputs and first_sample_only.
+    with_dist=False skips FRDist (NaN), whose DTWs are nearly all of the cost, for ablation grids.
     """
     P = _arr(preds, "preds", 4)
     corr = fr_corr(P, listeners, appropriate, react_compat=react_compat)
-    dist = fr_dist(P, listeners, appropriate, react_compat=react_compat, device=device)
+    dist = (fr_dist(P, listeners, appropriate, react_compat=react_compat, device=device) if with_dist
+            else {"sum": float("nan"), "mean": float("nan")})
     syn, skipped = _fr_syn(P, speakers, fps, 2, react_compat, react_compat)
     return {"frcorr_sum": corr["sum"], "frcorr_mean": corr["mean"], "frdist_sum": dist["sum"],
             "frdist_mean": dist["mean"], "frdiv": fr_div(P), "frvar": fr_var(P), "frdvs": fr_dvs(P),

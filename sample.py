@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from train import MODELS, dispatch, load_method
 
 # (run name, method file, extra training flags). Order matters: the VQ-VAEs first, the token models after.
@@ -52,11 +54,13 @@ def _fmt(v):
 
 
 def results_markdown(results: dict, hardware: str, minutes: dict, preset: str) -> str:
-    """runs/results.md from {run name: {row: {metric: value}}}: one table per task, rows prefixed by run."""
+    """runs/results.md from {run name: {row: {metric: value}}} and {run name: {"train": min, "evaluate": min}}:
+    one table per task, rows prefixed by their run."""
+    total = sum(sum(m.values()) for m in minutes.values())
     lines = [f"# Results on the synthetic world (preset `{preset}`)", "",
              f"Hardware: {hardware}. Wall-clock minutes per run (train + evaluate): "
-             + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items())
-             + f"; total {sum(minutes.values()):.1f}.", ""]
+             + ", ".join(f"{k} {m.get('train', 0):.1f} + {m.get('evaluate', 0):.1f}" for k, m in minutes.items())
+             + f"; total {total:.1f}.", ""]
     for title, runs, cols, caption in TABLES:
         present = [r for r in runs if r in results]
         if not present:
@@ -72,6 +76,49 @@ def results_markdown(results: dict, hardware: str, minutes: dict, preset: str) -
     return "\n".join(lines)
 
 
+def gif_frames(path, n):
+    """n evenly spaced frames of an animated GIF, as RGB PIL images."""
+    from PIL import Image, ImageSequence
+    frames = [f.convert("RGB") for f in ImageSequence.Iterator(Image.open(path))]
+    return [frames[i] for i in np.linspace(0, len(frames) - 1, n).round().astype(int)]
+
+
+def contact_sheet(gifs, path, n=4, time_across=False):
+    """A still figure from GIFs that share a frame height: each GIF's n frames, down the rows (time_across=False:
+    one row per time point, the GIFs side by side) or along one row per GIF (time_across=True)."""
+    from PIL import Image
+    cols = [gif_frames(g, n) for g in gifs]                          # [gif][time] -> image
+    grid = [list(r) for r in zip(*cols)] if not time_across else cols  # [row][col]
+    W = max(sum(im.width for im in row) for row in grid)
+    H = sum(max(im.height for im in row) for row in grid)
+    sheet, y = Image.new("RGB", (W, H), "white"), 0
+    for row in grid:
+        x = 0
+        for im in row:
+            sheet.paste(im, (x, y))
+            x += im.width
+        y += max(im.height for im in row)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def figures(runs: Path):
+    """The README's figures from the GIFs the evaluations wrote: listeners (DiffListener window: speaker |
+    DiffListener | GT; LM listener: GT | model), 3 LBD reactions, and a DiffSpeaker talking-face strip."""
+    made = []
+    listen = [g for g in (runs / "discrete_diffusion/samples/window0.gif", runs / "lm_listener/samples/sample.gif")
+              if g.exists()]
+    if listen:
+        made.append(contact_sheet(listen, runs / "figures" / "listeners.png", n=4))
+    if (runs / "latent_diffusion/reactions.gif").exists():
+        made.append(contact_sheet([runs / "latent_diffusion/reactions.gif"], runs / "figures" / "reactions.png", n=4))
+    face = sorted((runs / "diff_transformer").glob("*.gif"))
+    if face:
+        made.append(contact_sheet(face[:1], runs / "figures" / "talking_face.png", n=6, time_across=True))
+    return made
+
+
 def run_all(argv):
     """`python train.py --model all [--preset P] [--data PATH] [--runs DIR] [--retrain]`."""
     p = argparse.ArgumentParser(prog="train.py --model all",
@@ -81,14 +128,24 @@ def run_all(argv):
     p.add_argument("--runs", default="runs", help="folder of the runs and of results.md")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true", help="train even where a checkpoint exists")
-    p.add_argument("--only", default="", help="comma-separated run names to do (default: all)")
+    p.add_argument("--only", default="", help="comma-separated run names to do (default: all); the others' "
+                   "last metrics.json still go into results.md")
     a = p.parse_args(argv)
     runs = Path(a.runs)
+    runs.mkdir(parents=True, exist_ok=True)
     only = set(filter(None, a.only.split(",")))
-    results, minutes = {}, {}
+    if only - {run for run, _, _ in PIPELINE}:
+        p.error(f"unknown run(s) {sorted(only - {run for run, _, _ in PIPELINE})}; runs: "
+                + ", ".join(run for run, _, _ in PIPELINE))
+    # minutes per run, kept across calls so that a partial re-run still reports the time of the others
+    timings = runs / "timings.json"
+    minutes = json.loads(timings.read_text()) if timings.exists() else {}
+    results = {}
     t_all = time.time()
     for run, module, extra in PIPELINE:
-        if only and run not in only:
+        if only and run not in only:  # not redone: its last evaluation still goes into results.md
+            if (runs / run / "metrics.json").exists():
+                results[run] = json.loads((runs / run / "metrics.json").read_text())
             continue
         out = runs / run
         common = ["--preset", a.preset, "--seed", str(a.seed), "--out", str(out)]
@@ -100,18 +157,23 @@ def run_all(argv):
         if a.retrain or not (out / "ckpt.pt").exists():
             print(f"\n=== train {run} ({module}.py) ===", flush=True)
             method.main(common + extra, mode="train")
+            minutes.setdefault(run, {})["train"] = (time.time() - t0) / 60
         else:
             print(f"\n=== {run}: reusing {out / 'ckpt.pt'} ===", flush=True)
         print(f"\n=== evaluate {run} ===", flush=True)
+        t0 = time.time()
         method.main(["--ckpt", str(out / "ckpt.pt"), "--out", str(out)] + (["--data", a.data] if a.data else []),
                     mode="sample")
         results[run] = json.loads((out / "metrics.json").read_text())
-        minutes[run] = (time.time() - t0) / 60
+        minutes.setdefault(run, {})["evaluate"] = (time.time() - t0) / 60
+        timings.write_text(json.dumps(minutes, indent=1))
+    minutes = {run: minutes[run] for run, _, _ in PIPELINE if run in results and run in minutes}
     hardware = f"{platform.machine()} {platform.processor() or ''} CPU, {__import__('os').cpu_count()} cores".strip()
     md = results_markdown(results, hardware.replace("  ", " "), minutes, a.preset)
-    runs.mkdir(parents=True, exist_ok=True)
     (runs / "results.md").write_text(md + "\n")
     print(md)
+    for f in figures(runs):
+        print(f"wrote {f}")
     print(f"\nwrote {runs / 'results.md'} ({(time.time() - t_all) / 60:.1f} min)")
     return results
 

@@ -309,6 +309,9 @@ def test_fr_syn_and_react_metrics():
     assert gt["frdist_sum"] == 0.0 and gt["frdiv"] == 0.0 and gt["frsyn_skipped"] == 0 and gt["K"] == K
     out = M.react_metrics(P, L, S, A, fps=10)
     assert set(M.REACT_COLUMNS) <= set(out) and all(np.isfinite(v) for v in out.values())
+    fast = M.react_metrics(P, L, S, A, fps=10, with_dist=False)  # the ablation-grid form: all but FRDist
+    assert math.isnan(fast["frdist_sum"]) and math.isnan(fast["frdist_mean"])
+    assert {k: v for k, v in fast.items() if "frdist" not in k} == {k: v for k, v in out.items() if "frdist" not in k}
     mf = np.zeros((N, K, T, D))  # a constant output: FRSyn skips it (sensible)
     assert math.isnan(M.react_metrics(mf, L, S, A, fps=10)["frsyn"])
 
