@@ -17,14 +17,15 @@ V vertices, H heads, C condition tokens (2, or 0 for --cond add / --arch ar), S 
 
     python diff_transformer.py --preset smoke                     # ~10 s, tiny world
     python train.py --model diff_transformer                      # default: model + AR + plain-attention runs,
-                                                                  # ~9 CPU-min each (3000 steps, 1 thread)
+                                                                  # 6.4 + 5.5 + 6.4 min on 2 idle cores
     python sample.py --model diff_transformer                     # test split: LVE/FDD/MVE table, speed, GIFs
     python sample.py --model diff_transformer --audio speech.wav --style 3   # animate any wav
     python diff_transformer.py --ablations ar,plain,nobias,nodiag,add        # every ablation of spec section 7
     python sample.py --model diff_transformer --bench             # ms per sequence, T in {100, 300, 600}
-Measured (2000 steps x 16; synthetic test, 8 styles): LVE 0.0111 vs static template 0.0116 and AR 0.0092 (800 x 8):
-not yet the target (<= 20 % of static). The same net at t = T (audio only) explains only ~40 % of the motion
-variance after 400 steps, so the audio pathway is the bottleneck. 10 s of speech: DDIM-50 0.44 s vs AR 1.25 s on 2 CPU threads.
+Measured (default preset, 3000 steps x 16; synthetic test, 8 styles): LVE 0.0111 vs static template 0.0116 and AR
+0.0093, plain attention 0.0135: not yet the target (<= 20 % of static); val LVE is best at step 1000 (0.0098). The
+same net at t = T (audio only) explains only ~40 % of the motion variance after 400 steps, so the audio pathway is the
+bottleneck. 10 s of speech: DDIM-50 0.30 s vs AR 0.99 s (3.3x) on 2 idle CPU threads.
 """
 import argparse
 import inspect

@@ -26,8 +26,9 @@ Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index 
 F audio features (4 rows per frame), N words, W windows, d model width.
 
     python discrete_diffusion.py --preset smoke              # seconds: tiny world, tiny model
-    python train.py --model discrete_diffusion               # default: 3000 steps (~0.6-1.2 s/step on a loaded
-                                                             # 2-core machine; needs runs/vqvae_naive/ckpt.pt)
+    python train.py --model discrete_diffusion               # default: 3000 steps, 9 min on an idle 2-core CPU
+                                                             # (needs runs/vqvae_naive/ckpt.pt); test FD 0.886
+                                                             # vs random walk 0.896, alt-GT 0.229; 0.11 s per 8 s
     python sample.py --model discrete_diffusion              # metrics table, npy + GIF + PNG, timings
     python train.py --model discrete_diffusion --ablations   # + no_diff, no_text, K256, K512 under <out>/ablations
 """

@@ -57,15 +57,14 @@ def results_markdown(results: dict, hardware: str, minutes: dict, preset: str) -
     """runs/results.md from {run name: {row: {metric: value}}} and {run name: {"train": min, "evaluate": min}}:
     one table per task, rows prefixed by their run."""
     total = sum(sum(m.values()) for m in minutes.values())
-    lines = [f"# Results on the synthetic world (preset `{preset}`)", "",
-             f"Hardware: {hardware}. Wall-clock minutes per run (train + evaluate): "
+    lines = [f"Preset `{preset}`. Hardware: {hardware}. Wall-clock minutes per run (train + evaluate): "
              + ", ".join(f"{k} {m.get('train', 0):.1f} + {m.get('evaluate', 0):.1f}" for k, m in minutes.items())
              + f"; total {total:.1f}.", ""]
     for title, runs, cols, caption in TABLES:
         present = [r for r in runs if r in results]
         if not present:
             continue
-        lines += [f"## {title}", "", caption, "",
+        lines += [f"### {title}", "", caption, "",
                   "| run | row | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
         for run in present:
             for row, vals in results[run].items():
@@ -119,6 +118,19 @@ def figures(runs: Path):
     return made
 
 
+def hardware() -> str:
+    """'<CPU model> (x86_64), N cores' (plus the GPU when torch sees one), for results.md."""
+    import os
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({platform.machine()}), {os.cpu_count()} cores{gpu}"
+
+
 def run_all(argv):
     """`python train.py --model all [--preset P] [--data PATH] [--runs DIR] [--retrain]`."""
     p = argparse.ArgumentParser(prog="train.py --model all",
@@ -168,8 +180,7 @@ def run_all(argv):
         minutes.setdefault(run, {})["evaluate"] = (time.time() - t0) / 60
         timings.write_text(json.dumps(minutes, indent=1))
     minutes = {run: minutes[run] for run, _, _ in PIPELINE if run in results and run in minutes}
-    hardware = f"{platform.machine()} {platform.processor() or ''} CPU, {__import__('os').cpu_count()} cores".strip()
-    md = results_markdown(results, hardware.replace("  ", " "), minutes, a.preset)
+    md = results_markdown(results, hardware(), minutes, a.preset)
     (runs / "results.md").write_text(md + "\n")
     print(md)
     for f in figures(runs):

@@ -15,8 +15,8 @@ Shapes: B batch, T frames, L = T / r tokens, D = 56 motion dims, D_id = 100 iden
 K codebook size, N flattened tokens.
 
     python vqvae.py --preset smoke                   # seconds: tiny world, writes runs/vqvae/ckpt.pt
-    python train.py --model vqvae                    # default: 2000 steps on the synthetic world (22-30 min measured
-                                                     # on 2 cores shared by ~7 jobs, OMP_NUM_THREADS=1; less when idle)
+    python train.py --model vqvae                    # default: 2000 steps on the synthetic world (2.5-3.7 min on an
+                                                     # idle 2-core CPU; test FD of reconstructions 0.41, naive 0.36)
     python train.py --model vqvae --norm none,none --out runs/vqvae_naive    # the naive codebook
     python sample.py --model vqvae                   # reconstruct test clips + random walk, print the table
     python vqvae.py --table5                         # train the 5 norm configs, print the Tab. 5-style table

@@ -46,3 +46,20 @@ def test_only_rejects_unknown_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.run_all(["--only", "vqvae,gan", "--runs", str(tmp_path)])
     assert "unknown run(s) ['gan']" in capsys.readouterr().err
+
+
+def test_readme_results_section_has_the_pipeline_layout():
+    """The README's results are runs/results.md pasted in: each table has the header results_markdown writes, and
+    every row names a pipeline run (so a hand-edited or stale-format table shows up here)."""
+    readme = (sample.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Results on the synthetic world", 1)[1].split("\n## ", 1)[0]
+    section = section.split("The papers' own numbers", 1)[0]         # the reference table is not generated
+    assert "Preset `default`. Hardware: " in section
+    runs = {run for run, _, _ in sample.PIPELINE}
+    for title, names, cols, _ in sample.TABLES:
+        assert f"### {title}" in section, title
+        assert "| run | row | " + " | ".join(cols) + " |" in section, title
+    rows = [ln for ln in section.splitlines() if ln.startswith("| ") and not ln.startswith("| run |")]
+    assert rows and all(ln.split(" | ")[0][2:] in runs for ln in rows)
+    for run in runs:
+        assert f"| {run} | model |" in section, run
