@@ -38,7 +38,8 @@ TABLES = [
      "Raw motion units (56-d: 50 expression + 6 pose), per window, synthetic test split."),
     ("Diverse reactions, REACT protocol (Latent Behavior Diffusion)", ["latent_diffusion"],
      ["frcorr_sum", "frcorr_mean", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs", "frsyn"],
-     "25-d attributes, 10 samples per speaker, appropriate set = GT + 10 re-simulated reactions."),
+     "25-d attributes, 10 samples per speaker, appropriate set = GT + 10 re-simulated reactions; the PLMS "
+     "order x steps cells (`ablation:plms<k>_s<S>`, Tab. 3) on 25 of the 100 test speakers, without FRDist."),
     ("Talking face from speech (DiffSpeaker)", ["diff_transformer"],
      ["lve", "fdd", "fdd_abs", "mve"],
      "Vertex units of the synthetic face, unseen test subjects averaged over the 8 training styles."),
