@@ -24,7 +24,7 @@ Shapes: B batch, K samples per speaker, T frames, L = n*w frames of a chunk, n w
 
     python latent_diffusion.py --preset smoke            # ~30 s on a CPU, tiny world
     python train.py --model latent_diffusion             # default: synthetic world, 4.4 min on 2 CPU cores
-                                                         # (evaluation with the PLMS grid: 15 min)
+                                                         # (evaluation with the PLMS grid: 8.8 min)
     python sample.py --model latent_diffusion            # 10 samples per test speaker, REACT table + PLMS grid
 """
 import argparse

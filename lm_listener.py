@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -638,6 +639,8 @@ def stream(model, V, km, clip, cfg, mods):
 def sample(cfg, given):
     import metrics
     ckpt = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
+    if not ckpt.exists():
+        sys.exit(f"error: no checkpoint at {ckpt}; train first (python train.py --model lm_listener) or pass --ckpt")
     model, V, km, tcfg = load_model(ckpt)
     tcfg.top_p, tcfg.max_eval = given.get("top_p", tcfg.top_p), given.get("max_eval", tcfg.max_eval)
     tcfg.n_stream, tcfg.seed = cfg.n_stream, cfg.seed
@@ -723,5 +726,4 @@ def main(argv=None, mode="train"):
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])

@@ -250,3 +250,9 @@ def test_cli_train_then_sample_stream(tiny_world, tiny_vq, tiny_vq_naive, tmp_pa
     assert "windows equal to offline decoding" in r.stdout
     pred = np.load(out / "samples" / "pred.npy")
     assert pred.shape[1:] == (64, 56) and (out / "samples" / "sample.gif").exists()
+
+
+def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
+    import lm_listener
+    with pytest.raises(SystemExit, match="no checkpoint at .*ckpt.pt; train first"):
+        lm_listener.main(["--out", str(tmp_path)], mode="sample")
