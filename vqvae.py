@@ -20,12 +20,13 @@ K codebook size, N flattened tokens.
     python train.py --model vqvae --norm none,none --out runs/vqvae_naive    # the naive codebook
     python sample.py --model vqvae                   # reconstruct test clips + random walk, print the table
     python vqvae.py --table5                         # train the 5 norm configs, print the Tab. 5-style table
-                                                     # (--steps 400: 32 min on the loaded 2-core machine)
+                                                     # (2000 steps each: 13.5 min on an idle 2-core CPU)
+    python vqvae.py --tokenize                       # write <out>/tokens.pt (idx per clip of every split)
 
 Finding on the synthetic world (see --table5): IN in the encoder erases each window's per-channel amplitude, which
-here carries whether a nod/smile happens, so IN configs reconstruct worse than (none, none) and regress towards the
-identity mean; the commitment distance is lowest with (IN, AdaIN), as in the paper.
-    python vqvae.py --tokenize                       # write <out>/tokens.pt (idx per clip of every split)
+here carries whether a nod/smile happens, so every normalised config reconstructs worse than (none, none) (test Rec
+0.365 vs LN,LN 0.392 ... IN,IN 0.812) and IN regresses towards the identity mean; the commitment distance is lowest
+with (IN, AdaIN) (0.170 vs 2.630), as in the paper, and its random walk is closer to real motion (FD 0.454 vs 0.878).
 """
 import argparse
 import dataclasses
