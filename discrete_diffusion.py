@@ -19,7 +19,7 @@ sequence is then decoded at once. sample.py reports the frame-step at window bou
 
 Deviations [ours]: the fusion network reads patches of `fuse_stride` frames (4 on CPU, 1 = per frame in `full`);
 the learning rate decays by cosine after warm-up; importance sampling of t, EMA weights and guidance are omitted;
-sampling defaults to 20 exact-jump steps (`--sample-steps 0` runs all T = 100; the steps ablation scores them alike).
+sampling defaults to 20 exact-jump steps (`--sample-steps 0` runs all T = 100; test FD 0.886 vs 0.866, seed std ~0.01).
 On a shared CPU run with OMP_NUM_THREADS=1: 2 threads under contention were ~10x slower in our measurements.
 
 Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index K), D = 56 motion dims,
@@ -85,8 +85,8 @@ class Config:
     replace_mass: float = 1e-6        # K * beta_bar_T (code default 1e-6 ~ absorbing; 0 = absorbing; paper 0.1)
     aux_weight: float = 5e-4          # lambda of the auxiliary x0 cross-entropy (D7)
     truncation: float = 0.86          # top-r truncation of p(x0) at sampling (1.0 = off)
-    sample_steps: int = 20            # reverse steps at sampling (0 = all T; fewer = exact jump) [ours: 20, as
-                                      # good as 100 in the steps ablation and 5x faster]
+    sample_steps: int = 20            # reverse steps at sampling (0 = all T; fewer = exact jump) [ours: 20 is
+                                      # within the seed spread of 100 in the steps ablation, 9x faster]
     no_diff: bool = False             # ablation: drop the facial differential
     no_text: bool = False             # ablation: drop the text branch
     no_audio: bool = False            # ablation: drop the audio branch

@@ -144,12 +144,12 @@ def run_all(argv):
     p.add_argument("--only", default="", help="comma-separated run names to do (default: all); the others' "
                    "last metrics.json still go into results.md")
     a = p.parse_args(argv)
-    runs = Path(a.runs)
-    runs.mkdir(parents=True, exist_ok=True)
     only = set(filter(None, a.only.split(",")))
     if only - {run for run, _, _ in PIPELINE}:
         p.error(f"unknown run(s) {sorted(only - {run for run, _, _ in PIPELINE})}; runs: "
                 + ", ".join(run for run, _, _ in PIPELINE))
+    runs = Path(a.runs)
+    runs.mkdir(parents=True, exist_ok=True)
     # minutes per run, kept across calls so that a partial re-run still reports the time of the others
     timings = runs / "timings.json"
     minutes = json.loads(timings.read_text()) if timings.exists() else {}
