@@ -111,6 +111,7 @@ Pictures
 """
 import json
 import os
+import re
 import pickle
 import shutil
 import sys
@@ -490,8 +491,9 @@ def _synth(rng, sylls, voice, n_samples):
     return wave.astype(np.float32)
 
 
-def _speaker_face(rng, sylls, T, style, emo_frames=None, flat_frames=None):
-    """The speaker's own face (T, 56): lips/jaw follow syllables, emotion on the face, stress nods, blinks, idle."""
+def _speaker_face(rng, sylls, T, style, emo_frames=None, flat_frames=None, noise=True):
+    """The speaker's own face (T, 56): lips/jaw follow syllables, emotion on the face, stress nods, blinks, idle
+    (noise=False: without the blinks and idle sway/drift, the parts no speech input can predict)."""
     jaw, spread, rnd, press, stress = (np.zeros(T, np.float32) for _ in range(5))
     for (t0, tv, t1, c, v, stressed, loud, wi, e, flat) in sylls:
         i0, iv, i1 = (min(int(round(x * FPS)), T) for x in (t0, tv, t1))
@@ -517,6 +519,8 @@ def _speaker_face(rng, sylls, T, style, emo_frames=None, flat_frames=None):
     k = np.exp(-0.5 * ((np.arange(-12, 13)) / 3.0) ** 2)                  # stress -> head nod + brow
     m[:, PITCH] += 0.05 * np.convolve(stress, k, "same")
     m[:, BROW_RAISE] += style.get("brow", 0.3) * np.convolve(stress, k, "same")
+    if not noise:
+        return m
     for t in np.cumsum(rng.uniform(2, 6, size=int(T / FPS / 2) + 2)):
         _add(m[:, BLINK], t, 0.25, lambda tau: np.sin(np.pi * tau / 0.25) ** 2)
     m[:, HEAD] += 0.03 * _smooth_noise(rng, (T, 3), 30)
@@ -700,6 +704,39 @@ def talking_styles(seed=0):
                           "loud": float(rng.uniform(0.8, 1.2))}} for s in subjects}
 
 
+def _talking_sentence(subj, st, k, cfg, seed):
+    """The syllables of sentence k of a subject: (rng positioned for _synth then _speaker_face, sylls, seconds)."""
+    split = "train" if subj in TRAIN_SUBJECTS else "other"
+    rng = np.random.default_rng([seed, 4, TRAIN_SUBJECTS.index(subj) if split == "train" else 99, k,
+                                 len(subj), sum(map(ord, subj))])
+    dur = rng.uniform(*cfg["sent_dur"])
+    sylls, _, _ = _speak(rng, lambda t: NEUTRAL_WORDS[rng.integers(len(NEUTRAL_WORDS))], st["voice"],
+                         lambda t: (0, False), t_start=0.25, duration=dur + 0.7, loud_p=0.0)
+    return rng, sylls, dur
+
+
+def talking_references(path, name):
+    """Synthetic world only: reference faces for the talking clip `name` ("<subject>_sentence<k>") from the hidden
+    rules. -> {"alt": (T, V, 3) the same speech and style with another seed for the unpredictable parts (blinks,
+    head sway, expression drift): what a perfect sampler scores; "speech_only": the speech-driven part alone (no
+    blinks, sway or drift) with the subject's true style: near the best an L2 predictor can do}. None on real data."""
+    path = Path(path)
+    root = path.parent if (path / "wav").is_dir() else path
+    meta_f = root / "meta.json"
+    if not meta_f.exists():
+        return None
+    meta = json.loads(meta_f.read_text())
+    if "seed" not in meta or meta.get("version") != VERSION:
+        return None
+    subj, k = re.fullmatch(r"(.+)_sentence(\d+)", name).groups()
+    cfg, st = PRESETS[meta["preset"]], talking_styles(meta["seed"])[subj]
+    rng, sylls, dur = _talking_sentence(subj, st, int(k), cfg, meta["seed"])
+    face, T = _face(), int(round(dur * FPS))
+    alt = _speaker_face(np.random.default_rng([meta["seed"], 5, int(k), sum(map(ord, subj))]), sylls, T, st)
+    quiet = _speaker_face(np.random.default_rng(0), sylls, T, st, noise=False)
+    return {"alt": face.vertices(alt, st["beta"]), "speech_only": face.vertices(quiet, st["beta"])}
+
+
 def _write_vocaset(out, cfg, seed):
     face, styles = _face(), talking_styles(seed)
     (out / "wav").mkdir(parents=True)
@@ -709,11 +746,7 @@ def _write_vocaset(out, cfg, seed):
         split = "train" if subj in TRAIN_SUBJECTS else "val" if subj in VAL_SUBJECTS else "test"
         sents = list(SENTENCES[split])[:cfg["sent"]] if cfg["sent"] else SENTENCES[split]
         for k in sents:
-            rng = np.random.default_rng([seed, 4, TRAIN_SUBJECTS.index(subj) if split == "train" else 99, k,
-                                         len(subj), sum(map(ord, subj))])
-            dur = rng.uniform(*cfg["sent_dur"])
-            sylls, _, _ = _speak(rng, lambda t: NEUTRAL_WORDS[rng.integers(len(NEUTRAL_WORDS))], st["voice"], lambda t: (0, False), t_start=0.25, duration=dur + 0.7,
-                                 loud_p=0.0)
+            rng, sylls, dur = _talking_sentence(subj, st, k, cfg, seed)
             T = int(round(dur * FPS))
             wave = _synth(rng, sylls, st["voice"], int(round(dur * SR)))
             m = _speaker_face(rng, sylls, T, st)

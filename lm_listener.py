@@ -17,8 +17,9 @@ Depends on vqvae.py (load_vqvae) for the LR tokens and their decoder.
 Shapes: B batch, T frames (30 fps), G = T/r groups, N sequence length, D model width, K codebook size (V_LR).
 
     python lm_listener.py --preset smoke            # seconds: tiny world, tiny GPT
-    python train.py --model lm_listener             # default: 4x128 GPT, 1500 + 1500 steps (18.6 min on 2 idle
-                                                    # cores; test FD 0.462 = identity random walk, alt-GT 0.229)
+    python train.py --model lm_listener             # default: 4x128 GPT, 1000 + 1200 steps (11.7 min on 2 idle
+                                                    # cores; test FD 0.467 vs identity random walk 0.462, alt-GT
+                                                    # 0.229; 1500 + 1500 steps: 18.6 min, FD 0.462)
     python sample.py --model lm_listener [--stream] # Table 1 rows (+ ablations), GIF/PNG, streaming latency
     python train.py --model lm_listener --ablations # also trains Tab. 3/4 ablations into runs/lm_listener/ablations
 """
@@ -63,8 +64,8 @@ class Config:
     ctx: int = 256                    # context length (tokens)
     dropout: float = 0.1              # dropout in attention/MLP/embeddings
     steps: int = 0                    # if > 0: stage1_steps = stage2_steps = steps // 2
-    stage1_steps: int = 1500          # Eq. 3 speaker pre-training steps (0 = no stage 1)
-    stage2_steps: int = 1500          # Eq. 4 listener fine-tuning steps
+    stage1_steps: int = 1000          # Eq. 3 speaker pre-training steps (0 = no stage 1)
+    stage2_steps: int = 1200          # Eq. 4 listener fine-tuning steps (val FD of 1500 + 1500 was best at 1000)
     batch_size: int = 32              # windows per step
     lr: float = 1e-3                  # peak AdamW learning rate
     warmup: int = 50                  # linear warm-up steps per stage, then cosine to 0.1 * lr

@@ -173,7 +173,8 @@ def tiny_cfg(**kw):
 def cond(B, T, N=5, F_=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(B, T, 56, generator=g), torch.randn(B, 4 * T, F_, generator=g),
-            torch.randint(3, 20, (B, N), generator=g), torch.rand(B, N, generator=g) * T)
+            torch.randint(3, 20, (B, N), generator=g), torch.rand(B, N, generator=g) * T,
+            torch.randn(B, 100, generator=g))                          # listener beta
 
 
 def test_differential_and_fusion_shapes():
@@ -182,22 +183,39 @@ def test_differential_and_fusion_shapes():
     assert (d[:, 0] == 0).all() and torch.allclose(d[:, 1:], x[:, 1:] - x[:, :-1])
     model = dd.DiffListener(tiny_cfg(), K=16, n_feat=8, n_words=20, L_max=8)
     for T, N in ((32, 3), (64, 9), (40, 1)):
-        spk, feat, w, e = cond(3, T, N)
+        spk, feat, w, e, b = cond(3, T, N)
         w[0, 1:] = 0                                                   # padded word slots
         R = model.fusion(spk, dd.facial_differential(spk), feat, w, e)
         assert R.shape == (3, T // 4, 32) and torch.isfinite(R).all()   # fuse_stride 4 (default)
     m1 = dd.DiffListener(tiny_cfg(fuse_stride=1), K=16, n_feat=8, n_words=20, L_max=8)
-    spk, feat, w, e = cond(2, 40, 4)
+    spk, feat, w, e, b = cond(2, 40, 4)
     assert m1.fusion(spk, dd.facial_differential(spk), feat, w, e).shape == (2, 40, 32)  # per frame (spec)
     n_full = sum(p.numel() for p in model.parameters())
     for kw in (dict(no_diff=True), dict(no_text=True), dict(no_audio=True)):
         m = dd.DiffListener(tiny_cfg(**kw), K=16, n_feat=8, n_words=20, L_max=8)
-        spk, feat, w, e = cond(2, 32)
-        logits = m(torch.full((2, 4), 16), torch.tensor([5, 100]), m.condition(spk, feat, w, e))
+        spk, feat, w, e, b = cond(2, 32)
+        logits = m(torch.full((2, 4), 16), torch.tensor([5, 100]), m.condition(spk, feat, w, e, b))
         assert logits.shape == (2, 4, 16)                              # no [MASK] logit
         assert sum(p.numel() for p in m.parameters()) < n_full
     m = dd.DiffListener(tiny_cfg(no_text=True), K=16, n_feat=8, n_words=20, L_max=8)
     assert not any("text" in k or "cm2" in k for k, _ in m.named_parameters())
+
+
+def test_identity_conditioning():
+    """beta changes p(x0) only through the identity embedding; identity=False needs no beta and ignores it."""
+    torch.manual_seed(0)
+    m = dd.DiffListener(tiny_cfg(), K=16, n_feat=8, n_words=20, L_max=8).eval()
+    torch.nn.init.normal_(m.blocks[0].n1.lin.weight, std=0.1)                # AdaLN is zero-initialised: wake it
+    spk, feat, w, e, b = cond(2, 32)
+    x_t, t = torch.full((2, 4), 16), torch.tensor([5, 100])
+    kv0, id0 = m.condition(spk, feat, w, e, b)
+    kv1, id1 = m.condition(spk, feat, w, e, b + 1.0)
+    assert all(torch.equal(a[0], c[0]) for a, c in zip(kv0, kv1))    # R^S does not see beta
+    assert not torch.allclose(m(x_t, t, (kv0, id0)), m(x_t, t, (kv1, id1)))
+    with pytest.raises(AssertionError, match="beta"):
+        m.condition(spk, feat, w, e)
+    m0 = dd.DiffListener(tiny_cfg(identity=False), K=16, n_feat=8, n_words=20, L_max=8)
+    assert m0.ident is None and m0.condition(spk, feat, w, e)[1] is None
 
 
 def test_sampler_jump_and_long():
@@ -211,8 +229,8 @@ def test_sampler_jump_and_long():
         assert outs[S].shape == (3, 4) and (outs[S] < 16).all()       # no [MASK] left, never a [MASK] x0
     assert torch.equal(outs[None], outs[100])                          # stride 1 = the full ancestral sampler
     # long: 3 overlapping windows of 4 tokens over 8 tokens, jointly denoised
-    spk, feat, w, e = cond(3, 32)
-    kv = model.condition(spk, feat, w, e)
+    spk, feat, w, e, b = cond(3, 32)
+    kv = model.condition(spk, feat, w, e, b)
     long = model.sample(kv, 8, dd.window_starts(8, 4, 2), 4, 10, 0.86, torch.Generator().manual_seed(0), batch=1)
     assert long.shape == (1, 8) and (long < 16).all()
     assert dd.window_starts(30, 8, 4) == [0, 4, 8, 12, 16, 20, 22] and dd.window_starts(5, 8, 4) == [0]

@@ -186,14 +186,42 @@ def test_denoiser_overfits_one_pair():
 
 def test_generate_determinism_and_diversity():
     m = tiny_model()
+    torch.nn.init.normal_(m.den.last.weight, std=0.1)  # x0-head is zero at init (x0 = mean, no diversity): wake it
     spk = torch.randn(2, 3 * m.cfg.window - 5, 25)                             # T not a multiple of w
-    z1, y1 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3))
-    z2, y2 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3))
-    _, y3 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(4))
+    z1, y1 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3), torch.ones(len(spk), 100))
+    z2, y2 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3), torch.ones(len(spk), 100))
+    _, y3 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(4), torch.ones(len(spk), 100))
     assert y1.shape == (2, 10, spk.shape[1], 25) and z1.shape == (2, 10, 3, m.cfg.latent)
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
     d = (y1[:, :, None] - y1[:, None]).pow(2).mean((-1, -2))                   # (B, K, K) pairwise
     assert (d + torch.eye(10) > 1e-6).all()                                    # all 10 samples differ
+
+
+def test_identity_conditioning():
+    """beta moves eps_theta only when identity is on; identity=False has no beta path at all."""
+    m = tiny_model()
+    torch.nn.init.normal_(m.den.last.weight, std=0.1)                          # eps-hat is 0 at init: wake it
+    x, t, c = torch.randn(2, m.n * m.cfg.latent), torch.tensor([10.0, 500.0]), torch.randn(2, m.n * m.cfg.latent)
+    assert not torch.allclose(m.eps(x, t, c, torch.zeros(2, 100)), m.eps(x, t, c, torch.ones(2, 100)))
+    with pytest.raises(AssertionError, match="beta"):
+        m.eps(x, t, c)
+    m0 = tiny_model(identity=False)
+    assert m0.ident is None and torch.equal(m0.eps(x, t, c), m0.eps(x, t, c, torch.ones(2, 100)))
+
+
+def test_x0_parameterisation_implies_eps():
+    """param = x0: the samplers' eps is the one whose x0-estimate is the net's output; param = eps: the net itself."""
+    for param in ("x0", "eps"):
+        m = tiny_model(param=param)
+        torch.nn.init.normal_(m.den.last.weight, std=0.1)
+        x, c, b = torch.randn(3, m.n * m.cfg.latent), torch.randn(3, m.n * m.cfg.latent), torch.randn(3, 100)
+        t = torch.tensor([1.0, 300.0, 1000.0])
+        out, e = m.net(x, t, c, b), m.eps(x, t, c, b)
+        if param == "eps":
+            assert torch.equal(out, e)
+        else:
+            a = m.abar[t.long()].float()[:, None]
+            assert torch.allclose(ld.predict_x0(x, e, a), out, atol=1e-4)
 
 
 def test_long_sequence_outpainting_keeps_overlap():
@@ -202,7 +230,7 @@ def test_long_sequence_outpainting_keeps_overlap():
     assert ld.chunk_starts(7, 3, 1) == [0, 2, 4]
     assert ld.chunk_starts(6, 3, 1) == [0, 2, 3]
     spk = torch.randn(1, 7 * w, 25)                                            # 7 windows > n = 3
-    z, y = m.generate(spk, 2, 4, 10, torch.Generator().manual_seed(0))
+    z, y = m.generate(spk, 2, 4, 10, torch.Generator().manual_seed(0), torch.ones(len(spk), 100))
     assert z.shape == (1, 2, 7, m.cfg.latent) and y.shape == (1, 2, 7 * w, 25) and torch.isfinite(y).all()
     # a chunk decoded alone agrees with the cross-faded sequence away from the fades
     z0 = z[0, :1]
