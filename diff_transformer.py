@@ -27,8 +27,8 @@ Measured (default preset, 3000 steps x 16; synthetic test, 8 styles): LVE 0.0111
 rules bound what any model can reach: alt-GT (the same speech and true style, other blinks / head sway / drift: a
 perfect sampler) scores 0.0079, the speech-driven part alone (an L2 optimum with the true style) 0.0041 = 35 % of
 static, so the issue's 20 % target is out of reach by construction. LVE is an L2 metric: a sampler pays the
-unpredictable part twice, a regressor (AR) or a mean of samples once. 10 s of speech: DDIM-50 0.29 s vs AR 0.93 s
-(3.2x) on 2 idle CPU threads.
+unpredictable part twice, a regressor (AR) or a mean of samples once. 10 s of speech: DDIM-50 0.29-0.31 s vs AR
+0.93-1.01 s (3.2-3.3x) on 2 idle CPU threads (two measurements an hour apart).
 """
 import argparse
 import inspect

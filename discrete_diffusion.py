@@ -31,7 +31,7 @@ Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index 
 F audio features (4 rows per frame), N words, W windows, d model width.
 
     python discrete_diffusion.py --preset smoke              # seconds: tiny world, tiny model
-    python train.py --model discrete_diffusion               # default: 3000 steps, 9-11 min on a 2-core CPU
+    python train.py --model discrete_diffusion               # default: 3000 steps, 6.4 min on an idle 2-core CPU
                                                              # (needs runs/vqvae_naive/ckpt.pt); test FD 0.468
                                                              # vs random walk 0.896, alt-GT 0.229; 0.13 s per 8 s
     python sample.py --model discrete_diffusion              # metrics table, npy + GIF + PNG, timings

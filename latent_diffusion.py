@@ -29,7 +29,7 @@ Shapes: B batch, K samples per speaker, T frames, L = n*w frames of a chunk, n w
   v latent dims per window, D attribute dims (25), F 3DMM dims (56 synthetic, 58 REACT).
 
     python latent_diffusion.py --preset smoke            # ~30 s on a CPU, tiny world
-    python train.py --model latent_diffusion             # default: synthetic world, 3.1 min on 2 CPU cores
+    python train.py --model latent_diffusion             # default: synthetic world, 3.5 min on 2 CPU cores
                                                          # (evaluation with the PLMS grid: ~9 min)
     python sample.py --model latent_diffusion            # 10 samples per test speaker, REACT table + PLMS grid
 """
@@ -522,7 +522,7 @@ def train(cfg):
     Nw = max(n, T_seg // w)                                                     # windows kept per train segment
     ya, ca = stack(items, "listener_attr", Nw * w), stack(items, "speaker_attr", Nw * w)  # (M, Nw*w, D)
     ym = stack(items, "listener", Nw * w)                                       # (M, Nw*w, F)
-    betas = torch.stack([torch.as_tensor(np.asarray(it["listener_beta"]), dtype=torch.float32) for it in items])
+    betas = betas_of(items)                                                     # (M, D_id)
     D, Fd, fps = ya.shape[-1], ym.shape[-1], int(items[0]["fps"])
     print(f"device {device} | data {path} | {len(items)} train segments, T={T_seg}, fps={fps}, D={D}, F={Fd}")
     print(f"chunk: n={n} windows x w={w} frames = {L} frames; latent {n}x{cfg.latent}={n * cfg.latent} dims")
