@@ -706,8 +706,7 @@ def talking_styles(seed=0):
 
 def _talking_sentence(subj, st, k, cfg, seed):
     """The syllables of sentence k of a subject: (rng positioned for _synth then _speaker_face, sylls, seconds)."""
-    split = "train" if subj in TRAIN_SUBJECTS else "other"
-    rng = np.random.default_rng([seed, 4, TRAIN_SUBJECTS.index(subj) if split == "train" else 99, k,
+    rng = np.random.default_rng([seed, 4, TRAIN_SUBJECTS.index(subj) if subj in TRAIN_SUBJECTS else 99, k,
                                  len(subj), sum(map(ord, subj))])
     dur = rng.uniform(*cfg["sent_dur"])
     sylls, _, _ = _speak(rng, lambda t: NEUTRAL_WORDS[rng.integers(len(NEUTRAL_WORDS))], st["voice"],

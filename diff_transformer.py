@@ -466,9 +466,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 @torch.no_grad()
-def generate(model, feats, lens, style, seed=1234, ddim_steps=50, legacy=False, scale=1.0):
-    """Normalised motion for a batch of audio: DDIM (all frames in parallel) or AR decoding: (B, T, D).
-    scale tau: x_T ~ N(0, tau^2 I); tau = 0 starts DDIM at x_T = 0, whose first x0-estimate is E[x0 | audio, style]."""
+def generate(model, feats, lens, style, seed=1234, ddim_steps=50, legacy=False):
+    """Normalised motion for a batch of audio: DDIM (all frames in parallel) or AR decoding: (B, T, D)."""
     model.eval()
     mem = model.encode(feats, lens)  # (B, T, d), computed once for all DDIM steps
     style = style.to(mem.device)
@@ -478,7 +477,7 @@ def generate(model, feats, lens, style, seed=1234, ddim_steps=50, legacy=False, 
     pad = (torch.arange(T)[None] >= torch.tensor(lens)[:, None])  # (B, T)
     masks = model.masks(T, pad)
     g = torch.Generator().manual_seed(seed)
-    x = scale * torch.randn(B, T, model.head.out_features, generator=g).to(mem.device)  # x_T
+    x = torch.randn(B, T, model.head.out_features, generator=g).to(mem.device)  # x_T
     abar = scaled_linear_abar(zero_snr=model.cfg.zero_snr)
     net = lambda x_t, tau: model(x_t, torch.full((B,), tau, device=mem.device), mem, style, masks)
     return ddim_sample(net, x, abar, ddim_steps, legacy)
@@ -582,7 +581,7 @@ def train(cfg):
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling and evaluation
 
-def evaluate_model(model, ck, items, cfg, n_style, scale=1.0, mean_of=1):
+def evaluate_model(model, ck, items, cfg, n_style, mean_of=1):
     """LVE / FDD / |FDD| / MVE of unseen test subjects, averaged over every training style and repetition.
     mean_of > 1 scores the mean of that many samples (seeds seed..seed+n-1): an estimate of E[motion | speech]."""
     import metrics
@@ -593,7 +592,7 @@ def evaluate_model(model, ck, items, cfg, n_style, scale=1.0, mean_of=1):
     for seed in seeds:
         for s in range(n_style):
             x = torch.stack([generate(model, feats, lens, torch.full((len(items),), s), seed + j, cfg.ddim_steps,
-                                      cfg.ddim_legacy, scale).cpu() for j in range(mean_of)]).mean(0)
+                                      cfg.ddim_legacy).cpu() for j in range(mean_of)]).mean(0)
             preds = [to_vertices(x[k, :n].numpy(), ck["sigma"], tm, cfg.smooth) for k, (n, tm) in enumerate(zip(lens, tmpls))]
             rows.append(metrics.face_metrics(preds, gts, tmpls, lip, upper))
     res = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
