@@ -86,7 +86,8 @@ class Config:
     time_mask_p: float = 0.05  # SpecAugment-like time masking: start probability per audio row
     time_mask_span: int = 10  # rows per time mask
     grad_clip: float = 1.0  # gradient-norm clip
-    eval_every: int = 1000  # steps between val evaluations and checkpoints
+    eval_every: int = 500  # steps between val evaluations and checkpoints
+    keep_best: bool = True  # sample from the weights of the lowest val LVE (val LVE rose after ~1/3 of training)
     ablations: str = "ar,plain"  # runs trained after the model under <out>/<name>: ar,plain,nobias,nodiag,add
     ddim_steps: int = 50  # DDIM sampling steps
     ddim_legacy: bool = False  # diffusers-0.11 sampler of the released code (x0 as direction, alpha_final = abar_0)
@@ -456,12 +457,12 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Rebuild a model from the checkpoint alone: (model in eval mode, ckpt dict)."""
+def load_checkpoint(path, device="cpu", last=False):
+    """Rebuild a model from the checkpoint alone: (model in eval mode, ckpt dict); the best-val weights unless last."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = Config(**ck["config"])
+    cfg = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in fields(Config)}})
     model = TalkingTransformer(cfg, ck["D"], ck["n_style"])
-    model.load_state_dict(ck["model"])
+    model.load_state_dict(ck["model"] if last or "best" not in ck else ck["best"]["model"])
     return model.to(device).eval(), ck
 
 
@@ -488,9 +489,9 @@ def generate(model, feats, lens, style, seed=1234, ddim_steps=50, legacy=False):
 
 @torch.no_grad()
 def quick_val(model, items, sigma, cfg, lip_idx, upper_idx):
-    """Val MSE (normalised) and LVE/FDD on up to 8 val clips, styles cycled (unseen subjects)."""
+    """Val MSE (normalised) and LVE/FDD on up to 16 val clips, styles cycled (unseen subjects)."""
     import metrics
-    items = items[:8]
+    items = items[:16]
     n_style = model.style.num_embeddings
     x = generate(model, [it["feats"] for it in items], [len(it["disp"]) for it in items],
                  torch.arange(len(items)) % n_style, ddim_steps=cfg.ddim_steps, legacy=cfg.ddim_legacy).cpu()
@@ -517,11 +518,11 @@ def train(cfg):
     D = train_items[0]["disp"].shape[1]
     model = TalkingTransformer(cfg, D, n_style).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    step, hist = 0, {}
+    step, hist, best = 0, {}, None  # best: {"step", "lve", "model"} of the lowest val LVE so far
     if cfg.resume and (out / "ckpt.pt").exists():
         ck = torch.load(out / "ckpt.pt", map_location=device, weights_only=False)
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        step, hist = ck["step"], ck["metrics"]
+        step, hist, best = ck["step"], ck["metrics"], ck.get("best")
         print(f"resumed from step {step}")
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, D = {D}, sigma = {sigma:.4g}, "
           f"{len(train_items)} train clips, {n_style} styles")
@@ -532,7 +533,7 @@ def train(cfg):
 
     def checkpoint():
         save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
-                     "metrics": hist, "sigma": sigma, "D": D, "n_style": n_style, "templates": templates,
+                     "metrics": hist, **({"best": best} if cfg.keep_best and best else {}), "sigma": sigma, "D": D, "n_style": n_style, "templates": templates,
                      "lip_idx": lip_idx, "upper_idx": upper_idx}, out / "ckpt.pt")
 
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch}", dynamic_ncols=True, mininterval=2)
@@ -567,8 +568,10 @@ def train(cfg):
         if step % cfg.eval_every == 0 or step == cfg.steps:
             v = quick_val(model, val_items, sigma, cfg, lip_idx, upper_idx)
             hist.setdefault("val", []).append({"step": step, **v})
+            if best is None or v["lve"] < best["lve"]:
+                best = {"step": step, "lve": v["lve"], "model": {k: x.detach().cpu().clone() for k, x in model.state_dict().items()}}
             tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-50:]):.4f} | " +
-                       " | ".join(f"{k} {x:.4g}" for k, x in v.items()))
+                       " | ".join(f"{k} {x:.4g}" for k, x in v.items()) + f" | best step {best['step']}")
             checkpoint()
     bar.close()
     for name in filter(None, cfg.ablations.split(",")):  # the AR baseline and the ablations, same data
@@ -665,7 +668,8 @@ def sample(cfg, explicit):
     for row, (m, c) in jobs:
         t0 = time.time()
         rows[row] = evaluate_model(m, c, items, cfg, n_style, mean_of=cfg.mean_of if row.startswith("model:") else 1)
-        print(f"{row}: evaluated {len(items)} clips x {n_style} styles x {cfg.reps} reps in {time.time() - t0:.1f} s")
+        print(f"{row}: weights of step {c.get('best', c)['step']} of {c['step']}; evaluated {len(items)} clips x "
+              f"{n_style} styles x {cfg.reps} reps in {time.time() - t0:.1f} s")
     # speed for 10 s of speech, batch 1: parallel DDIM vs frame-by-frame AR (an untrained AR if none was trained)
     f10, T10 = speech_feats(items, 10.0, mcfg.n_mfcc)
     ar = runs.get("baseline:autoregressive", (TalkingTransformer(replace(mcfg, arch="ar"), ck["D"], n_style).to(device).eval(),))[0]

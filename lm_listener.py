@@ -74,6 +74,7 @@ class Config:
     eval_every: int = 500             # steps between val evaluations / checkpoints
     n_eval_decode: int = 64           # val windows decoded greedily at each evaluation
     top_p: float = 0.0                # > 0: nucleus sampling of LR tokens instead of greedy
+    nucleus: float = 0.9              # sample mode: also score nucleus decoding at this top-p (rows *:nucleus_P; 0 = off)
     max_eval: int = 0                 # cap on test windows in sample mode (0 = all)
     ablations: bool = False           # train mode: also train the Tab. 3/4 ablation models
     stream: bool = False              # sample mode: streaming decode, frame by frame, with latency per token
@@ -683,11 +684,16 @@ def sample(cfg, given):
         walk = metrics.baseline_random_walk_codes(codes.numpy(), len(wins), G, vq_b.K, seed=cfg.seed)
         rows[f"baseline:random_walk_{name}"] = score(decode_motion(vq_b, torch.as_tensor(walk), betas))
     rows["model"] = score(preds)
+    extra = [cfg.nucleus] if cfg.nucleus > 0 and tcfg.top_p <= 0 else []  # greedy collapses variation: sample too
+    for p in extra:
+        rows[f"model:nucleus_{p:g}"] = score(predict(model, V, te, wins, vq, tcfg, mods, p)[0])
     for ab in sorted((ckpt.parent / "ablations").glob("*/ckpt.pt")):
         m_a, V_a, km_a, c_a = load_model(ab)
         c_a.seed, vq_a = cfg.seed, get_vq(c_a.vq, c_a)
         te_a = prepare(te_items, V_a, km_a, vq_tokens(vq_a, te_items), feats)
-        rows[f"ablation:{ab.parent.name}"] = score(predict(m_a, V_a, te_a, wins, vq_a, c_a, c_a.modalities.split("+"))[0])
+        for p in [tcfg.top_p] + extra:  # each ablation decoded like the model rows
+            rows[f"ablation:{ab.parent.name}" + (f":nucleus_{p:g}" if p in extra else "")] = score(
+                predict(m_a, V_a, te_a, wins, vq_a, c_a, c_a.modalities.split("+"), p)[0])
     (out / "samples").mkdir(parents=True, exist_ok=True)
     np.save(out / "samples" / "pred.npy", np.stack(preds[:16]))
     np.save(out / "samples" / "tokens.npy", toks.numpy())

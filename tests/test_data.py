@@ -277,8 +277,9 @@ def test_vocaset_reader_real_60fps_and_synthetic(tmp_path, tiny_world):
 
 
 def test_talking_references_bracket_the_gt(tiny_world):
-    """alt-GT re-draws only the unpredictable parts; speech_only drops them, so on the lips it beats both the static
-    template and alt-GT (an L2 optimum: default world 0.0041 vs 0.0116 / 0.0079); alt differs from GT."""
+    """alt-GT re-draws only the unpredictable parts; speech_only drops them. The clips are unposed (no head sway), so
+    both nearly match the GT lips (default world LVE 1e-5 / 2e-5 vs the static template's 0.0049); alt differs from
+    GT (blinks, drift), and putting the head sway back puts the static-sized error back."""
     import metrics
     items = data.load_talking(tiny_world, "test")
     refs = [data.talking_references(tiny_world / "vocaset", it["name"]) for it in items]
@@ -287,8 +288,12 @@ def test_talking_references_bracket_the_gt(tiny_world):
     assert all(r["alt"].shape == g.shape == r["speech_only"].shape for r, g in zip(refs, gts))
     lve = {k: metrics.lip_vertex_error([r[k] for r in refs], gts, lip) for k in ("alt", "speech_only")}
     static = metrics.lip_vertex_error([np.repeat(it["template"][None], len(it["vertices"]), 0) for it in items], gts, lip)
-    assert 0 < lve["speech_only"] < min(lve["alt"], static) and lve["speech_only"] < 0.5 * static
+    assert 0 < lve["speech_only"] < 0.05 * static and 0 < lve["alt"] < 0.05 * static
     assert not np.allclose(refs[0]["alt"], gts[0])
+    m = np.zeros((5, data.MOTION_DIM), np.float32)
+    m[:, data.HEAD], m[:, data.JAW_PITCH] = 0.1, 0.2
+    u = data.unposed(m)
+    assert (u[:, data.HEAD] == 0).all() and (u[:, data.JAW_PITCH] == 0.2).all() and (m[:, data.HEAD] == 0.1).all()
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def test_determinism():
 def smoke_run(tiny_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("dt")
     r = subprocess.run([sys.executable, "train.py", "--model", "diff_transformer", "--preset", "smoke",
-                        "--data", str(tiny_world), "--out", str(out), "--steps", "30", "--eval-every", "30", "--threads", "1"],
+                        "--data", str(tiny_world), "--out", str(out), "--steps", "30", "--eval-every", "15", "--threads", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -251,6 +251,16 @@ def test_cli_train_then_sample(smoke_run):
     assert np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
     model, _ = dt.load_checkpoint(out / "ckpt.pt")  # rebuilt from the checkpoint alone, with its stats
     assert ck["sigma"] > 0 and model.head.out_features == ck["D"]
+    # keep_best: the weights of the lowest val LVE travel in the checkpoint and are what load_checkpoint returns
+    val = ck["metrics"]["val"]
+    assert [v["step"] for v in val] == [15, 30] and ck["best"]["lve"] == min(v["lve"] for v in val)
+    assert ck["best"]["step"] == min(val, key=lambda v: v["lve"])["step"]
+    w = next(iter(ck["best"]["model"]))
+    assert torch.equal(model.state_dict()[w], ck["best"]["model"][w])
+    ck["best"]["model"] = {k: v + 1 for k, v in ck["best"]["model"].items()}
+    torch.save(ck, out / "edited.pt")
+    assert torch.equal(dt.load_checkpoint(out / "edited.pt")[0].state_dict()[w], ck["best"]["model"][w])
+    assert torch.equal(dt.load_checkpoint(out / "edited.pt", last=True)[0].state_dict()[w], ck["model"][w])
     r = subprocess.run([sys.executable, "sample.py", "--model", "diff_transformer", "--ckpt", str(out / "ckpt.pt"),
                         "--ddim-steps", "5", "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -156,6 +156,17 @@ def test_kv_cache_equals_uncached_and_greedy_consistency(V):
         assert model.lr_head(h[lr_in]).argmax(-1).tolist() == toks
 
 
+def test_nucleus_pick_keeps_the_top_p_head():
+    """p = (0.5, 0.3, 0.15, 0.05): top-p 0.7 samples only from {0, 1} (the smallest set reaching 0.7), in about a
+    5 : 3 ratio; top-p 0 is greedy."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    gen = torch.Generator().manual_seed(0)
+    draws = [L.pick(logits, 0.7, gen) for _ in range(2000)]
+    assert set(draws) == {0, 1} and abs(draws.count(0) / 2000 - 0.625) < 0.04
+    assert set(L.pick(logits, 0.99, gen) for _ in range(500)) == {0, 1, 2, 3}
+    assert L.pick(logits, 0.0) == 0 and L.pick(logits, 0.4, gen) == 0
+
+
 def _train_steps(V, clips, steps, seed, stage=2, lr=3e-3):
     torch.manual_seed(seed)
     model = L.GPT(V.size, V.v_lr, tiny_cfg(dropout=0.1 if steps <= 10 else 0.0))
@@ -247,6 +258,7 @@ def test_cli_train_then_sample_stream(tiny_world, tiny_vq, tiny_vq_naive, tmp_pa
                 "baseline:random_walk_naive", "baseline:random_walk_identity", "model"]:
         assert np.isfinite(rows[row]["mse/all"]), row
     assert rows["GT"]["mse/all"] == 0 and rows["model"]["stream_ms_median"] > 0
+    assert np.isfinite(rows["model:nucleus_0.9"]["fd/all"])  # greedy by default, nucleus scored beside it
     assert "windows equal to offline decoding" in r.stdout
     pred = np.load(out / "samples" / "pred.npy")
     assert pred.shape[1:] == (64, 56) and (out / "samples" / "sample.gif").exists()
