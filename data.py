@@ -719,7 +719,9 @@ def talking_references(path, name):
     """Synthetic world only: reference faces for the talking clip `name` ("<subject>_sentence<k>") from the hidden
     rules. -> {"alt": (T, V, 3) the same speech and style with another seed for the unpredictable parts (blinks,
     expression drift): what a perfect sampler scores; "speech_only": the speech-driven part alone (no blinks or
-    drift) with the subject's true style: near the best an L2 predictor can do}. None on real data."""
+    drift) with the subject's true style: near the best an L2 predictor can do; "train_styles": (8, T, V, 3) the
+    speech-driven part under each training style (ids 0..7) on this subject's template: a perfect style-conditioned
+    model under the protocol that averages over the training styles}. None on real data."""
     path = Path(path)
     root = path.parent if (path / "wav").is_dir() else path
     meta_f = root / "meta.json"
@@ -729,12 +731,14 @@ def talking_references(path, name):
     if "seed" not in meta or meta.get("version") != VERSION:
         return None
     subj, k = re.fullmatch(r"(.+)_sentence(\d+)", name).groups()
-    cfg, st = PRESETS[meta["preset"]], talking_styles(meta["seed"])[subj]
+    cfg, styles = PRESETS[meta["preset"]], talking_styles(meta["seed"])
+    st = styles[subj]
     rng, sylls, dur = _talking_sentence(subj, st, int(k), cfg, meta["seed"])
     face, T = _face(), int(round(dur * FPS))
     alt = unposed(_speaker_face(np.random.default_rng([meta["seed"], 5, int(k), sum(map(ord, subj))]), sylls, T, st))
-    quiet = unposed(_speaker_face(np.random.default_rng(0), sylls, T, st, noise=False))
-    return {"alt": face.vertices(alt, st["beta"]), "speech_only": face.vertices(quiet, st["beta"])}
+    quiet = [unposed(_speaker_face(None, sylls, T, s, noise=False)) for s in [st] + [styles[x] for x in TRAIN_SUBJECTS]]
+    return {"alt": face.vertices(alt, st["beta"]), "speech_only": face.vertices(quiet[0], st["beta"]),
+            "train_styles": np.stack([face.vertices(q, st["beta"]) for q in quiet[1:]])}
 
 
 def unposed(m):

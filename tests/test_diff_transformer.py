@@ -269,7 +269,7 @@ def test_cli_train_then_sample(smoke_run):
         assert row in rows and np.isfinite(rows[row]["lve"]), row
     assert rows["GT"]["lve"] == 0 and rows["model"]["ms_per_10s"] > 0
     # the hidden-rule references of the synthetic world, and the mean-of-samples row
-    assert 0 < rows["oracle:speech_only"]["lve"] < rows["baseline:static_template"]["lve"]
+    assert 0 < rows["oracle:speech_only"]["lve"] < rows["oracle:speech_only_train_styles"]["lve"] < rows["baseline:static_template"]["lve"]
     assert rows["alt-GT"]["lve"] > 0 and any(r.startswith("model:mean_of_") for r in rows)
     assert list(out.glob("*.gif")) and list(out.glob("*.npy")) and list(out.glob("*.png"))
 
