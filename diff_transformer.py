@@ -17,18 +17,16 @@ V vertices, H heads, C condition tokens (2, or 0 for --cond add / --arch ar), S 
 
     python diff_transformer.py --preset smoke                     # ~10 s, tiny world
     python train.py --model diff_transformer                      # default: model + AR + plain-attention runs,
-                                                                  # 6.4 + 5.5 + 6.4 min on 2 idle cores
+                                                                  # 5.0 + 4.7 + 5.3 min on 2 idle cores
     python sample.py --model diff_transformer                     # test split: LVE/FDD/MVE table, speed, GIFs
     python sample.py --model diff_transformer --audio speech.wav --style 3   # animate any wav
     python diff_transformer.py --ablations ar,plain,nobias,nodiag,add        # every ablation of spec section 7
     python sample.py --model diff_transformer --bench             # ms per sequence, T in {100, 300, 600}
-Measured (default preset, 3000 steps x 16; synthetic test, 8 styles): LVE 0.0111 for one sample vs static template
-0.0116 and AR 0.0093; the mean of 4 samples (`--mean-of`, row model:mean_of_4) 0.0081, below AR. The world's hidden
-rules bound what any model can reach: alt-GT (the same speech and true style, other blinks / head sway / drift: a
-perfect sampler) scores 0.0079, the speech-driven part alone (an L2 optimum with the true style) 0.0041 = 35 % of
-static, so the issue's 20 % target is out of reach by construction. LVE is an L2 metric: a sampler pays the
-unpredictable part twice, a regressor (AR) or a mean of samples once. 10 s of speech: DDIM-50 0.29-0.31 s vs AR
-0.93-1.01 s (3.2-3.3x) on 2 idle CPU threads (two measurements an hour apart).
+Measured (default preset, 3000 steps x 16, best-val weights; synthetic test, unposed like VOCASET, 8 styles): LVE
+0.00106 for one sample = 22 % of the static template's 0.00481, AR 0.00117 (24 %), plain attention 0.00359. The
+hidden rules bound the protocol: the speech-driven face under each *training* style (a perfect style-conditioned
+model, row oracle:speech_only_train_styles) scores 0.00083 = 17 %; with the subject's true style 1.4e-5. 10 s of
+speech: DDIM-50 0.25-0.29 s vs AR 0.85-0.95 s (3.1-3.4x) on 2 idle CPU threads.
 """
 import argparse
 import inspect

@@ -18,10 +18,11 @@ Shapes: B batch, T frames (30 fps), G = T/r groups, N sequence length, D model w
 
     python lm_listener.py --preset smoke            # seconds: tiny world, tiny GPT
     python train.py --model lm_listener             # default: 4x128 GPT, 1000 + 1200 steps (11.7 min on 2 idle
-                                                    # cores; test FD 0.467 vs identity random walk 0.462, alt-GT
-                                                    # 0.229; 1500 + 1500 steps: 18.6 min, FD 0.462)
-    python sample.py --model lm_listener [--stream] # Table 1 rows (+ ablations), GIF/PNG, streaming latency
-    python train.py --model lm_listener --ablations # also trains Tab. 3/4 ablations into runs/lm_listener/ablations
+                                                    # cores; test FD 0.467 greedy, 0.444 nucleus p = 0.9, vs
+                                                    # identity random walk 0.462, alt-GT 0.229)
+    python sample.py --model lm_listener [--stream] # Table 1 rows (+ nucleus, + ablations), GIF/PNG, latency
+    python train.py --model lm_listener --ablations # also trains the Tab. 3/4 ablations (30 min) into
+                                                    # runs/lm_listener/ablations; sample mode scores them
 """
 import argparse
 import dataclasses
