@@ -279,7 +279,7 @@ def test_vocaset_reader_real_60fps_and_synthetic(tmp_path, tiny_world):
 def test_talking_references_bracket_the_gt(tiny_world):
     """alt-GT re-draws only the unpredictable parts; speech_only drops them. The clips are unposed (no head sway), so
     both nearly match the GT lips (default world LVE 1e-5 / 2e-5 vs the static template's 0.0049); alt differs from
-    GT (blinks, drift), and putting the head sway back puts the static-sized error back."""
+    GT (blinks, drift); unposed() zeroes the head rotation only."""
     import metrics
     items = data.load_talking(tiny_world, "test")
     refs = [data.talking_references(tiny_world / "vocaset", it["name"]) for it in items]
