@@ -177,7 +177,7 @@ def _train_steps(V, clips, steps, seed, stage=2, lr=3e-3):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return model.eval(), seqs, float(loss)
+    return model.eval(), seqs, loss.item()
 
 
 def test_stage2_loss_only_on_lr_positions(V):
