@@ -650,6 +650,8 @@ def speech_feats(items, seconds, n_mfcc):
 def sample(cfg, explicit):
     device = pick_device(cfg.device)
     ckpt = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
+    if not ckpt.exists():
+        sys.exit(f"error: no checkpoint at {ckpt}; train first (python train.py --model diff_transformer) or pass --ckpt")
     model, ck = load_checkpoint(ckpt, device)
     mcfg = model.cfg
     path = cfg.data if "data" in explicit else mcfg.data

@@ -305,3 +305,8 @@ def test_any_wav_gives_audio_length_frames(smoke_run, tmp_path, rate, channels, 
              "--ddim-steps", "3"], mode="sample")
     v = np.load(tmp_path / f"speech_{rate}_style2.npy")
     assert v.shape[0] == int(seconds * 30) and np.isfinite(v).all() and (tmp_path / f"speech_{rate}_style2.gif").exists()
+
+
+def test_sample_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint at .*ckpt.pt; train first"):
+        dt.main(["--out", str(tmp_path)], mode="sample")
