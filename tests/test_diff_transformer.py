@@ -234,7 +234,7 @@ def test_determinism():
 
 def test_ema_update_hand_values():
     """d = min(decay, (1 + step) / (10 + step)): step 0 -> d = 0.1, so ema = 0.1 * 2 + 0.9 * 4 = 3.8; late steps use
-    the decay itself: 0.9 * 3.8 + 0.1 * 0 = 3.42. Buffers and the live model are untouched."""
+    the decay itself: 0.9 * 3.8 + 0.1 * 0 = 3.42. The live model is untouched."""
     model, ema = nn.Linear(1, 1), nn.Linear(1, 1)
     for m, v in ((model, 4.0), (ema, 2.0)):
         nn.init.constant_(m.weight, v), nn.init.constant_(m.bias, v)
