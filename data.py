@@ -110,6 +110,7 @@ Pictures
     render_vertices_gif(path, vertices: list[(T, V, 3)], titles, fps=FPS) -> Path
     plot_channels(path, series: dict[str, (T, D)], channels=None, fps=FPS) -> Path (PNG)
 """
+import argparse
 import json
 import os
 import re
@@ -123,6 +124,24 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors of the user's making
+
+
+class UserError(Exception):
+    """A user's mistake (a missing or malformed file, a bad flag, another method's checkpoint, no such device).
+    Every command-line entry point prints it as one line `error: <message>` and exits with status 2; any other
+    exception is a bug of ours and keeps its traceback."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage and exiting, so bad flags read like every other
+    user error (`error: ...`, exit status 2)."""
+
+    def error(self, message):
+        raise UserError(f"{message} (try --help)")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Constants
