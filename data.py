@@ -1,117 +1,42 @@
-"""data.py: the synthetic conversation world, the tiny face model, audio features, and the dataset readers.
+"""data.py: the dataset readers, audio features and pictures every method shares, and a synthetic world to test them.
 
-The real datasets (Learning2Listen / LM-Listener segments, REACT2024, VOCASET) need licences and days of
-compute, so this file builds a small deterministic **world of two-person conversations with known hidden
-rules**, writes it to disk in the *real* formats, and reads it back with the readers that read the real data.
+The real datasets (Learning2Listen, LM-Listener segments, REACT, VOCASET) need licences and days of compute, so
+the second half of this file builds a small deterministic world of two-person conversations with known hidden
+rules and writes it to disk in the real layouts; the first half reads real data and the world alike.
 
-The world (`python data.py` makes data/world in well under a minute; `preset="tiny"` makes a test world in ~1 s)
-    FaceModel  ~300-vertex ellipsoid face + lip/eye/brow curves. motion frame = [exp 50 | head rot 3 | jaw 3].
-               exp 0..9 are semantic: jaw-open, lip-spread, lip-round, lip-press, smile, open-mouth smile,
-               frown, brow-raise, brow-furrow, blink; 10..49 are small smooth random fields. beta (100) = shape.
-               Readouts (fixed maps of a frame): valence, arousal, 15 binary AUs, 8 emotion probabilities.
-    Speaker    8 voices. Speech = words of fixed syllable spellings (consonant + vowel), synthesised by a
-               wavetable source-filter (F0 harmonics through 3 formants, noise bursts for consonants); word end
-               times are exact. Prosody follows emotion episodes (happy: high lively F0, sad: low slow, angry:
-               loud); stressed syllables are louder, a few syllables are suddenly very loud. The speaker's face
-               moves its jaw/lips with the syllables, shows the episode's emotion, nods on stress, blinks.
-    Listener   hidden social rules reading only the speaker's past:
-               1 back-channel nod after a pause >= 250 ms (identity probability, onset 150-400 ms, 2 Hz damped);
-               2 amusement: a humour word said by a *happy, lively* speaker -> smile (or open-mouth laugh with a
-                 head bob) 0.3-0.6 s later; the same words said flat (sarcasm) get nothing;
-               3 contagion: listener smile/frown follows the speaker's valence 1-2 s later;
-               4 surprise: a very loud syllable -> brow raise ~200 ms later;
-               5 idle life: blinks, head sway, drift on exp 10..49;
-               6 identity style from beta: resting offset, gain, nod/smile preference, closed/open smile, lag;
-               7 synchrony: every response is timed to a speaker event.
-               Re-simulating with other seeds gives K_ALT = 10 alternative appropriate reactions (val/test).
-    Cast       8 speakers, 6 train listeners (ids 0..5), one unseen listener (id 6) only in the test split.
-    Talking    VOCASET-shaped: 12 subjects (8 train with style ids 0..7, 2 val, 2 test), each with a speaking
-               style (jaw gain, lip rounding, co-articulation smoothness, brow raises on stress, blinks);
-               unposed like VOCASET's training meshes (no global head rotation; the jaw still rotates).
+Listener item (load_listener; every layout gives the same keys)
+    name str unique "<video>:<start>-<end>" | fps int | start_frame int (in the source video)
+    listener, speaker      (T, D) float32 raw motion: D = 56 = exp 50 | head rot 3 | jaw 3 (58 for REACT 3DMM)
+    listener_beta, speaker_beta (100,) float32 identity shape (zeros when the dataset has none)
+    listener_id            int: -1 unknown; in the world 0..5 train listeners, 6 the unseen test listener
+    listener_attr, speaker_attr (T, 25) float32: 15 binary AUs | valence, arousal | 8 emotion probabilities
+    audio (S,) float32 speaker waveform at SR for these frames, or None | audio_rows (4T, F) L2L MFCC rows, or None
+    words                  [(text, end_seconds)] relative to the segment start; negative = the 3 s of history
+    alt_listener (K, T, D), alt_listener_attr (K, T, 25) float32: alternative appropriate reactions, or None
+Talking item (load_talking): name, subject, style (0..7 train subjects, else -1), audio (S,) at SR,
+    vertices (T, V, 3) at FPS, template (V, 3), fps.
 
-On-disk formats (writers and readers here; every reader returns the same items)
-    segments  segments_{split}.pth: list of dicts fname, split_start_frame, split_end_frame, p0_exp (T,50),
-              p0_pose (T,6), p0_shape (1 or T,100), p1_* (p0 = listener, p1 = speaker), before_words /
-              during_words [{text, end}] with `end` in seconds relative to the segment start, and our optional
-              p0_attr/p1_attr (T,25), listener_id, alt_listener (K,T,56; float16 on disk). Overlapping
-              segments are row-views of one tensor per conversation, so torch.save stores each frame once.
-              Plus mean.npy/std.npy (train listener stats) and wav/<fname>.wav (speaker audio, 16 kHz).
-    l2l       <path>/<split>/p{0,1}_list_faces_clean_deca.npy (N,64,184; first 56 used) paired with the other
-              person's p{1,0}_speak_{faces,audio,files}_clean_deca.npy (audio rows (N,256,128), files (N,64,3)).
-    react     <path>/<split>/{Emotion,3D_FV_files,Audio_files}/<site>/<session>/<person>/<clip>.{csv,npy,wav};
-              both people of a session are listener once, the partner speaker. 25 fps unless react_meta.json.
-    vocaset   wav/<subj>_sentenceXX.wav, vertices_npy/<subj>_sentenceXX.npy (T, V*3), templates.pkl,
-              regions.npz (lip_idx, upper_idx). Real VOCASET is 60 fps: the reader detects it and keeps [::2].
-
-API CONTRACT (every method file codes against these names)
-
-Constants
-    FPS = 30, SR = 16000, EXP_DIM = 50, POSE_DIM = 6, MOTION_DIM = 56, BETA_DIM = 100, ATTR_DIM = 25
-    EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt")
-    EXP = slice(0, 50), POSE = slice(50, 56), HEAD = slice(50, 53), JAW = slice(53, 56)
-    SEGMENT_FRAMES = 240, K_ALT = 10
-    DATA_ROOT = <repo>/data
-
-World generation (cached; prints what it made and how long it took)
-    generate_world(root=None, preset="default"|"tiny", seed=0, force=False) -> Path
-        root defaults to DATA_ROOT/"world" (default) or DATA_ROOT/"tiny" (tiny). Writes
-        root/listener/ (segments format: segments_{train,val,test}.pth, mean.npy, std.npy, wav/<fname>.wav)
-        root/vocaset/  (VOCASET layout: wav/, vertices_npy/, templates.pkl, regions.npz)
-    resolve_data(path: str | None, kind: "listener"|"talking", preset="default") -> Path
-        "" / None -> generate_world(preset=...) and return its listener/ or vocaset/ folder; a world root
-        (with listener/ and vocaset/) -> the sub-folder of that kind; anything else -> path itself.
-        preset "smoke" maps to the tiny world.
-
-Listener data (every reader returns the same items)
-    load_listener(path, split) -> list[dict]      split in {"train", "val", "test"}
-        detects the format: segments (segments_{split}.pth), l2l (<path>/<split>/p0_list_faces_clean_deca.npy),
-        react (<path>/<split>/Emotion/...). Item keys:
-          name          str, unique ("<fname>:<start>-<end>")
-          fps           int
-          start_frame   int (true start in the source video)
-          listener      (T, D) float32 raw motion, D = 56 = exp 50 | head rot 3 | jaw 3 (58 on REACT 3DMM)
-          speaker       (T, D) float32 raw motion
-          listener_beta (100,) float32 identity shape (zeros when the dataset has none)
-          speaker_beta  (100,) float32
-          listener_id   int (-1 when unknown; 0..5 train listeners, 6 the unseen test listener)
-          listener_attr (T, 25) float32 REACT attributes [15 AUs | valence, arousal | 8 emotion probs]
-          speaker_attr  (T, 25) float32
-          audio         (S,) float32 speaker waveform at SR for exactly these frames, or None
-          audio_rows    (4T, F) float32 precomputed audio rows (L2L files), or None
-          words         list[(text, end_seconds)] relative to the segment start; negative = history (3 s)
-          alt_listener  (K, T, D) float32 alternative appropriate reactions (val/test), or None
-          alt_listener_attr (K, T, 25) float32 or None (added: FaceModel readouts of alt_listener)
-    load_stats(path, who="listener") -> (mean (D,), std (D,)) float32: train-split statistics stored with the data.
-    ListenerWindows(items, window=64, stride=None, mean=None, std=None): torch Dataset of z-normalised windows.
-    write_segments / write_l2l / write_react(path, split, items): writers of the real formats (round trips).
-    VOCAB: list[str] of the world's words (index 0 is not reserved here; method files add their own pads).
-
-Talking-face data (VOCASET layout)
-    load_talking(path, split) -> list[dict] with keys
-          name, subject (str), style (int in [0, n_train_subjects) for training subjects, -1 otherwise),
-          audio (S,) float32 at SR, vertices (T, V, 3) float32 at FPS, template (V, 3) float32, fps
-    talking_regions(path) -> (lip_idx, upper_idx) int64 arrays
-    TRAIN_SUBJECTS, VAL_SUBJECTS, TEST_SUBJECTS: lists of subject names (8, 2, 2) (FaceFormer's VOCASET split)
-
-Audio
-    load_wav(path, sr=SR) -> (S,) float32 mono at sr (any input rate, stereo mixed down; clear errors)
-    mfcc(wave, sr=SR, rate=120.0, n_mfcc=40, n_rows=None) -> (n_rows, n_mfcc) float32
-        torch.stft -> mel -> log -> DCT, `rate` rows per second (120 = 4 rows per 30-fps frame, 50 = wav2vec2 grid);
-        n_rows forces the exact number of rows (default round(duration * rate)).
-
-Face model
-    FaceModel(seed=0): n_vertices, edges (E, 2), lip_idx, upper_face_idx,
-        template(beta) -> (V, 3); vertices(motion (T, 56), beta) -> (T, V, 3)
-        valence(motion (..., 56)) -> (...), arousal(...), aus(...) -> (..., 15), emotion_probs(...) -> (..., 8),
-        attributes(motion) -> (..., 25)          (numpy in -> numpy out; torch in -> torch out, not differentiable)
-
-Pictures
-    render_gif(path, motions: list[(T, 56)], betas: list[(100,)], titles: list[str], fps=FPS) -> Path
-    render_vertices_gif(path, vertices: list[(T, V, 3)], titles, fps=FPS) -> Path
-    plot_channels(path, series: dict[str, (T, D)], channels=None, fps=FPS) -> Path (PNG)
+Public API
+    constants   FPS SR EXP_DIM POSE_DIM MOTION_DIM BETA_DIM ATTR_DIM EMOTIONS EXP POSE HEAD JAW SEGMENT_FRAMES K_ALT
+                DATA_ROOT, semantic channels JAW_OPEN .. BLINK, PITCH, JAW_PITCH; {TRAIN,VAL,TEST}_SUBJECTS
+    errors      UserError (a user's mistake: one line, exit status 2), ArgParser
+    readers     resolve_data(path, kind, preset) -> Path; load_listener(path, split, l2l_listener=None) -> [item]
+                (layouts: segments = LM-Listener, l2l = Learning2Listen, react = REACT 2023/2024);
+                load_stats(path, who="listener") -> (mean, std); ListenerWindows(items, window, stride, mean, std);
+                load_talking(path, split) -> [item] (VOCASET); talking_regions(path) -> (lip_idx, upper_idx)
+    audio       load_wav(path, sr=SR) -> (S,) mono; resample(wave, sr_in, sr_out); mfcc(wave, sr, rate, n_mfcc, n_rows)
+    face model  FaceModel(seed): template(beta), vertices(motion, beta), valence/arousal/aus/emotion_probs/attributes
+    pictures    render_gif(path, motions, betas, titles), render_vertices_gif(path, vertices, titles),
+                plot_channels(path, series, channels)
+    the world   generate_world(root, preset="default"|"tiny", seed, force) -> root with listener/ and vocaset/;
+                VOCAB (the world's words), talking_references(path, name), unposed(motion), write_wav(path, wave)
+`python data.py [--preset tiny] [--root DIR]` makes (or reuses) the world under data/.
 """
 import argparse
+import csv
+import functools
 import json
+import math
 import os
 import re
 import pickle
@@ -144,7 +69,7 @@ class ArgParser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Constants
+# Constants and the item schema
 
 FPS, SR = 30, 16000
 EXP_DIM, POSE_DIM, MOTION_DIM, BETA_DIM, ATTR_DIM = 50, 6, 56, 100, 25
@@ -152,7 +77,7 @@ EMOTIONS = ("neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "
 EXP, POSE, HEAD, JAW = slice(0, 50), slice(50, 56), slice(50, 53), slice(53, 56)
 SEGMENT_FRAMES, K_ALT = 240, 10
 DATA_ROOT = Path(__file__).resolve().parent / "data"
-VERSION = 4                                  # bump when the world changes: cached worlds are then regenerated
+VERSION = 5                                  # bump when the world changes: cached worlds are then regenerated
 (JAW_OPEN, LIP_SPREAD, LIP_ROUND, LIP_PRESS, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BROW_FURROW,
  BLINK) = range(10)                          # semantic expression channels
 PITCH, JAW_PITCH = 50, 53                    # head pitch (+ = nod down) and jaw pitch (+ = open) in a motion frame
@@ -167,19 +92,673 @@ VAL_SUBJECTS = ["FaceTalk_170811_03275_TA", "FaceTalk_170908_03277_TA"]
 TEST_SUBJECTS = ["FaceTalk_170809_00138_TA", "FaceTalk_170731_00024_TA"]
 SENTENCES = {"train": range(1, 41), "val": range(21, 41), "test": range(21, 41)}
 
-NEUTRAL_WORDS = ("the and so we went to market then table window later maybe people today morning city train "
-                 "coffee really think said about water paper number little over under yesterday week again "
-                 "house car music back work story friend phone door").split()
-HUMOUR_WORDS = "haha funny joke great love amazing hilarious wonderful awesome fantastic".split()
-SAD_WORDS = "sorry lost alone sad tired cried missed funeral".split()
-VOCAB = NEUTRAL_WORDS + HUMOUR_WORDS + SAD_WORDS
-_CONS, _VOWELS = list("ptkbdgmnlrsfh") + [""], "aeiou"
-_sp = np.random.default_rng(7)               # fixed spellings: each word is a list of (consonant, vowel) syllables
-SPELLING = {w: [(_CONS[_sp.integers(len(_CONS))], _VOWELS[_sp.integers(5)])
-                for _ in range(1 + (len(w) > 4) + (len(w) > 7))] for w in VOCAB}
-SPELLING["haha"] = [("h", "a"), ("h", "a")]
 
-# emotion -> face (semantic exp channels), valence felt by the listener, prosody (F0 x, F0 variability, rate x, loud x)
+def _np(x):
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def _err(path, what):
+    """A user's data mistake as one line: which file, then what was expected and what was found."""
+    return UserError(f"{path}: {what}")
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _load_npy(f, what):
+    """np.load of a data file; a missing or unreadable file is the user's error."""
+    if not Path(f).is_file():
+        raise _err(f, f"missing file (expected {what})")
+    try:
+        return np.load(f)
+    except Exception as e:  # noqa: BLE001 - numpy raises several types for a corrupt file
+        raise _err(f, f"not a readable .npy file ({_first_line(e)}); expected {what}") from None
+
+
+def _check_float(a, path, what):
+    if a.dtype.kind != "f":
+        raise _err(path, f"{what} has dtype {a.dtype}, expected floating point")
+    return a
+
+
+def _item(name, fps, start, listener, speaker, lbeta=None, sbeta=None, lid=-1, lattr=None, sattr=None,
+          audio=None, audio_rows=None, words=(), alt=None):
+    """The one listener item every reader returns (keys in the module docstring). Missing attributes are the
+    FaceModel readouts of the motion (zeros for motion that is not 56-d FaceModel/FLAME-like); words sorted by end."""
+    face = _face()
+    attr = lambda m, a: (np.asarray(_np(a), np.float32) if a is not None else
+                         face.attributes(m[..., :MOTION_DIM]) if m.shape[-1] >= MOTION_DIM
+                         else np.zeros(m.shape[:-1] + (ATTR_DIM,), np.float32))
+    beta = lambda b: np.zeros(BETA_DIM, np.float32) if b is None else np.asarray(_np(b), np.float32).reshape(
+        -1, BETA_DIM)[0]
+    alt = None if alt is None else np.asarray(_np(alt), np.float32)
+    return {"name": name, "fps": int(fps), "start_frame": int(start), "listener": listener, "speaker": speaker,
+            "listener_beta": beta(lbeta), "speaker_beta": beta(sbeta), "listener_id": int(lid),
+            "listener_attr": attr(listener, lattr), "speaker_attr": attr(speaker, sattr), "audio": audio,
+            "audio_rows": audio_rows, "words": sorted(words, key=lambda w: w[1]), "alt_listener": alt,
+            "alt_listener_attr": None if alt is None else attr(alt, None)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Readers: every layout -> the same items
+
+def _check_motion(arr, path, what, T=None, D=None):
+    """(T, D) float32 motion, or a user error naming the file: wrong shape or dtype, NaN or inf."""
+    a = np.asarray(_check_float(np.asarray(_np(arr)), path, what), dtype=np.float32)
+    if a.ndim != 2 or (T is not None and a.shape[0] != T) or (D is not None and a.shape[1] != D):
+        raise _err(path, f"{what} has shape {a.shape}, expected ({T or 'T'}, {D or 'D'})")
+    if not np.isfinite(a).all():
+        raise _err(path, f"{what} holds NaN or inf values (expected finite motion)")
+    return a
+
+
+def _load_pth(f):
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - real LM-Listener files may hold numpy arrays: trusted local file
+        try:
+            return torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - a corrupt or foreign file
+            raise _err(f, f"not a readable torch file ({_first_line(e)}); expected a list of segment dicts") from None
+
+
+def _read_segments(path, split):
+    f = path / f"segments_{split}.pth"
+    segs = _load_pth(f)
+    if not isinstance(segs, list):
+        raise _err(f, f"expected a list of segment dicts, got {type(segs).__name__}")
+    wavs, items = {}, []
+    need = ("fname", "split_start_frame", "split_end_frame", "p0_exp", "p0_pose", "p1_exp", "p1_pose")
+    for i, s in enumerate(segs):
+        if not isinstance(s, dict):
+            raise _err(f, f"segment {i} is a {type(s).__name__}, expected a dict")
+        miss = [k for k in need if k not in s]
+        if miss:
+            raise _err(f, f"segment {i} lacks keys {miss} (expected LM-Listener segment dicts with {list(need)})")
+        a, b = int(s["split_start_frame"]), int(s["split_end_frame"])
+        T, fps = b - a, int(s.get("fps", FPS))
+        where = f"{f} [segment {i}]"
+        L, S = (np.concatenate([_check_motion(s[f"p{p}_exp"], where, f"p{p}_exp", T, EXP_DIM),
+                                _check_motion(s[f"p{p}_pose"], where, f"p{p}_pose", T, POSE_DIM)], 1) for p in (0, 1))
+        audio, wf = None, path / "wav" / f"{s['fname']}.wav"
+        if (path / "wav").is_dir():
+            if s["fname"] not in wavs:
+                wavs[s["fname"]] = load_wav(wf)
+            w = wavs[s["fname"]]
+            s0, s1 = int(round(a * SR / fps)), int(round(b * SR / fps))
+            if s1 > len(w):
+                raise _err(wf, f"audio is {len(w) / SR:.2f} s long, segment {i} needs {s1 / SR:.2f} s")
+            audio = w[s0:s1]
+        try:                                          # `end`: seconds from the video start -> from the segment start
+            words = [(w["text"], round(float(w["end"]) - a / fps, 4)) for w in list(s.get("before_words", []))
+                     + list(s.get("during_words", []))]
+        except (KeyError, TypeError, ValueError) as e:
+            raise _err(where, f"before_words / during_words: expected lists of {{text, end}} dicts ({_first_line(e)})"
+                       ) from None
+        alt = s.get("alt_listener")
+        if alt is not None and (tuple(alt.shape[1:]) != (T, L.shape[1]) or not torch.isfinite(
+                torch.as_tensor(alt).float()).all()):
+            raise _err(where, f"alt_listener has shape {tuple(alt.shape)}, expected (K, {T}, {L.shape[1]}), finite")
+        items.append(_item(f"{s['fname']}:{a}-{b}", fps, a, L, S, s.get("p0_shape"), s.get("p1_shape"),
+                           s.get("listener_id", -1), s.get("p0_attr"), s.get("p1_attr"), audio, None, words, alt))
+    return items
+
+
+L2L_VAL_SEED, L2L_TRAIN_FRACTION = 0, 0.7     # Learning2Listen's own re-split of train/ (70/30, unseeded there)
+
+
+def _say_once(message, _said=set()):
+    if message not in _said:
+        _said.add(message)
+        print(f"data.py: {message}", flush=True)
+
+
+def _l2l_direction(path, listener):
+    """Learning2Listen's out_num: the listener is p1 for Fallon's channel and p0 for every other channel."""
+    if listener is None:
+        return (1,) if path.name.lower() == "fallon" else (0,)
+    if listener not in (0, 1, "both"):
+        raise ValueError(f"l2l_listener must be 0, 1, 'both' or None; got {listener!r}")
+    return (0, 1) if listener == "both" else (listener,)
+
+
+def _read_l2l(path, split, listener=None):
+    """Learning2Listen windows: listener p{o}_list_faces with the speaker's p{1-o}_speak_{faces,audio,files}, for
+    the direction(s) o of _l2l_direction. Released with train/ and test/ only: without val/, train and val are the
+    70/30 re-split of train/ that the original's load_data draws, here with the fixed seed L2L_VAL_SEED."""
+    resplit = split != "test" and not (path / "val").is_dir() and (path / "train").is_dir()
+    d = path / ("train" if resplit else split)
+    if resplit:
+        _say_once(f"{path} has no val/: train and val are a {L2L_TRAIN_FRACTION:.0%} / {1 - L2L_TRAIN_FRACTION:.0%} "
+                  f"split of the train/ windows drawn with seed {L2L_VAL_SEED}, as Learning2Listen re-splits train/")
+    items = []
+    for o in _l2l_direction(path, listener):                              # listener p{o}, speaker p{1-o}
+        lf = d / f"p{o}_list_faces_clean_deca.npy"
+        sp = lambda kind: d / f"p{1 - o}_speak_{kind}_clean_deca.npy"
+        need = f"the speaker's file paired with {lf.name}, as in Learning2Listen"
+        L, S, A = (_load_npy(f, need if f != lf else "(N, 64, 184) listener windows") for f in
+                   (lf, sp("faces"), sp("audio")))
+        names = _load_npy(sp("files"), "(N, 64, 3) names") if sp("files").exists() else None
+        for f, a, what in ((lf, L, "listener motion"), (sp("faces"), S, "speaker motion"), (sp("audio"), A, "audio")):
+            _check_float(a, f, what)
+        for f, a in ((lf, L), (sp("faces"), S)):
+            if a.ndim != 3 or a.shape[2] < MOTION_DIM or a.shape[:2] != L.shape[:2]:
+                raise _err(f, f"shape {a.shape}, expected (N, T, >= 56) with (N, T) = {L.shape[:2]} (e.g. (N, 64, 184))")
+            if not np.isfinite(a[..., :MOTION_DIM]).all():
+                raise _err(f, "holds NaN or inf in the first 56 channels (expected finite motion)")
+        if A.ndim != 3 or len(A) != len(L):
+            raise _err(sp("audio"), f"shape {A.shape}, expected (N, 4T, F) with N = {len(L)} (e.g. (N, 256, 128))")
+        keep = range(len(L))
+        if resplit:
+            perm = np.random.default_rng(L2L_VAL_SEED).permutation(len(L))
+            cut = int(len(L) * L2L_TRAIN_FRACTION)
+            keep = sorted(perm[:cut] if split == "train" else perm[cut:])
+        for i in keep:
+            T = L.shape[1]
+            fname, start = f"l2l_p{o}_{i:05d}", 0
+            if names is not None and names.ndim == 3:
+                fname = str(names[i, 0, 0])
+                start = int(names[i, 0, 2]) if str(names[i, 0, 2]).lstrip("-").isdigit() else 0
+            items.append(_item(f"{fname}:{start}-{start + T}", FPS, start, np.ascontiguousarray(L[i, :, :MOTION_DIM],
+                               np.float32), np.ascontiguousarray(S[i, :, :MOTION_DIM], np.float32),
+                               audio_rows=A[i].astype(np.float32)))
+    seen = {}
+    for it in items:                                                      # names stay unique
+        seen[it["name"]] = seen.get(it["name"], -1) + 1
+        if seen[it["name"]]:
+            it["name"] += f"#{seen[it['name']]}"
+    return items
+
+
+REACT_WIDTHS = (58, MOTION_DIM)       # REACT's FaceVerse 3DMM: exp 52 | rot 3 | trans 3; or FaceModel motion
+REACT_APPROPRIATE = "Approprirate_facial_reaction.npy"                    # the official name, misspelt as released
+
+
+def _react_pairs(path, split):
+    """[(speaker clip, listener clip)] as paths under <split>/<modality>/, and whether <split>.csv gave them. The
+    csv (index, speaker_path, listener_path; one header row) in the challenge's mirrored order: every pair, then
+    every pair with the roles swapped. Without it, each person of a two-person session folder is the listener once
+    (any depth: NoXI <site>/<session>/<person>/<clip>, REACT 2023's UDIVA/talk/<id>/FC1/<clip>)."""
+    f = path / f"{split}.csv"
+    if f.exists():
+        rows = [r for r in csv.reader(f.read_text().splitlines()[1:]) if r]
+        if not rows or any(len(r) < 3 for r in rows):
+            raise _err(f, f"expected a header row, then rows index, speaker_path, listener_path; found "
+                          f"{len(rows)} rows, the shortest with {min(map(len, rows), default=0)} columns")
+        pairs = [(r[1].strip(), r[2].strip()) for r in rows]
+        return pairs + [(b, a) for a, b in pairs], True
+    emo, pairs = path / split / "Emotion", []
+    for sess in sorted({c.parent.parent for c in emo.rglob("*.csv")}):
+        people = sorted(p.name for p in sess.iterdir() if p.is_dir())
+        if len(people) != 2:
+            raise _err(sess, f"holds {len(people)} person folders {people}, expected the 2 people of a session")
+        for li, person in enumerate(people):
+            for c in sorted((sess / person).glob("*.csv")):
+                rel = (sess / people[1 - li] / c.stem).relative_to(emo).as_posix()
+                pairs.append((rel, (sess / person / c.stem).relative_to(emo).as_posix()))
+    return pairs, False
+
+
+def _react_neighbours(path, split, pairs):
+    """The split's appropriateness matrix (2N, 2N) in the mirrored order, or None: neighbour_emotion_<split>.npy, or
+    cut from Approprirate_facial_reaction.npy with data_indices.csv as the baseline's tool/matrix_split.py does."""
+    f = path / f"neighbour_emotion_{split}.npy"
+    if f.exists():
+        return _load_npy(f, f"the ({len(pairs)}, {len(pairs)}) appropriateness matrix of {split}.csv's pairs")
+    if not (path / REACT_APPROPRIATE).exists():
+        return None
+    idx_f = path / "data_indices.csv"
+    if not idx_f.exists():
+        raise _err(idx_f, f"missing file (expected the clip index that orders the rows of {REACT_APPROPRIATE})")
+    index = {}
+    for i, r in enumerate(csv.reader(idx_f.read_text().splitlines()[1:])):
+        if len(r) >= 3:
+            index.setdefault((r[0].upper(), r[1], r[2]), i)
+    rows = []
+    for sp, _ in pairs[:len(pairs) // 2]:                                 # the csv's own rows, by speaker clip
+        p = sp.split("/")
+        key = (p[0].upper(), p[2] + "_" + p[1], p[4]) if len(p) > 4 else (p[0].upper(), p[1], p[3]) if len(
+            p) > 3 else None
+        if key not in index:
+            raise _err(idx_f, f"has no row for clip {sp} of {split}.csv (expected site, session, clip {key})")
+        rows.append(index[key])
+    full = _load_npy(path / REACT_APPROPRIATE, "the (2M, 2M) appropriateness matrix over all clips")
+    h, r = len(full) // 2, np.array(rows)
+    return np.block([[full[np.ix_(r, r)], full[np.ix_(r, r + h)]], [full[np.ix_(r + h, r)], full[np.ix_(r + h, r + h)]]])
+
+
+def _read_react(path, split):
+    """REACT pairs (_react_pairs): the listener's 3DMM and 25 attributes, the speaker's 3DMM, attributes and audio.
+    With the appropriateness matrix (_react_neighbours), alt_listener / alt_listener_attr of item k are the real
+    reactions of the items j that row k marks, as FRCorr / FRDist read them (their number varies by item)."""
+    fps = json.loads((path / "react_meta.json").read_text())["fps"] if (path / "react_meta.json").exists() else 25
+    pairs, from_csv = _react_pairs(path, split)
+    if not pairs:
+        raise _err(path / split / "Emotion", "no <site>/<session>/<person>/<clip>.csv files (expected the REACT layout)")
+    width, clips = None, {}
+
+    def clip(rel):                                                        # (motion (T, D), attributes (T, 25))
+        nonlocal width
+        if rel not in clips:
+            f = path / split / "3D_FV_files" / f"{rel}.npy"
+            a = _load_npy(f, "the 3DMM coefficients of this clip, (T, 1, 58) or (T, 58)")
+            if a.ndim not in (2, 3) or a.shape[-1] not in REACT_WIDTHS or a.shape[-1] != (width or a.shape[-1]):
+                raise _err(f, f"3DMM coefficients have shape {a.shape}, expected (T, 1, D) or (T, D) with D = "
+                              + (f"{width} as the other clips" if width else "58 (FaceVerse) or 56 (motion channels)"))
+            width = a.shape[-1]
+            mot = _check_motion(a.reshape(len(a), -1), f, "3DMM coefficients")
+            f = path / split / "Emotion" / f"{rel}.csv"
+            try:
+                att = np.loadtxt(f, delimiter=",", skiprows=1, ndmin=2).astype(np.float32)
+            except (OSError, ValueError) as e:
+                raise _err(f, f"unreadable attribute csv ({_first_line(e)}); expected a header row and "
+                              f"{ATTR_DIM} columns") from None
+            if att.shape[1] != ATTR_DIM or not np.isfinite(att).all():
+                raise _err(f, f"attributes have shape {att.shape}, expected (T, {ATTR_DIM}), finite")
+            clips[rel] = mot, att
+        return clips[rel]
+    items = []
+    for sp, li in pairs:
+        (ml, al), (ms, as_) = clip(li), clip(sp)
+        T = min(len(ml), len(ms), len(al), len(as_))
+        w = path / split / "Audio_files" / f"{sp}.wav"
+        audio = load_wav(w) if w.exists() else None
+        if audio is not None:
+            audio = np.pad(audio, (0, max(0, int(round(T * SR / fps)) - len(audio))))[:int(round(T * SR / fps))]
+        items.append(_item(li, fps, 0, ml[:T], ms[:T], lattr=al[:T], sattr=as_[:T], audio=audio))
+    M = _react_neighbours(path, split, pairs) if from_csv else None
+    if M is None and not from_csv and (path / f"neighbour_emotion_{split}.npy").exists():
+        raise _err(path / f"{split}.csv", f"missing file (expected the pairs that order the rows of "
+                                          f"neighbour_emotion_{split}.npy)")
+    if M is not None:
+        if M.shape != (len(items), len(items)):
+            raise _err(path / f"neighbour_emotion_{split}.npy", f"appropriateness matrix has shape {M.shape}, "
+                       f"expected ({len(items)}, {len(items)}): the mirrored pairs of {split}.csv")
+        for k, it in enumerate(items):
+            T, js = len(it["listener"]), np.flatnonzero(M[k] == 1)
+            short = [items[j]["name"] for j in js if len(items[j]["listener"]) < T]
+            if short:
+                raise _err(path / split / "3D_FV_files" / f"{short[0]}.npy", f"an appropriate reaction for "
+                           f"{it['name']} is shorter than its {T} frames")
+            it["alt_listener"] = np.stack([items[j]["listener"][:T] for j in js]) if len(js) else np.zeros(
+                (0,) + it["listener"].shape, np.float32)
+            it["alt_listener_attr"] = np.stack([items[j]["listener_attr"][:T] for j in js]) if len(js) else np.zeros(
+                (0, T, ATTR_DIM), np.float32)
+    return items
+
+
+def _layout(path, split):
+    """(folder, layout of `split` or None): a world root reads its listener/ folder."""
+    if (path / "listener").is_dir() and (path / "vocaset").is_dir():
+        path = path / "listener"
+    l2l = lambda s: any((path / s / f"p{p}_list_faces_clean_deca.npy").exists() for p in (0, 1))
+    return path, ("segments" if (path / f"segments_{split}.pth").exists() else
+                  "l2l" if l2l(split) or (split == "val" and l2l("train") and not (path / "val").exists()) else
+                  "react" if (path / split / "Emotion").is_dir() else None)
+
+
+def load_listener(path, split, fmt=None, l2l_listener=None):
+    """Listener items of `split` ("train" | "val" | "test") from a folder in one of three layouts (detected; or fmt):
+    segments  segments_{split}.pth: a list of dicts fname, split_start_frame, split_end_frame, p0_exp (T, 50),
+              p0_pose (T, 6), p0_shape (1 or T, 100), p1_* (p0 = listener, p1 = speaker; frames are the video's,
+              segments may differ in length), before_words / during_words [{text, end}] with `end` in seconds from
+              the video start, as LM-Listener's loaders read it (items hold it from the segment start, to 0.1 ms),
+              and optional p0_attr / p1_attr (T, 25), listener_id, alt_listener (K, T, 56); wav/<fname>.wav (the
+              speaker's audio of the whole video) if present: LM-Listener releases none, then audio is None.
+    l2l       <split>/p{0,1}_list_faces_clean_deca.npy (N, 64, 184; first 56 used) paired with the other person's
+              p{1,0}_speak_{faces,audio,files}_clean_deca.npy (audio rows (N, 256, 128), files (N, 64, 3)).
+              As the original: one direction, the listener p1 in a folder named fallon and p0 elsewhere
+              (l2l_listener 0, 1 or "both" to choose); without val/, train/ is split 70/30 (seed L2L_VAL_SEED).
+    react     <split>/{Emotion,3D_FV_files,Audio_files}/<clip path>.{csv,npy,wav}, pairs from <split>.csv
+              (mirrored: every pair both ways) or, without it, each person of a session folder the listener once;
+              the appropriate reactions from neighbour_emotion_<split>.npy or Approprirate_facial_reaction.npy.
+              25 fps unless react_meta.json. 3DMM stays as released (the baselines subtract FaceVerse's mean face).
+    A world root (listener/ and vocaset/) reads its listener/ folder."""
+    path = Path(path)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test; got {split!r}")
+    if not path.is_dir():
+        raise _err(path, f"no such dataset folder (expected a folder with segments_{split}.pth, "
+                         f"{split}/p0_list_faces_clean_deca.npy or {split}/Emotion/)")
+    path, found_fmt = _layout(path, split)
+    fmt = fmt or found_fmt
+    if fmt is None:
+        found = sorted({_layout(path, s)[1] for s in ("train", "val", "test")} - {None})
+        if found:
+            raise _err(path, f"found no {split} split in this {found[0]} dataset (expected "
+                             + {"segments": f"segments_{split}.pth", "l2l": f"{split}/p0_list_faces_clean_deca.npy",
+                                "react": f"{split}/Emotion/"}[found[0]] + ")")
+        raise _err(path, f"in none of the known layouts: expected segments_{split}.pth (LM-Listener segments), "
+                         f"{split}/p0_list_faces_clean_deca.npy (Learning2Listen) or {split}/Emotion/ (REACT)")
+    if fmt == "l2l":
+        return _read_l2l(path, split, l2l_listener)
+    return {"segments": _read_segments, "react": _read_react}[fmt](path, split)
+
+
+STATS_FILES = {"listener": [("mean.npy", "std.npy"), ("p0_mean.npy", "p0_std.npy")],   # as LM-Listener ships them
+               "speaker": [("speaker_mean.npy", "speaker_std.npy")]}
+
+
+def load_stats(path, who="listener", l2l_listener=None):
+    """(mean (D,), std (D,)) float32 train statistics of the listener's (or who="speaker") motion: the files stored
+    with the data (STATS_FILES), else computed from the train split as the original does when it ships none:
+    Learning2Listen's std is the std over windows of each window's std over time (its mean_std_swap), the other
+    layouts' the std over all train frames. std is floored at 1e-3."""
+    path = Path(path)
+    if (path / "listener").is_dir():
+        path = path / "listener"
+    for names in STATS_FILES[who]:
+        if all((path / n).exists() for n in names):
+            out = []
+            for n in names:
+                a = _check_float(_load_npy(path / n, "train statistics, (D,) float"), path / n, "train statistics")
+                a = a.astype(np.float32).reshape(-1)
+                if not np.isfinite(a).all():
+                    raise _err(path / n, "holds NaN or inf (expected finite train statistics)")
+                out.append(a)
+            return out[0], np.maximum(out[1], 1e-3)
+    _, fmt = _layout(path, "train")
+    if fmt is None:
+        raise _err(path / STATS_FILES[who][0][0], f"missing file (expected the train statistics "
+                                                   f"{' and '.join(STATS_FILES[who][0])}, or a train split to compute "
+                                                   f"them from)")
+    x = [it[who] for it in load_listener(path, "train", l2l_listener=l2l_listener)]
+    _say_once(f"{path} ships no {who} statistics: computed from its {len(x)} train items")
+    if fmt == "l2l":                                                          # mean_std_swap of load_utils.py
+        w = np.stack(x).astype(np.float64)                                    # (N, T, D)
+        mean, std = w.mean(1).mean(0), w.std(1).std(0) + 1e-10
+    else:
+        allf = np.concatenate(x).astype(np.float64)
+        mean, std = allf.mean(0), allf.std(0)
+    return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def resolve_data(path, kind, preset="default"):
+    """Where the data of `kind` ("listener" | "talking") lives: "" / None -> the synthetic world of `preset`
+    (generated if needed; "smoke" and "tiny" -> the tiny world) and its listener/ or vocaset/ folder; a world root
+    (with listener/ and vocaset/) -> the folder of that kind; any other folder -> itself."""
+    sub = {"listener": "listener", "talking": "vocaset"}[kind]
+    if not path:
+        return generate_world(preset="tiny" if preset in ("smoke", "tiny") else "default") / sub
+    p = Path(path)
+    if not p.exists():
+        raise _err(p, f"no such dataset folder (expected a world root, or a {kind} dataset)")
+    if (p / "listener").is_dir() and (p / "vocaset").is_dir():
+        return p / sub
+    return p
+
+
+class ListenerWindows(torch.utils.data.Dataset):
+    """Windows of `window` frames (every `stride` frames) cut from listener items, z-normalised with the
+    train statistics (mean, std). Each sample: listener/speaker (window, D) float32 tensors, listener_beta,
+    listener_id, audio (window * SR / fps samples, or empty), and the item index and start frame."""
+
+    def __init__(self, items, window=64, stride=None, mean=None, std=None):
+        self.items, self.window = items, window
+        D = items[0]["listener"].shape[1]
+        self.mean = np.zeros(D, np.float32) if mean is None else np.asarray(mean, np.float32)
+        self.std = np.ones(D, np.float32) if std is None else np.asarray(std, np.float32)
+        self.index = [(i, s) for i, it in enumerate(items)
+                      for s in range(0, len(it["listener"]) - window + 1, stride or window)]
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, k):
+        i, s = self.index[k]
+        it, e = self.items[i], s + self.window
+        z = lambda m: torch.from_numpy((m[s:e] - self.mean) / self.std)      # (window, D)
+        sps = SR / it["fps"]
+        audio = it["audio"][int(round(s * sps)):int(round(e * sps))] if it["audio"] is not None else np.zeros(0)
+        return {"listener": z(it["listener"]), "speaker": z(it["speaker"]),
+                "listener_beta": torch.from_numpy(it["listener_beta"]), "listener_id": it["listener_id"],
+                "audio": torch.from_numpy(np.ascontiguousarray(audio, np.float32)), "item": i, "start": s}
+
+    def denormalise(self, x):
+        """(..., D) normalised -> raw motion."""
+        return x * torch.as_tensor(self.std, device=x.device) + torch.as_tensor(self.mean, device=x.device)
+
+
+def load_talking(path, split, fps=None):
+    """Talking items of `split` from the VOCASET layout: wav/<subject>_sentenceXX.wav, vertices_npy/<subject>_
+    sentenceXX.npy (T, V*3), templates.pkl {subject: (V, 3)}; FaceFormer's subject split (TRAIN/VAL/TEST_SUBJECTS),
+    sentences 1-40 train, 21-40 val/test. Real VOCASET (60 fps) is detected and kept [::2] to FPS. A sentence with
+    only one of its two files is skipped, as FaceFormer's loader does, and the number skipped is printed."""
+    path = Path(path)
+    if (path / "vocaset").is_dir():
+        path = path / "vocaset"
+    if not path.is_dir():
+        raise _err(path, "no such dataset folder (expected the VOCASET layout: wav/, vertices_npy/, templates.pkl)")
+    for need in ("wav", "vertices_npy", "templates.pkl"):
+        if not (path / need).exists():
+            raise _err(path / need, "missing (expected the VOCASET layout: wav/, vertices_npy/, templates.pkl)")
+    try:
+        with open(path / "templates.pkl", "rb") as f:
+            templates = pickle.load(f, encoding="latin1")
+    except Exception as e:  # noqa: BLE001 - unpickling a corrupt file raises many types
+        raise _err(path / "templates.pkl", f"not a readable pickle ({_first_line(e)}); expected a dict "
+                                           f"subject -> (V, 3) template") from None
+    if not isinstance(templates, dict):
+        raise _err(path / "templates.pkl", f"holds a {type(templates).__name__}, expected a dict subject -> (V, 3)")
+    subjects = {"train": TRAIN_SUBJECTS, "val": VAL_SUBJECTS, "test": TEST_SUBJECTS}[split]
+    src_fps = fps or (json.loads((path / "meta.json").read_text())["fps"] if (path / "meta.json").exists() else None)
+    items, unpaired = [], []
+    for subj in subjects:
+        for k in SENTENCES[split]:
+            vf, wf = path / "vertices_npy" / f"{subj}_sentence{k:02d}.npy", path / "wav" / f"{subj}_sentence{k:02d}.wav"
+            if not (vf.exists() and wf.exists()):                         # VOCASET has holes; so may we
+                unpaired += [f.name for f in (vf, wf) if f.exists()]
+                continue
+            if subj not in templates:
+                raise _err(path / "templates.pkl", f"no template for subject {subj} (expected an entry for every "
+                                                   f"subject; found {len(templates)}: {', '.join(sorted(templates))[:120]})")
+            tpl = np.asarray(templates[subj])
+            if tpl.size == 0 or tpl.size % 3 or tpl.dtype.kind not in "fi":
+                raise _err(path / "templates.pkl", f"template of {subj} has shape {tpl.shape} and dtype {tpl.dtype}, "
+                                                   f"expected (V, 3) float")
+            tpl = tpl.astype(np.float32).reshape(-1, 3)
+            v = _check_float(_load_npy(vf, "(T, V*3) float vertices"), vf, "vertices").astype(np.float32)
+            if v.ndim != 2 or v.shape[1] != tpl.size:
+                raise _err(vf, f"vertices have shape {v.shape}, expected (T, {tpl.size}) = (T, V*3) for the template")
+            if not np.isfinite(v).all():
+                raise _err(vf, "vertices hold NaN or inf (expected finite vertices)")
+            audio = load_wav(wf)
+            f_src = src_fps or (60 if len(v) / (len(audio) / SR) > 45 else 30)
+            step = max(1, int(round(f_src / FPS)))
+            v = v[::step].reshape(-1, tpl.shape[0], 3)
+            items.append({"name": f"{subj}_sentence{k:02d}", "subject": subj,
+                          "style": TRAIN_SUBJECTS.index(subj) if subj in TRAIN_SUBJECTS else -1,
+                          "audio": audio, "vertices": v, "template": tpl, "fps": FPS})
+    if unpaired:
+        print(f"data.py: {path}: skipped {len(unpaired)} {split} file(s) without their wav / vertices partner "
+              f"(e.g. {unpaired[0]})", flush=True)
+    if not items:
+        raise _err(path, f"no {split} sentences found (expected wav/ and vertices_npy/<subject>_sentenceXX for "
+                         f"{', '.join(subjects)})")
+    return items
+
+
+def talking_regions(path):
+    """(lip_idx, upper_idx) int64 vertex indices of the talking-face data: regions.npz (lip_idx, upper_idx) as the
+    world writes it, else FLAME's FLAME_masks.pkl as DiffSpeaker reads it (lips; forehead + eye_region)."""
+    path = Path(path)
+    if (path / "vocaset").is_dir():
+        path = path / "vocaset"
+    f = path / "regions.npz"
+    if not f.exists() and (path / "FLAME_masks.pkl").exists():
+        return _flame_regions(path / "FLAME_masks.pkl")
+    if not f.exists():
+        raise _err(f, "missing (expected lip_idx and upper_idx vertex indices, or FLAME's FLAME_masks.pkl)")
+    r = _load_npy(f, "an .npz with lip_idx and upper_idx")
+    miss = [k for k in ("lip_idx", "upper_idx") if k not in r.files]
+    if miss:
+        raise _err(f, f"lacks {miss} (expected lip_idx and upper_idx vertex indices; found {r.files})")
+    return r["lip_idx"].astype(np.int64), r["upper_idx"].astype(np.int64)
+
+
+def _flame_regions(f):
+    try:
+        with open(f, "rb") as fh:
+            masks = pickle.load(fh, encoding="latin1")                    # FLAME's masks are a Python 2 pickle
+    except Exception as e:  # noqa: BLE001 - unpickling a corrupt file raises many types
+        raise _err(f, f"not a readable pickle ({_first_line(e)}); expected FLAME's dict region -> vertex indices") from None
+    miss = [k for k in ("lips", "forehead", "eye_region") if not isinstance(masks, dict) or k not in masks]
+    if miss:
+        found = sorted(masks)[:12] if isinstance(masks, dict) else type(masks).__name__
+        raise _err(f, f"lacks regions {miss} (expected FLAME's masks with lips, forehead, eye_region; found {found})")
+    idx = lambda k: np.asarray(masks[k]).astype(np.int64).reshape(-1)
+    return np.unique(idx("lips")), np.unique(np.concatenate([idx("forehead"), idx("eye_region")]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Audio: reading wavs, resampling, MFCC
+
+def _check_wav_header(path):
+    """RIFF/WAVE files: the data chunk must be as long as the header says (libsndfile reads truncated files quietly)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        while True:
+            ch = f.read(8)
+            if len(ch) < 8:
+                raise _err(path, "truncated WAV file: no 'data' chunk (expected a complete RIFF/WAVE file)")
+            size = int.from_bytes(ch[4:], "little")
+            if ch[:4] == b"data":
+                have = os.path.getsize(path) - f.tell()
+                if size != 0xFFFFFFFF and have < size:
+                    raise _err(path, f"truncated WAV file: header says {size} data bytes, file holds {have}")
+                return
+            f.seek(size + (size & 1), 1)
+
+
+RESAMPLE_ZEROS, RESAMPLE_ROLLOFF = 6, 0.99   # windowed-sinc resampler: zero crossings per side, cutoff / Nyquist
+
+
+def _sinc_kernel(d, rho):
+    """The resampling filter at distances d (input samples) from an output sample: a sinc cut off at rho times the
+    input's Nyquist, under a Hann window RESAMPLE_ZEROS zero crossings wide (torchaudio's sinc_interp_hann)."""
+    x = (d * rho).clamp(-RESAMPLE_ZEROS, RESAMPLE_ZEROS)
+    window = torch.cos(x * (np.pi / RESAMPLE_ZEROS / 2)) ** 2
+    return rho * torch.special.sinc(x) * window
+
+
+@functools.lru_cache(maxsize=8)
+def _polyphase_kernel(up, down, rho, width):
+    """(up, 1, 2 width + down) float32: row i filters the input block for output phase i (output time i down / up)."""
+    offsets = torch.arange(-width, width + down, dtype=torch.float64)             # input offset from the block start
+    phases = torch.arange(up, dtype=torch.float64)[:, None] * down / up           # output times in the block
+    return _sinc_kernel(offsets[None] - phases, rho).float()[:, None]
+
+
+def resample(wave, sr_in, sr_out=SR):
+    """Band-limited resampling by a windowed-sinc polyphase filter, as torchaudio and soxr do: the rates' ratio is
+    reduced to up / down, each block of `down` input samples gives `up` outputs, each a dot product with one of `up`
+    fixed filters. Beyond its ends the signal is continued point-symmetrically about its end samples (values and
+    slopes continue, a constant stays constant, nothing wraps around from the other end), and the time depends on
+    the length only, not on its factors. (S,) -> (round(S * sr_out / sr_in),) float32. A ratio whose filters would
+    not fit in memory (e.g. 44099 -> 16000 Hz) is evaluated sample by sample with the same filter."""
+    w = torch.as_tensor(_np(wave), dtype=torch.float32)
+    if sr_in == sr_out:
+        return w.numpy()
+    g = math.gcd(int(sr_in), int(sr_out))
+    up, down = int(sr_out) // g, int(sr_in) // g
+    rho = RESAMPLE_ROLLOFF * min(1.0, up / down)                                  # cutoff, in input Nyquists
+    width = int(math.ceil(RESAMPLE_ZEROS / rho))                                  # filter half-width, input samples
+    n_out = int(round(len(w) * up / down))
+    if len(w) == 0:
+        return np.zeros(0, np.float32)
+    x = _extend(w, width, width + down)                                           # (S + 2 width + down,)
+    if up * (2 * width + down) > 2 ** 22:
+        return _resample_direct(x, up, down, rho, width, n_out)
+    y = torch.nn.functional.conv1d(x[None, None], _polyphase_kernel(up, down, rho, width), stride=down)
+    return y[0].T.reshape(-1)[:n_out].numpy()                                    # (1, up, S // down + 1) -> (n_out,)
+
+
+def _extend(w, left, right):
+    """(S,) -> (left + S + right,): continued point-symmetrically about the first and the last sample."""
+    i = torch.arange(1, max(left, right) + 1).clamp(max=len(w) - 1)
+    return torch.cat([2 * w[0] - w[i[:left].flip(0)], w, 2 * w[-1] - w[len(w) - 1 - i[:right]]])
+
+
+def _resample_direct(x, up, down, rho, width, n_out, chunk=2 ** 14):
+    """resample() for any ratio: output n at input time n down / up from the 2 width + 1 nearest samples of x, the
+    signal extended by `width` samples in front."""
+    out, taps = [], torch.arange(-width, width + 1)
+    for n0 in range(0, n_out, chunk):
+        n = torch.arange(n0, min(n0 + chunk, n_out), dtype=torch.float64)
+        centre = torch.div(n * down, up, rounding_mode="floor").long()          # (n,) nearest input at or before
+        k = centre[:, None] + taps                                                # (n, 2 width + 1) input indices
+        h = _sinc_kernel(k - (n * down / up)[:, None], rho).float()
+        out.append((x[(k + width).clamp(0, len(x) - 1)] * h).sum(1))
+    return torch.cat(out).numpy()
+
+
+def load_wav(path, sr=SR):
+    """Read an audio file -> (S,) float32 mono at `sr`. Clear errors for missing, empty, truncated, non-audio."""
+    path = Path(path)
+    if not path.is_file():
+        raise _err(path, "no such audio file (expected a .wav file)")
+    if path.stat().st_size == 0:
+        raise _err(path, "empty file (expected audio samples)")
+    _check_wav_header(path)
+    try:
+        w, file_sr = sf.read(str(path), dtype="float32", always_2d=True)   # (S, C)
+    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
+        raise _err(path, f"not a readable audio file ({_first_line(e)}); expected a .wav file") from None
+    if len(w) == 0:
+        raise _err(path, "audio file holds no samples (expected at least one)")
+    return resample(w.mean(1), file_sr, sr)
+
+
+def _mel_fb(n_fft, n_mels, sr):
+    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
+    pts = hz(np.linspace(0, 2595 * np.log10(1 + (sr / 2) / 700), n_mels + 2))
+    f = np.linspace(0, sr / 2, n_fft // 2 + 1)
+    lo, c, hi = pts[:-2, None], pts[1:-1, None], pts[2:, None]
+    fb = np.maximum(0, np.minimum((f - lo) / (c - lo), (hi - f) / (hi - c)))  # (n_mels, F) triangles
+    return torch.tensor(fb, dtype=torch.float32)
+
+
+def mfcc(wave, sr=SR, rate=120.0, n_mfcc=40, n_rows=None, n_mels=None):
+    """MFCC rows at `rate` per second: (n_rows, n_mfcc) float32. Stereo (2, S) or (S, 2) is mixed down.
+    16 kHz -> torch.stft (25 ms Hann window, hop = SR/rate) -> mel power -> log -> DCT-II -> rows resampled
+    linearly to exactly n_rows (default round(duration * rate))."""
+    if wave is None:
+        raise ValueError("mfcc: got no waveform (None): the item has no audio (LM-Listener, for one, releases none); "
+                         "check item['audio'] and run without the audio input")
+    w = _np(wave).astype(np.float32)
+    if w.ndim == 2:
+        w = w.mean(0) if w.shape[0] <= 2 < w.shape[1] else w.mean(1)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"mfcc: expected a non-empty waveform (S,) or stereo (S, 2); got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("mfcc: waveform holds NaN or inf")
+    dur = len(w) / sr
+    w = torch.from_numpy(resample(w, sr, SR))
+    n_mels = n_mels or max(64, n_mfcc)
+    hop, n_fft = max(1, int(round(SR / rate))), 512
+    if len(w) < n_fft:
+        w = torch.nn.functional.pad(w, (0, n_fft - len(w)))
+    spec = torch.stft(w, n_fft, hop_length=hop, win_length=400, window=torch.hann_window(400),
+                      center=True, return_complex=True).abs() ** 2               # (F, N)
+    logmel = torch.log(_mel_fb(n_fft, n_mels, SR) @ spec + 1e-6)                # (n_mels, N)
+    k = torch.arange(n_mels, dtype=torch.float32)
+    dct = torch.cos(np.pi / n_mels * (k[None] + 0.5) * torch.arange(n_mfcc, dtype=torch.float32)[:, None])
+    c = (dct @ logmel).T * np.sqrt(2.0 / n_mels)                                # (N, n_mfcc) DCT-II
+    n_rows = int(n_rows if n_rows is not None else max(1, round(dur * rate)))
+    pos = torch.arange(n_rows, dtype=torch.float32) / rate * SR / hop           # row j's time in frames
+    i0 = pos.floor().long().clamp(0, len(c) - 1)
+    i1 = (i0 + 1).clamp(max=len(c) - 1)
+    fr = (pos - i0.float()).clamp(0, 1)[:, None]
+    return ((1 - fr) * c[i0] + fr * c[i1]).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The face model: a tiny 3DMM and its readouts (REACT's 25 attributes), used by the readers and pictures
+
+# emotion -> face: the semantic exp channels of each of the 8 EMOTIONS (the readouts' prototypes)
 EMOTION_FACE = np.zeros((8, EXP_DIM), np.float32)
 for _e, _d in enumerate([{}, {SMILE: 1.0, OPEN_SMILE: 0.3, BROW_RAISE: 0.15},
                          {FROWN: 0.9, BROW_FURROW: 0.3, LIP_PRESS: 0.2}, {BROW_RAISE: 1.0, LIP_ROUND: 0.3},
@@ -188,63 +767,12 @@ for _e, _d in enumerate([{}, {SMILE: 1.0, OPEN_SMILE: 0.3, BROW_RAISE: 0.15},
                          {11: 1.0, SMILE: 0.25}]):
     for _k, _v in _d.items():
         EMOTION_FACE[_e, _k] = _v
-EMOTION_VALENCE = np.array([0, 1.0, -0.9, 0.2, -0.4, -0.5, -0.6, -0.2], np.float32)
-PROSODY = np.array([[1.0, .07, 1.0, 1.0], [1.18, .16, .9, 1.15], [.85, .03, 1.3, .65], [1.2, .12, .95, 1.2],
-                    [1.1, .08, .9, .9], [.95, .05, 1.05, .95], [1.05, .1, .9, 1.6], [.97, .04, 1.1, .9]], np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Small helpers
-
-def _np(x):
-    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
 def _like(y, x):
     """Return numpy result y as the type of input x (torch in -> torch out)."""
     return torch.as_tensor(y, device=x.device) if torch.is_tensor(x) else y
 
-
-def _smooth(x, sigma):
-    """Gaussian smoothing along axis 0 (edge padded, by FFT). x (T, ...) -> (T, ...); sigma in frames."""
-    if sigma <= 0.3:
-        return np.asarray(x, np.float32)
-    r = int(3 * sigma) + 1
-    xp = np.pad(np.asarray(x, np.float32), [(r, r)] + [(0, 0)] * (np.ndim(x) - 1), mode="edge")
-    H = np.exp(-2 * (np.pi * np.fft.rfftfreq(len(xp)) * sigma) ** 2)  # Fourier transform of the Gaussian
-    y = np.fft.irfft(np.fft.rfft(xp, axis=0) * H.reshape((-1,) + (1,) * (xp.ndim - 1)), n=len(xp), axis=0)
-    return y[r:r + len(x)].astype(np.float32)
-
-
-def _smooth_noise(rng, shape, sigma):
-    """Smooth Gaussian noise of unit std per channel, correlation time ~sigma frames."""
-    n = _smooth(rng.standard_normal(shape), sigma)
-    return n / max(float(n.std()), 1e-6)
-
-
-def _add(dst, t0, dur, fn):
-    """dst[(T,) or (T, C)] += fn(tau) for frames at times t0 <= t < t0 + dur (tau = t - t0, seconds)."""
-    i0, i1 = max(int(np.ceil(t0 * FPS)), 0), min(int(np.ceil((t0 + dur) * FPS)), len(dst))
-    if i1 > i0:
-        v = fn(np.arange(i0, i1) / FPS - t0)
-        dst[i0:i1] += v if dst.ndim == 1 or np.ndim(v) == 2 else v[:, None]
-
-
-def _env(attack, hold, release):
-    """Attack-hold-release envelope (smooth), as a function of tau."""
-    def f(tau):
-        up = np.clip(tau / attack, 0, 1)
-        down = np.clip(1 - (tau - attack - hold) / release, 0, 1)
-        return (np.sin(0.5 * np.pi * np.minimum(up, down)) ** 2).astype(np.float32)
-    return f, attack + hold + release
-
-
-def _err(path, what):
-    return ValueError(f"{path}: {what}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The face model
 
 def _rodrigues(r):
     """Axis-angle (..., 3) -> rotation matrices (..., 3, 3)."""
@@ -257,7 +785,11 @@ def _rodrigues(r):
 
 
 class FaceModel:
-    """A linear 3DMM-like face: template(beta) + exp @ blendshapes, jaw rotation, head rotation (module docstring)."""
+    """A linear 3DMM-like face of ~300 vertices (an ellipsoid with lip/eye/brow curves): template(beta) + exp @
+    blendshapes, then jaw rotation, then head rotation. A motion frame is [exp 50 | head rot 3 | jaw 3]; exp 0..9 are
+    the semantic channels (JAW_OPEN .. BLINK), 10..49 small smooth random fields; beta (100) is the shape.
+    Readouts (fixed maps of a frame, stand-ins for an emotion recogniser): valence, arousal, 15 binary AUs, 8 emotion
+    probabilities, and attributes() = REACT's 25 (numpy in -> numpy out; torch in -> torch out, no gradient)."""
 
     def __init__(self, seed=0):
         rng = np.random.default_rng(1000 + seed)
@@ -417,6 +949,159 @@ def _face(seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Pictures: animated GIFs of faces (PIL) and channel plots (matplotlib)
+
+CHANNEL_NAMES = {JAW_OPEN: "jaw-open", LIP_SPREAD: "lip-spread", LIP_ROUND: "lip-round", LIP_PRESS: "lip-press",
+                 SMILE: "smile", OPEN_SMILE: "open smile", FROWN: "frown", BROW_RAISE: "brow raise",
+                 BROW_FURROW: "brow furrow", BLINK: "blink", PITCH: "head pitch", 51: "head yaw", 52: "head roll",
+                 JAW_PITCH: "jaw pitch"}
+
+
+def render_vertices_gif(path, vertices, titles=None, fps=FPS, size=220, max_fps=15):
+    """Side-by-side animated GIF of vertex sequences [(T, V, 3)] (front view). FaceModel meshes are drawn as a
+    wireframe with darker lips/eyes/brows; other meshes (e.g. real VOCASET) as points."""
+    from PIL import Image, ImageDraw
+    vs = [np.asarray(_np(v), np.float32).reshape(len(v), -1, 3) for v in vertices]
+    titles = list(titles or [""] * len(vs))
+    face, step = _face(), max(1, int(round(fps / max_fps)))
+    T = min(len(v) for v in vs)
+    frames = []
+    boxes = []
+    for v in vs:                                          # one fixed camera per panel: the sequence's bounding box
+        lo, hi = v[..., :2].reshape(-1, 2).min(0), v[..., :2].reshape(-1, 2).max(0)
+        boxes.append(((lo + hi) / 2, 0.8 * size / max(float((hi - lo).max()), 1e-6)))
+    for t in range(0, T, step):
+        im = Image.new("P", (size * len(vs), size + 18), 0)              # palette: white, dark, light, points
+        im.putpalette([255, 255, 255, 40, 40, 40, 175, 185, 200, 60, 60, 60] + [0] * 756)
+        d = ImageDraw.Draw(im)
+        for p, (v, (c, sc)) in enumerate(zip(vs, boxes)):
+            xy = (v[t, :, :2] - c) * sc * np.array([1, -1]) + np.array([p * size + size / 2, 18 + size / 2])
+            if v.shape[1] == face.n_vertices:
+                for idx, f in face.polylines:
+                    d.line(xy[idx].ravel().tolist(), fill=1 if f else 2, width=2 if f else 1)
+            else:
+                for x, y in xy[:: max(1, len(xy) // 2000)]:
+                    d.point((x, y), fill=3)
+            d.text((p * size + 6, 3), f"{titles[p]}  {t / fps:4.1f}s", fill=1)
+        frames.append(im)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(round(1000 * step / fps)), loop=0)
+    return path
+
+
+def render_gif(path, motions, betas=None, titles=None, fps=FPS):
+    """Animated GIF of FaceModel faces driven by 56-d motions [(T, 56)] with identities betas [(100,)]."""
+    face = _face()
+    betas = betas if betas is not None else [None] * len(motions)
+    return render_vertices_gif(path, [face.vertices(_np(m)[:, :MOTION_DIM], b) for m, b in zip(motions, betas)],
+                               titles, fps)
+
+
+def plot_channels(path, series, channels=None, fps=FPS):
+    """PNG of a few motion channels over time, one panel per channel, one line per series {name: (T, D)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    arrs = {k: np.asarray(_np(v), np.float32).reshape(len(v), -1) for k, v in series.items()}
+    D = min(a.shape[1] for a in arrs.values())
+    if channels is None:
+        channels = ([JAW_OPEN, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BLINK, PITCH, JAW_PITCH] if D >= MOTION_DIM
+                    else list(range(min(D, 6))))
+    fig, axes = plt.subplots(len(channels), 1, figsize=(9, 1.4 * len(channels) + 0.6), sharex=True, squeeze=False)
+    for ax, ch in zip(axes[:, 0], channels):
+        for k, a in arrs.items():
+            ax.plot(np.arange(len(a)) / fps, a[:, ch], lw=1, label=k)
+        ax.set_ylabel(CHANNEL_NAMES.get(ch, f"ch {ch}") if D >= MOTION_DIM else f"ch {ch}", fontsize=8)
+    axes[0, 0].legend(fontsize=7, loc="upper right", ncol=len(arrs))
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# ================================================================================================================
+# The synthetic world: nothing below is needed to use real data
+# ================================================================================================================
+
+# Two-person conversations with known hidden rules, written in the real layouts (segments for the listener data,
+# VOCASET for talking faces) so the readers above read them like real data.
+#   Speaker   8 voices. Speech = words of fixed syllable spellings (consonant + vowel), synthesised by a wavetable
+#             source-filter (F0 harmonics through 3 formants, noise bursts for consonants); word end times are
+#             exact. Prosody follows emotion episodes (happy: high lively F0, sad: low slow, angry: loud); stressed
+#             syllables are louder, a few are suddenly very loud. The speaker's face moves its jaw/lips with the
+#             syllables, shows the episode's emotion, nods on stress, blinks.
+#   Listener  hidden social rules that read only the speaker's past:
+#             1 back-channel nod after a pause >= 250 ms (identity probability, onset 150-400 ms, 2 Hz damped);
+#             2 amusement: a humour word said by a happy, lively speaker -> smile (or open-mouth laugh with a head
+#               bob) 0.3-0.6 s later; the same words said flat (sarcasm) get nothing;
+#             3 contagion: listener smile/frown follows the speaker's valence 1-2 s later;
+#             4 surprise: a very loud syllable -> brow raise ~200 ms later;
+#             5 idle life: blinks, head sway, drift on exp 10..49;
+#             6 identity style from beta: resting offset, gain, nod/smile preference, closed/open smile, lag;
+#             7 synchrony: every response is timed to a speaker event.
+#             Re-simulating with other seeds gives K_ALT alternative appropriate reactions (val/test).
+#   Cast      8 speakers, 6 train listeners (ids 0..5), one unseen listener (id 6) only in the test split.
+#   Talking   12 VOCASET subjects (8 train with style ids 0..7, 2 val, 2 test), each with a speaking style (jaw gain,
+#             lip rounding, co-articulation smoothness, brow raises on stress, blinks); unposed like VOCASET's
+#             training meshes (no global head rotation; the jaw still rotates).
+
+NEUTRAL_WORDS = ("the and so we went to market then table window later maybe people today morning city train "
+                 "coffee really think said about water paper number little over under yesterday week again "
+                 "house car music back work story friend phone door").split()
+HUMOUR_WORDS = "haha funny joke great love amazing hilarious wonderful awesome fantastic".split()
+SAD_WORDS = "sorry lost alone sad tired cried missed funeral".split()
+VOCAB = NEUTRAL_WORDS + HUMOUR_WORDS + SAD_WORDS
+_CONS, _VOWELS = list("ptkbdgmnlrsfh") + [""], "aeiou"
+_sp = np.random.default_rng(7)               # fixed spellings: each word is a list of (consonant, vowel) syllables
+SPELLING = {w: [(_CONS[_sp.integers(len(_CONS))], _VOWELS[_sp.integers(5)])
+                for _ in range(1 + (len(w) > 4) + (len(w) > 7))] for w in VOCAB}
+SPELLING["haha"] = [("h", "a"), ("h", "a")]
+
+# emotion -> valence felt by the listener, prosody (F0 x, F0 variability, rate x, loud x)
+EMOTION_VALENCE = np.array([0, 1.0, -0.9, 0.2, -0.4, -0.5, -0.6, -0.2], np.float32)
+PROSODY = np.array([[1.0, .07, 1.0, 1.0], [1.18, .16, .9, 1.15], [.85, .03, 1.3, .65], [1.2, .12, .95, 1.2],
+                    [1.1, .08, .9, .9], [.95, .05, 1.05, .95], [1.05, .1, .9, 1.6], [.97, .04, 1.1, .9]], np.float32)
+
+
+def _smooth(x, sigma):
+    """Gaussian smoothing along axis 0 (edge padded, by FFT). x (T, ...) -> (T, ...); sigma in frames."""
+    if sigma <= 0.3:
+        return np.asarray(x, np.float32)
+    r = int(3 * sigma) + 1
+    xp = np.pad(np.asarray(x, np.float32), [(r, r)] + [(0, 0)] * (np.ndim(x) - 1), mode="edge")
+    H = np.exp(-2 * (np.pi * np.fft.rfftfreq(len(xp)) * sigma) ** 2)  # Fourier transform of the Gaussian
+    y = np.fft.irfft(np.fft.rfft(xp, axis=0) * H.reshape((-1,) + (1,) * (xp.ndim - 1)), n=len(xp), axis=0)
+    return y[r:r + len(x)].astype(np.float32)
+
+
+def _smooth_noise(rng, shape, sigma):
+    """Smooth Gaussian noise of unit std per channel, correlation time ~sigma frames."""
+    n = _smooth(rng.standard_normal(shape), sigma)
+    return n / max(float(n.std()), 1e-6)
+
+
+def _add(dst, t0, dur, fn):
+    """dst[(T,) or (T, C)] += fn(tau) for frames at times t0 <= t < t0 + dur (tau = t - t0, seconds)."""
+    i0, i1 = max(int(np.ceil(t0 * FPS)), 0), min(int(np.ceil((t0 + dur) * FPS)), len(dst))
+    if i1 > i0:
+        v = fn(np.arange(i0, i1) / FPS - t0)
+        dst[i0:i1] += v if dst.ndim == 1 or np.ndim(v) == 2 else v[:, None]
+
+
+def _env(attack, hold, release):
+    """Attack-hold-release envelope (smooth), as a function of tau."""
+    def f(tau):
+        up = np.clip(tau / attack, 0, 1)
+        down = np.clip(1 - (tau - attack - hold) / release, 0, 1)
+        return (np.sin(0.5 * np.pi * np.minimum(up, down)) ** 2).astype(np.float32)
+    return f, attack + hold + release
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Speech: a wavetable source-filter synthesiser, and the face that says it
 
 _FORMANTS = {"a": (730, 1090, 2440), "e": (530, 1840, 2480), "i": (270, 2290, 3010), "o": (570, 840, 2410),
@@ -549,7 +1234,7 @@ def _speaker_face(rng, sylls, T, style, emo_frames=None, flat_frames=None, noise
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The conversation world
+# The hidden rules: speaker events -> listener motion
 
 def _fixed_maps():
     r = np.random.default_rng(12345)                                      # fixed across worlds: style = f(beta)
@@ -612,7 +1297,7 @@ def _conversation(rng, speaker, duration):
 
 
 def _listener(rng, ev, style):
-    """The hidden social rules (module docstring): speaker events -> listener motion (T, 56)."""
+    """The hidden social rules (numbered as at the top of this section): speaker events -> listener motion (T, 56)."""
     T, g = ev["T"], style["gain"]
     m = np.zeros((T, MOTION_DIM), np.float32)
     for p in ev["pauses"]:                                                # 1 back-channel nods
@@ -651,6 +1336,9 @@ def _listener(rng, ev, style):
         m[:, k] = 1.3 * np.tanh(m[:, k] / 1.3)
     return m + style["offset"]                                           # 6 identity offset
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writers and generate_world
 
 PRESETS = {  # conversations per split, conversation seconds, train stride s; talking: sentences, seconds
     "default": {"n": {"train": 60, "val": 8, "test": 24}, "dur": 48.0, "stride": 2.0, "sent": None,
@@ -695,10 +1383,8 @@ def _write_listener(out, cfg, seed):
                        "p0_exp": lexp[s:e], "p0_pose": lpose[s:e], "p0_shape": lb, "p0_attr": la[s:e],
                        "p1_exp": sexp[s:e], "p1_pose": spose[s:e], "p1_shape": sb, "p1_attr": sa[s:e],
                        "listener_id": lid, "speaker_id": spk,
-                       "before_words": [{"text": w, "end": round(x - t0, 4)} for w, x in ev["words"]
-                                        if t0 - 3.0 <= x < t0],
-                       "during_words": [{"text": w, "end": round(x - t0, 4)} for w, x in ev["words"]
-                                        if t0 <= x < t1]}
+                       "before_words": [{"text": w, "end": x} for w, x in ev["words"] if t0 - 3.0 <= x < t0],
+                       "during_words": [{"text": w, "end": x} for w, x in ev["words"] if t0 <= x < t1]}
                 if alt is not None:
                     seg["alt_listener"] = alt[:, s:e]
                 segs.append(seg)
@@ -762,8 +1448,7 @@ def talking_references(path, name):
 
 def unposed(m):
     """Remove the global head rotation (T, 56) -> (T, 56), as VOCASET's released training meshes are unposed; the
-    jaw rotation stays. (Kept, the random head sway was ~all of a speech-only oracle's lip error: LVE 35 % of the
-    static template's with it, 0.2 % without.)"""
+    jaw rotation stays. Kept, a random head sway would be most of a speech-only predictor's lip error."""
     m = m.copy()
     m[:, HEAD] = 0.0
     return m
@@ -809,7 +1494,10 @@ def _du(path):
 
 
 def generate_world(root=None, preset="default", seed=0, force=False):
-    """Make (or reuse) the synthetic world under root: listener/ (segments format) and vocaset/. Atomic + cached."""
+    """Make (or reuse) the synthetic world under root (default DATA_ROOT/"world", or DATA_ROOT/"tiny" for preset
+    "tiny" / "smoke"): root/listener/ in the segments layout (segments_{train,val,test}.pth, mean.npy, std.npy,
+    speaker_mean.npy, speaker_std.npy, wav/) and root/vocaset/ in the VOCASET layout (+ regions.npz). Written to a
+    temporary folder and renamed (atomic); reused while its meta.json matches preset, seed and VERSION."""
     preset = "tiny" if preset in ("tiny", "smoke") else "default"
     root = Path(root) if root else DATA_ROOT / ("tiny" if preset == "tiny" else "world")
     want = {"preset": preset, "seed": seed, "version": VERSION}
@@ -851,541 +1539,16 @@ def generate_world(root=None, preset="default", seed=0, force=False):
     return root
 
 
-def resolve_data(path, kind, preset="default"):
-    """Where the data of `kind` ("listener" | "talking") lives (see the API contract)."""
-    sub = {"listener": "listener", "talking": "vocaset"}[kind]
-    if not path:
-        return generate_world(preset="tiny" if preset in ("smoke", "tiny") else "default") / sub
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such dataset folder (expected a world root, or a {kind} dataset)")
-    if (p / "listener").is_dir() and (p / "vocaset").is_dir():
-        return p / sub
-    return p
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pictures: animated GIFs of faces (PIL) and channel plots (matplotlib)
-
-CHANNEL_NAMES = {JAW_OPEN: "jaw-open", LIP_SPREAD: "lip-spread", LIP_ROUND: "lip-round", LIP_PRESS: "lip-press",
-                 SMILE: "smile", OPEN_SMILE: "open smile", FROWN: "frown", BROW_RAISE: "brow raise",
-                 BROW_FURROW: "brow furrow", BLINK: "blink", PITCH: "head pitch", 51: "head yaw", 52: "head roll",
-                 JAW_PITCH: "jaw pitch"}
-
-
-def render_vertices_gif(path, vertices, titles=None, fps=FPS, size=220, max_fps=15):
-    """Side-by-side animated GIF of vertex sequences [(T, V, 3)] (front view). FaceModel meshes are drawn as a
-    wireframe with darker lips/eyes/brows; other meshes (e.g. real VOCASET) as points."""
-    from PIL import Image, ImageDraw
-    vs = [np.asarray(_np(v), np.float32).reshape(len(v), -1, 3) for v in vertices]
-    titles = list(titles or [""] * len(vs))
-    face, step = _face(), max(1, int(round(fps / max_fps)))
-    T = min(len(v) for v in vs)
-    frames = []
-    boxes = []
-    for v in vs:                                          # one fixed camera per panel: the sequence's bounding box
-        lo, hi = v[..., :2].reshape(-1, 2).min(0), v[..., :2].reshape(-1, 2).max(0)
-        boxes.append(((lo + hi) / 2, 0.8 * size / max(float((hi - lo).max()), 1e-6)))
-    for t in range(0, T, step):
-        im = Image.new("P", (size * len(vs), size + 18), 0)              # palette: white, dark, light, points
-        im.putpalette([255, 255, 255, 40, 40, 40, 175, 185, 200, 60, 60, 60] + [0] * 756)
-        d = ImageDraw.Draw(im)
-        for p, (v, (c, sc)) in enumerate(zip(vs, boxes)):
-            xy = (v[t, :, :2] - c) * sc * np.array([1, -1]) + np.array([p * size + size / 2, 18 + size / 2])
-            if v.shape[1] == face.n_vertices:
-                for idx, f in face.polylines:
-                    d.line(xy[idx].ravel().tolist(), fill=1 if f else 2, width=2 if f else 1)
-            else:
-                for x, y in xy[:: max(1, len(xy) // 2000)]:
-                    d.point((x, y), fill=3)
-            d.text((p * size + 6, 3), f"{titles[p]}  {t / fps:4.1f}s", fill=1)
-        frames.append(im)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(round(1000 * step / fps)), loop=0)
-    return path
-
-
-def render_gif(path, motions, betas=None, titles=None, fps=FPS):
-    """Animated GIF of FaceModel faces driven by 56-d motions [(T, 56)] with identities betas [(100,)]."""
-    face = _face()
-    betas = betas if betas is not None else [None] * len(motions)
-    return render_vertices_gif(path, [face.vertices(_np(m)[:, :MOTION_DIM], b) for m, b in zip(motions, betas)],
-                               titles, fps)
-
-
-def plot_channels(path, series, channels=None, fps=FPS):
-    """PNG of a few motion channels over time, one panel per channel, one line per series {name: (T, D)}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    arrs = {k: np.asarray(_np(v), np.float32).reshape(len(v), -1) for k, v in series.items()}
-    D = min(a.shape[1] for a in arrs.values())
-    if channels is None:
-        channels = ([JAW_OPEN, SMILE, OPEN_SMILE, FROWN, BROW_RAISE, BLINK, PITCH, JAW_PITCH] if D >= MOTION_DIM
-                    else list(range(min(D, 6))))
-    fig, axes = plt.subplots(len(channels), 1, figsize=(9, 1.4 * len(channels) + 0.6), sharex=True, squeeze=False)
-    for ax, ch in zip(axes[:, 0], channels):
-        for k, a in arrs.items():
-            ax.plot(np.arange(len(a)) / fps, a[:, ch], lw=1, label=k)
-        ax.set_ylabel(CHANNEL_NAMES.get(ch, f"ch {ch}") if D >= MOTION_DIM else f"ch {ch}", fontsize=8)
-    axes[0, 0].legend(fontsize=7, loc="upper right", ncol=len(arrs))
-    axes[-1, 0].set_xlabel("seconds")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Audio: reading wavs, resampling, MFCC
-
-def _check_wav_header(path):
-    """RIFF/WAVE files: the data chunk must be as long as the header says (libsndfile reads truncated files quietly)."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-            return
-        while True:
-            ch = f.read(8)
-            if len(ch) < 8:
-                raise _err(path, "truncated WAV file: no 'data' chunk (expected a complete RIFF/WAVE file)")
-            size = int.from_bytes(ch[4:], "little")
-            if ch[:4] == b"data":
-                have = os.path.getsize(path) - f.tell()
-                if size != 0xFFFFFFFF and have < size:
-                    raise _err(path, f"truncated WAV file: header says {size} data bytes, file holds {have}")
-                return
-            f.seek(size + (size & 1), 1)
-
-
-def resample(wave, sr_in, sr_out=SR):
-    """Band-limited resampling by FFT (exact for any pair of rates). (S,) -> (round(S * sr_out / sr_in),)."""
-    w = torch.as_tensor(_np(wave), dtype=torch.float32)
-    if sr_in == sr_out:
-        return w.numpy()
-    n_out = int(round(len(w) * sr_out / sr_in))
-    X = torch.fft.rfft(w)
-    keep = min(len(X), n_out // 2 + 1)
-    Y = torch.zeros(n_out // 2 + 1, dtype=X.dtype)
-    Y[:keep] = X[:keep]
-    return (torch.fft.irfft(Y, n=n_out) * (n_out / len(w))).numpy().astype(np.float32)
-
-
-def load_wav(path, sr=SR):
-    """Read an audio file -> (S,) float32 mono at `sr`. Clear errors for missing, empty, truncated, non-audio."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such audio file (expected a .wav file)")
-    if path.stat().st_size == 0:
-        raise _err(path, "empty file (expected audio samples)")
-    _check_wav_header(path)
-    try:
-        w, file_sr = sf.read(str(path), dtype="float32", always_2d=True)   # (S, C)
-    except Exception as e:  # noqa: BLE001 - libsndfile raises several types
-        raise _err(path, f"not a readable audio file ({e})") from None
-    if len(w) == 0:
-        raise _err(path, "audio file holds no samples")
-    return resample(w.mean(1), file_sr, sr)
-
-
-def _mel_fb(n_fft, n_mels, sr):
-    hz = lambda m: 700 * (10 ** (m / 2595) - 1)
-    pts = hz(np.linspace(0, 2595 * np.log10(1 + (sr / 2) / 700), n_mels + 2))
-    f = np.linspace(0, sr / 2, n_fft // 2 + 1)
-    lo, c, hi = pts[:-2, None], pts[1:-1, None], pts[2:, None]
-    fb = np.maximum(0, np.minimum((f - lo) / (c - lo), (hi - f) / (hi - c)))  # (n_mels, F) triangles
-    return torch.tensor(fb, dtype=torch.float32)
-
-
-def mfcc(wave, sr=SR, rate=120.0, n_mfcc=40, n_rows=None, n_mels=None):
-    """MFCC rows at `rate` per second: (n_rows, n_mfcc) float32. Stereo (2, S) or (S, 2) is mixed down.
-    16 kHz -> torch.stft (25 ms Hann window, hop = SR/rate) -> mel power -> log -> DCT-II -> rows resampled
-    linearly to exactly n_rows (default round(duration * rate))."""
-    w = _np(wave).astype(np.float32)
-    if w.ndim == 2:
-        w = w.mean(0) if w.shape[0] <= 2 < w.shape[1] else w.mean(1)
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"mfcc: expected a non-empty waveform (S,) or stereo (S, 2); got shape {w.shape}")
-    if not np.isfinite(w).all():
-        raise ValueError("mfcc: waveform holds NaN or inf")
-    dur = len(w) / sr
-    w = torch.from_numpy(resample(w, sr, SR))
-    n_mels = n_mels or max(64, n_mfcc)
-    hop, n_fft = max(1, int(round(SR / rate))), 512
-    if len(w) < n_fft:
-        w = torch.nn.functional.pad(w, (0, n_fft - len(w)))
-    spec = torch.stft(w, n_fft, hop_length=hop, win_length=400, window=torch.hann_window(400),
-                      center=True, return_complex=True).abs() ** 2               # (F, N)
-    logmel = torch.log(_mel_fb(n_fft, n_mels, SR) @ spec + 1e-6)                # (n_mels, N)
-    k = torch.arange(n_mels, dtype=torch.float32)
-    dct = torch.cos(np.pi / n_mels * (k[None] + 0.5) * torch.arange(n_mfcc, dtype=torch.float32)[:, None])
-    c = (dct @ logmel).T * np.sqrt(2.0 / n_mels)                                # (N, n_mfcc) DCT-II
-    n_rows = int(n_rows if n_rows is not None else max(1, round(dur * rate)))
-    pos = torch.arange(n_rows, dtype=torch.float32) / rate * SR / hop           # row j's time in frames
-    i0 = pos.floor().long().clamp(0, len(c) - 1)
-    i1 = (i0 + 1).clamp(max=len(c) - 1)
-    fr = (pos - i0.float()).clamp(0, 1)[:, None]
-    return ((1 - fr) * c[i0] + fr * c[i1]).numpy().astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Readers: every format -> the same items
-
-def _check_motion(arr, path, what, T=None, D=None):
-    a = np.asarray(_np(arr), dtype=np.float32)
-    if a.ndim != 2 or (T is not None and a.shape[0] != T) or (D is not None and a.shape[1] != D):
-        raise _err(path, f"{what} has shape {a.shape}, expected ({T or 'T'}, {D or 'D'})")
-    if not np.isfinite(a).all():
-        raise _err(path, f"{what} holds NaN or inf values (expected finite motion)")
-    return a
-
-
-def _item(name, fps, start, listener, speaker, lbeta=None, sbeta=None, lid=-1, lattr=None, sattr=None,
-          audio=None, audio_rows=None, words=(), alt=None):
-    face = _face()
-    attr = lambda m, a: (np.asarray(_np(a), np.float32) if a is not None else
-                         face.attributes(m[..., :MOTION_DIM]) if m.shape[-1] >= MOTION_DIM
-                         else np.zeros(m.shape[:-1] + (ATTR_DIM,), np.float32))
-    beta = lambda b: np.zeros(BETA_DIM, np.float32) if b is None else np.asarray(_np(b), np.float32).reshape(
-        -1, BETA_DIM)[0]
-    alt = None if alt is None else np.asarray(_np(alt), np.float32)
-    return {"name": name, "fps": int(fps), "start_frame": int(start), "listener": listener, "speaker": speaker,
-            "listener_beta": beta(lbeta), "speaker_beta": beta(sbeta), "listener_id": int(lid),
-            "listener_attr": attr(listener, lattr), "speaker_attr": attr(speaker, sattr), "audio": audio,
-            "audio_rows": audio_rows, "words": sorted(words, key=lambda w: w[1]), "alt_listener": alt,
-            "alt_listener_attr": None if alt is None else attr(alt, None)}
-
-
-def _load_pth(f):
-    try:
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - real LM-Listener files may hold numpy arrays: trusted local file
-        return torch.load(f, map_location="cpu", weights_only=False)
-
-
-def _read_segments(path, split):
-    f = path / f"segments_{split}.pth"
-    segs = _load_pth(f)
-    if not isinstance(segs, list):
-        raise _err(f, f"expected a list of segment dicts, got {type(segs).__name__}")
-    wavs, items = {}, []
-    need = ("fname", "split_start_frame", "split_end_frame", "p0_exp", "p0_pose", "p1_exp", "p1_pose")
-    for i, s in enumerate(segs):
-        miss = [k for k in need if k not in s]
-        if miss:
-            raise _err(f, f"segment {i} lacks keys {miss} (expected LM-Listener segment dicts)")
-        a, b = int(s["split_start_frame"]), int(s["split_end_frame"])
-        T, fps = b - a, int(s.get("fps", FPS))
-        where = f"{f} [segment {i}]"
-        L = np.concatenate([_check_motion(s["p0_exp"], where, "p0_exp", T), _check_motion(s["p0_pose"], where,
-                                                                                         "p0_pose", T)], 1)
-        S = np.concatenate([_check_motion(s["p1_exp"], where, "p1_exp", T), _check_motion(s["p1_pose"], where,
-                                                                                         "p1_pose", T)], 1)
-        audio, wf = None, path / "wav" / f"{s['fname']}.wav"
-        if (path / "wav").is_dir():
-            if s["fname"] not in wavs:
-                wavs[s["fname"]] = load_wav(wf)
-            w = wavs[s["fname"]]
-            s0, s1 = int(round(a * SR / fps)), int(round(b * SR / fps))
-            if s1 > len(w):
-                raise _err(wf, f"audio is {len(w) / SR:.2f} s long, segment {i} needs {s1 / SR:.2f} s")
-            audio = w[s0:s1]
-        words = [(w["text"], float(w["end"])) for w in list(s.get("before_words", [])) + list(s.get("during_words",
-                                                                                                  []))]
-        alt = s.get("alt_listener")
-        if alt is not None and (tuple(alt.shape[1:]) != (T, L.shape[1]) or not torch.isfinite(
-                torch.as_tensor(alt).float()).all()):
-            raise _err(where, f"alt_listener has shape {tuple(alt.shape)}, expected (K, {T}, {L.shape[1]}), finite")
-        items.append(_item(f"{s['fname']}:{a}-{b}", fps, a, L, S, s.get("p0_shape"), s.get("p1_shape"),
-                           s.get("listener_id", -1), s.get("p0_attr"), s.get("p1_attr"), audio, None, words, alt))
-    return items
-
-
-def load_listener(path, split, fmt=None):
-    """Read listener items of `split` from a segments / l2l / react folder (format detected; see the docstring)."""
-    path = Path(path)
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be train, val or test; got {split!r}")
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such dataset folder (expected segments_{split}.pth, "
-                                f"{split}/p0_list_faces_clean_deca.npy or {split}/Emotion/)")
-    if (path / "listener").is_dir() and (path / "vocaset").is_dir():
-        path = path / "listener"                                          # a world root
-    if fmt is None:
-        fmt = ("segments" if (path / f"segments_{split}.pth").exists() else
-               "l2l" if any((path / split / f"p{p}_list_faces_clean_deca.npy").exists() for p in (0, 1)) else
-               "react" if (path / split / "Emotion").is_dir() else None)
-    if fmt is None:
-        raise FileNotFoundError(f"{path}: found no {split} split: expected segments_{split}.pth (segments), "
-                                f"{split}/p0_list_faces_clean_deca.npy (l2l) or {split}/Emotion/ (react)")
-    return {"segments": _read_segments, "l2l": _read_l2l, "react": _read_react}[fmt](path, split)
-
-
-def load_stats(path, who="listener"):
-    """(mean (D,), std (D,)) float32 train statistics stored with the data (listener, or who="speaker")."""
-    path = Path(path)
-    if (path / "listener").is_dir():
-        path = path / "listener"
-    pre = "" if who == "listener" else "speaker_"
-    out = []
-    for k in ("mean", "std"):
-        f = path / f"{pre}{k}.npy"
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: missing train statistics (expected {pre}mean.npy and {pre}std.npy)")
-        a = np.load(f).astype(np.float32).reshape(-1)
-        if not np.isfinite(a).all():
-            raise _err(f, "holds NaN or inf")
-        out.append(a)
-    return out[0], np.maximum(out[1], 1e-3)
-
-
-def load_talking(path, split, fps=None):
-    """VOCASET layout -> items (see docstring). Real VOCASET (60 fps) is detected and kept [::2] to 30 fps."""
-    path = Path(path)
-    if (path / "vocaset").is_dir():
-        path = path / "vocaset"
-    for need in ("wav", "vertices_npy", "templates.pkl"):
-        if not (path / need).exists():
-            raise FileNotFoundError(f"{path / need}: missing (expected VOCASET layout: wav/, vertices_npy/, "
-                                    f"templates.pkl)")
-    with open(path / "templates.pkl", "rb") as f:
-        templates = pickle.load(f, encoding="latin1")
-    subjects = {"train": TRAIN_SUBJECTS, "val": VAL_SUBJECTS, "test": TEST_SUBJECTS}[split]
-    src_fps = fps or (json.loads((path / "meta.json").read_text())["fps"] if (path / "meta.json").exists() else None)
-    items = []
-    for subj in subjects:
-        for k in SENTENCES[split]:
-            vf, wf = path / "vertices_npy" / f"{subj}_sentence{k:02d}.npy", path / "wav" / f"{subj}_sentence{k:02d}.wav"
-            if not vf.exists():
-                continue                                                  # VOCASET has holes; so may we
-            tpl = np.asarray(templates[subj], np.float32).reshape(-1, 3)
-            v = np.load(vf).astype(np.float32)
-            if v.ndim != 2 or v.shape[1] != tpl.size:
-                raise _err(vf, f"vertices have shape {v.shape}, expected (T, {tpl.size}) = (T, V*3) for the template")
-            if not np.isfinite(v).all():
-                raise _err(vf, "vertices hold NaN or inf")
-            audio = load_wav(wf)
-            f_src = src_fps or (60 if len(v) / (len(audio) / SR) > 45 else 30)
-            step = max(1, int(round(f_src / FPS)))
-            v = v[::step].reshape(-1, tpl.shape[0], 3)
-            items.append({"name": f"{subj}_sentence{k:02d}", "subject": subj,
-                          "style": TRAIN_SUBJECTS.index(subj) if subj in TRAIN_SUBJECTS else -1,
-                          "audio": audio, "vertices": v, "template": tpl, "fps": FPS})
-    if not items:
-        raise FileNotFoundError(f"{path}: no {split} sentences found (expected vertices_npy/<subject>_sentenceXX.npy "
-                                f"for {subjects})")
-    return items
-
-
-def talking_regions(path):
-    """(lip_idx, upper_idx) int64 vertex indices stored with the talking-face data."""
-    path = Path(path)
-    if (path / "vocaset").is_dir():
-        path = path / "vocaset"
-    f = path / "regions.npz"
-    if not f.exists():
-        raise FileNotFoundError(f"{f}: missing (expected lip_idx and upper_idx; for real VOCASET use FaceFormer's "
-                                f"lip vertex index file and an upper-face mask)")
-    r = np.load(f)
-    return r["lip_idx"].astype(np.int64), r["upper_idx"].astype(np.int64)
-
-
-L2L_T, L2L_D = 64, 184                     # L2L windows: 64 frames of 184-d DECA codes (exp 50 | pose 6 | detail 128)
-
-
-def write_l2l(path, split, items, rows_per_frame=4, n_mel=128):
-    """Write items as L2L npy files: p0_list_faces (N,64,184) paired with p1_speak_{faces,audio,files}.
-    Items are cut into 64-frame windows; audio rows are `audio_rows` or MFCC rows of `audio` (4 per frame)."""
-    d = Path(path) / split
-    d.mkdir(parents=True, exist_ok=True)
-    L, S, A, F = [], [], [], []
-    for it in items:
-        for s in range(0, len(it["listener"]) - L2L_T + 1, L2L_T):
-            pad = lambda m: np.pad(m[s:s + L2L_T], ((0, 0), (0, L2L_D - m.shape[1])))
-            L.append(pad(it["listener"]))
-            S.append(pad(it["speaker"]))
-            if it.get("audio_rows") is not None:
-                A.append(it["audio_rows"][rows_per_frame * s:rows_per_frame * (s + L2L_T)])
-            else:
-                sps = SR / it["fps"]
-                A.append(mfcc(it["audio"][int(round(s * sps)):int(round((s + L2L_T) * sps))], rate=rows_per_frame *
-                              it["fps"], n_mfcc=n_mel, n_rows=rows_per_frame * L2L_T))
-            F.append([[it["name"].split(":")[0], "p1", str(it["start_frame"] + s + f)] for f in range(L2L_T)])
-    np.save(d / "p0_list_faces_clean_deca.npy", np.stack(L).astype(np.float32))
-    np.save(d / "p1_speak_faces_clean_deca.npy", np.stack(S).astype(np.float32))
-    np.save(d / "p1_speak_audio_clean_deca.npy", np.stack(A).astype(np.float32))
-    np.save(d / "p1_speak_files_clean_deca.npy", np.array(F))
-    return d
-
-
-def _read_l2l(path, split):
-    d = path / split
-    items = []
-    for o in (0, 1):                                                      # listener p{o}, speaker p{1-o}
-        lf = d / f"p{o}_list_faces_clean_deca.npy"
-        if not lf.exists():
-            continue
-        sp = lambda kind: d / f"p{1 - o}_speak_{kind}_clean_deca.npy"
-        for f in (sp("faces"), sp("audio")):
-            if not f.exists():
-                raise FileNotFoundError(f"{f}: missing (expected next to {lf.name}, as in Learning2Listen)")
-        L, S, A = np.load(lf), np.load(sp("faces")), np.load(sp("audio"))
-        names = np.load(sp("files")) if sp("files").exists() else None
-        for f, a in ((lf, L), (sp("faces"), S)):
-            if a.ndim != 3 or a.shape[2] < MOTION_DIM or a.shape[:2] != L.shape[:2]:
-                raise _err(f, f"shape {a.shape}, expected (N, T, >= 56) with (N, T) = {L.shape[:2]} (e.g. (N, 64, 184))")
-            if not np.isfinite(a[..., :MOTION_DIM]).all():
-                raise _err(f, "holds NaN or inf in the first 56 channels (expected finite motion)")
-        if A.ndim != 3 or len(A) != len(L):
-            raise _err(sp("audio"), f"shape {A.shape}, expected (N, 4T, F) with N = {len(L)} (e.g. (N, 256, 128))")
-        for i in range(len(L)):
-            T = L.shape[1]
-            fname, start = f"l2l_p{o}_{i:05d}", 0
-            if names is not None and names.ndim == 3:
-                fname = str(names[i, 0, 0])
-                start = int(names[i, 0, 2]) if str(names[i, 0, 2]).lstrip("-").isdigit() else 0
-            items.append(_item(f"{fname}:{start}-{start + T}", FPS, start, np.ascontiguousarray(L[i, :, :MOTION_DIM],
-                               np.float32), np.ascontiguousarray(S[i, :, :MOTION_DIM], np.float32),
-                               audio_rows=A[i].astype(np.float32)))
-    seen = {}
-    for it in items:                                                      # names stay unique
-        seen[it["name"]] = seen.get(it["name"], -1) + 1
-        if seen[it["name"]]:
-            it["name"] += f"#{seen[it['name']]}"
-    return items
-
-
-REACT_PEOPLE = ("Expert_video", "Novice_video")                           # NoXI-style person folders
-
-
-def write_react(path, split, items, site="synthetic"):
-    """Write items in the REACT layout: <split>/{Emotion,3D_FV_files,Audio_files}/<site>/<session>/<person>/1.*
-    (the speaker is Expert_video, the listener Novice_video; 3DMM as (T, 1, D) npy; 25 attributes as csv)."""
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
-    for it in items:
-        session = it["name"].replace(":", "_").replace("/", "_")
-        for person, m, attr, wav in ((REACT_PEOPLE[0], it["speaker"], it["speaker_attr"], it["audio"]),
-                                     (REACT_PEOPLE[1], it["listener"], it["listener_attr"], None)):
-            dirs = [root / split / k / site / session / person for k in ("Emotion", "3D_FV_files", "Audio_files")]
-            for x in dirs:
-                x.mkdir(parents=True, exist_ok=True)
-            np.savetxt(dirs[0] / "1.csv", attr, delimiter=",", header=",".join(ATTR_NAMES), comments="", fmt="%.7g")
-            np.save(dirs[1] / "1.npy", np.asarray(m, np.float32)[:, None])
-            n = int(round(len(m) * SR / it["fps"]))
-            write_wav(dirs[2] / "1.wav", np.zeros(n, np.float32) if wav is None else wav)
-    (root / "react_meta.json").write_text(json.dumps({"fps": int(items[0]["fps"]) if items else 25}))
-    return root
-
-
-def _read_react(path, split):
-    fps = json.loads((path / "react_meta.json").read_text())["fps"] if (path / "react_meta.json").exists() else 25
-    emo = path / split / "Emotion"
-    items = []
-    for sess in sorted(p for p in emo.glob("*/*") if p.is_dir()):
-        people = sorted(p.name for p in sess.iterdir() if p.is_dir())
-        if len(people) != 2:
-            raise _err(sess, f"holds {len(people)} person folders {people}, expected the 2 people of a session")
-        for li, person in enumerate(people):
-            partner = people[1 - li]
-            for csv in sorted((sess / person).glob("*.csv")):
-                rel = sess.relative_to(emo)
-                get = lambda kind, who, ext: path / split / kind / rel / who / f"{csv.stem}.{ext}"
-                mot = []
-                for who in (person, partner):
-                    f = get("3D_FV_files", who, "npy")
-                    if not f.exists():
-                        raise FileNotFoundError(f"{f}: missing 3DMM file (expected (T, 1, 58) or (T, 58) npy)")
-                    a = np.load(f)
-                    mot.append(_check_motion(a.reshape(len(a), -1), f, "3DMM coefficients"))
-                att = []
-                for who in (person, partner):
-                    f = get("Emotion", who, "csv")
-                    try:
-                        a = np.loadtxt(f, delimiter=",", skiprows=1, ndmin=2).astype(np.float32)
-                    except (OSError, ValueError) as e:
-                        raise _err(f, f"unreadable attribute csv ({e}); expected a header and {ATTR_DIM} columns") from None
-                    if a.shape[1] != ATTR_DIM or not np.isfinite(a).all():
-                        raise _err(f, f"attributes have shape {a.shape}, expected (T, {ATTR_DIM}), finite")
-                    att.append(a)
-                T = min(len(mot[0]), len(mot[1]), len(att[0]), len(att[1]))
-                w = get("Audio_files", partner, "wav")
-                audio = load_wav(w) if w.exists() else None
-                if audio is not None:
-                    audio = np.pad(audio, (0, max(0, int(round(T * SR / fps)) - len(audio))))[:int(round(T * SR / fps))]
-                items.append(_item(f"{rel.as_posix()}/{person}/{csv.stem}", fps, 0, mot[0][:T], mot[1][:T],
-                                   lattr=att[0][:T], sattr=att[1][:T], audio=audio))
-    if not items:
-        raise FileNotFoundError(f"{emo}: no <site>/<session>/<person>/<clip>.csv files (expected the REACT layout)")
-    return items
-
-
-def write_segments(path, split, items):
-    """Write items as an LM-Listener-style segments_{split}.pth (+ wav/<name>.wav per item), readable again."""
-    path = Path(path)
-    (path / "wav").mkdir(parents=True, exist_ok=True)
-    segs = []
-    for i, it in enumerate(items):
-        fname = f"seg{i:05d}"
-        T = len(it["listener"])
-        t = lambda a: torch.as_tensor(np.asarray(a, np.float32))
-        seg = {"fname": fname, "split_start_frame": 0, "split_end_frame": T, "fps": it["fps"],
-               "p0_exp": t(it["listener"][:, EXP]), "p0_pose": t(it["listener"][:, POSE]),
-               "p1_exp": t(it["speaker"][:, EXP]), "p1_pose": t(it["speaker"][:, POSE]),
-               "p0_shape": t(it["listener_beta"])[None], "p1_shape": t(it["speaker_beta"])[None],
-               "p0_attr": t(it["listener_attr"]), "p1_attr": t(it["speaker_attr"]), "listener_id": it["listener_id"],
-               "before_words": [{"text": w, "end": e} for w, e in it["words"] if e < 0],
-               "during_words": [{"text": w, "end": e} for w, e in it["words"] if e >= 0]}
-        if it.get("alt_listener") is not None:
-            seg["alt_listener"] = t(it["alt_listener"])
-        if it.get("audio") is not None:
-            write_wav(path / "wav" / f"{fname}.wav", it["audio"])
-        segs.append(seg)
-    torch.save(segs, path / f"segments_{split}.pth")
-    return path
-
-
-class ListenerWindows(torch.utils.data.Dataset):
-    """Windows of `window` frames (every `stride` frames) cut from listener items, z-normalised with the
-    train statistics (mean, std). Each sample: listener/speaker (window, D) float32 tensors, listener_beta,
-    listener_id, audio (window * SR / fps samples, or empty), and the item index and start frame."""
-
-    def __init__(self, items, window=64, stride=None, mean=None, std=None):
-        self.items, self.window = items, window
-        D = items[0]["listener"].shape[1]
-        self.mean = np.zeros(D, np.float32) if mean is None else np.asarray(mean, np.float32)
-        self.std = np.ones(D, np.float32) if std is None else np.asarray(std, np.float32)
-        self.index = [(i, s) for i, it in enumerate(items)
-                      for s in range(0, len(it["listener"]) - window + 1, stride or window)]
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, k):
-        i, s = self.index[k]
-        it, e = self.items[i], s + self.window
-        z = lambda m: torch.from_numpy((m[s:e] - self.mean) / self.std)      # (window, D)
-        sps = SR / it["fps"]
-        audio = it["audio"][int(round(s * sps)):int(round(e * sps))] if it["audio"] is not None else np.zeros(0)
-        return {"listener": z(it["listener"]), "speaker": z(it["speaker"]),
-                "listener_beta": torch.from_numpy(it["listener_beta"]), "listener_id": it["listener_id"],
-                "audio": torch.from_numpy(np.ascontiguousarray(audio, np.float32)), "item": i, "start": s}
-
-    def denormalise(self, x):
-        """(..., D) normalised -> raw motion."""
-        return x * torch.as_tensor(self.std, device=x.device) + torch.as_tensor(self.mean, device=x.device)
-
-
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="Generate (or reuse) the synthetic world.")
+    ap = ArgParser(description="Generate (or reuse) the synthetic world.")
     ap.add_argument("--preset", default="default", choices=["default", "tiny"])
-    ap.add_argument("--root", default=None)
+    ap.add_argument("--root", default=None, help="where to write it (default data/world or data/tiny)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--force", action="store_true")
-    a = ap.parse_args()
+    ap.add_argument("--force", action="store_true", help="regenerate even when a matching world exists")
+    try:
+        a = ap.parse_args()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     r = generate_world(a.root, a.preset, a.seed, a.force)
     print(json.loads((r / "meta.json").read_text()))
