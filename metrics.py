@@ -1,30 +1,27 @@
-"""metrics.py: every metric of the five papers, exact, and the evaluation baselines.
+"""metrics.py: the metrics of the five papers' tables, the baselines they are compared with, and the writers.
 
-Pure functions on numpy arrays or torch tensors (numpy and torch only; no scipy, tslearn, sklearn).
-The exact definitions are ../shared/spec/METRICS.md; section numbers below (§1.2, ...) refer to it.
+Not here: FID and FRRea (REACT's realism score). Both score rendered face images, so they need a photo-real face
+renderer, and this repository has none. The codebook statistics (perplexity, active codes) are computed by vqvae.py
+from its quantiser. Every other metric column of the papers' tables is here.
 
-Where each metric comes from
-    §1 listener motion (L2, FD, P-FD, Var, Div, L2-Affect): the LM-Listener evaluation script (arXiv 2308.10897),
-       the Learning2Listen test script, and the L2L-style re-implementation (part-wise P-FD, per-video pooling).
-    §2 codec health (reconstruction, commitment, perplexity, active codes): the L2L and T2M-GPT-style quantisers.
-    §3 REACT (FRCorr, FRDist, FRDiv, FRVar, FRDvs, FRSyn): the REACT 2023/2024 baseline metric package.
-    §4 talking faces (LVE, FDD, MVE): the CodeTalker, FaceDiffuser and DiffSpeaker metric scripts.
-    §5 baselines: random train window, NN on speaker motion / audio / text, random codes, random walk over
-       codes, mime, mean frame.
-    Reporting: format_table (Markdown), write_metrics_json / read_metrics_json, *_COLUMNS (METRICS.md §6).
+How the file reads:
+    1. each metric's plain definition: a few lines of numpy, with the formula in the docstring;
+    2. the batched fast paths that the tables run (tests/test_metrics.py checks each against its plain definition);
+    3. the table functions that the method files call: listener_metrics, react_metrics, face_metrics;
+    4. the baselines; 5. the Markdown table and metrics.json writers; 6. `python metrics.py --bench`, which times FD
+       and FRDist against the reference code (numpy/scipy, tslearn) when it is installed.
 
-Conventions (§0): inputs are np.ndarray or torch.Tensor, converted to float64 numpy (dtw_batch stays in
-torch); outputs are Python floats or dict[str, float]; NaN/inf input raises ValueError naming the argument;
-randomness only through a keyword `seed`. Letters: T frames, D dims, N speakers, K samples per speaker,
-M reference pool, V vertices, L tokens, C code dim, Q queries.
+Whose evaluation code we follow (a docstring that departs from it ends with a "Differs from original:" note):
+    listener motion (L2, FD, P-FD, Var, Div, L2-Affect): LM-Listener (arXiv 2308.10897), Learning2Listen
+        (arXiv 2204.08451); FD is the Frechet distance of FID (arXiv 1706.08500) on motion frames.
+    REACT (FRCorr, FRDist, FRDiv, FRVar, FRDvs, FRSyn): the REACT 2023 and 2024 challenges (arXiv 2306.06583,
+        arXiv 2401.05166), whose baseline package defines them.
+    talking faces (LVE, FDD, MVE): MeshTalk / FaceFormer (arXiv 2104.08223, 2112.05329) for LVE, CodeTalker
+        (arXiv 2301.02379) for FDD, and DiffSpeaker (arXiv 2402.05712), which reports LVE per sequence.
 
-Speed: `python metrics.py --bench` (random data; prints wall and process CPU time). Measured on the 2-core
-development box while ~7 other jobs ran (load average ~14, so wall times are inflated ~3x; every metric
-runs torch on one thread, so CPU time is what an idle machine gives):
-    FD of two (10000, 56) sets                                  cpu 32 ms  (wall 99 ms)  target <= 50 ms
-    FRDist 10 samples x 20 speakers x 750 frames, identity A    cpu 14.7 s (wall 43 s)   target <= 30 s
-        (600 DTWs of 750 x 750, ~25 ms CPU each; cost grows with |A_k|; fr_dist(device="cuda") on a GPU)
-    listener_metrics, 200 windows x 240 frames x 56 dims       cpu 3.3 s per row (exact Div is ~60% of it)
+Conventions: inputs are np.ndarray or torch.Tensor, converted to float64 numpy; outputs are Python floats or
+dict[str, float]; NaN/inf input raises ValueError naming the argument; randomness only through a keyword `seed`.
+Letters: T frames, D dims, N speakers, K samples per speaker, M reference pool, V vertices, L tokens, Q queries.
 """
 import json
 import math
@@ -42,7 +39,7 @@ POSE = slice(50, 56)  # head rotation (3) + jaw (3)
 PARTS = {"all": slice(0, 56), "exp": EXP, "pose": POSE}
 REACT_BLOCKS = ((0, 15, 1 / 15), (15, 17, 1.0), (17, 25, 1 / 8))  # (start, end, weight): AUs, VA, emotions
 
-# Column order of the three table kinds of METRICS.md §6 (every method prints the same columns).
+# Column order of the three kinds of table (every method prints the same columns).
 LISTENER_COLUMNS = ["mse/all", "mse/exp", "mse/pose", "fd/exp", "fd/pose", "pfd/exp", "pfd/pose",
                     "var_pred/all", "div_pred/all", "affect_l2"]
 REACT_COLUMNS = ["frcorr_sum", "frcorr_mean", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs",
@@ -51,7 +48,7 @@ FACE_COLUMNS = ["lve", "lve_seq", "fdd", "fdd_abs", "mve"]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §0 conventions: conversion and checks
+# Input conversion and checks
 # ---------------------------------------------------------------------------------------------------------
 
 def _np(x, name):
@@ -79,36 +76,299 @@ def _same_shape(a, b, na, nb):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §1 listener motion metrics (LM-Listener protocol)
+# 1. Plain definitions: listener motion (one window: pred, gt, speaker of T frames; LM-Listener's protocol)
 # ---------------------------------------------------------------------------------------------------------
 
 def mse(pred, gt):
-    """§1.1 "L2": (1/(T*D)) sum (pred - gt)^2, a mean of squares without a root (LM-Listener)."""
+    """The "L2" column: (1/(T*D)) sum_{t,d} (pred - gt)^2, a mean of squares without a root (LM-Listener). ↓."""
     p, g = _arr(pred, "pred"), _arr(gt, "gt")
     _same_shape(p, g, "pred", "gt")
     return float(np.mean((p - g) ** 2))
 
 
-def mean_l2_norm(pred, gt):
-    """§1.1 L2L variant: (1/T) sum_t ||pred_t - gt_t||_2 (L2L applied it in standardised space)."""
-    p, g = _arr(pred, "pred", 2), _arr(gt, "gt", 2)
-    _same_shape(p, g, "pred", "gt")
-    return float(np.linalg.norm(p - g, axis=1).mean())
-
-
 def gaussian_stats(x):
-    """Frame mean (D,) and unbiased covariance (D, D) of a frame set (T, D) (numpy cov(rowvar=False))."""
+    """Frame mean mu (D,) and unbiased covariance S (D, D) = xc^T xc / (T - 1) of a frame set x (T, D)
+    (numpy's cov(rowvar=False))."""
     x = _arr(x, "x", 2)
     if x.shape[0] < 2:
         raise ValueError(f"x: FD needs at least 2 frames, got {x.shape[0]}")
+    return _gaussian_stats(x)
+
+
+def _gaussian_stats(x):
     mu = x.mean(0)
     xc = x - mu
     return mu, xc.T @ xc / (x.shape[0] - 1)
 
 
+def frechet_from_stats(mu1, cov1, mu2, cov2):
+    """FD = ||mu1 - mu2||^2 + tr C1 + tr C2 - 2 tr (C1 C2)^(1/2), the Frechet distance of two Gaussians
+    (mu1, C1 = cov1) and (mu2, C2 = cov2), as FID uses it (arXiv 1706.08500).
+
+    C1 C2 is not symmetric, but it is similar to M = C1^(1/2) C2 C1^(1/2), which is symmetric PSD, so
+    tr (C1 C2)^(1/2) = sum_i sqrt(eig_i(M)); C1^(1/2) = U diag(sqrt(max(w, 0))) U^T from C1's eigenpairs (w, U).
+    Differs from original: the original takes scipy's sqrtm of the non-symmetric product (with a 1e-6 I retry
+    and dropping imaginary parts); the symmetric route needs neither (agreement ~1e-12 relative on full-rank
+    covariances, ~1e-8 on a 24-frame window in 56-D).
+    """
+    mu1, mu2 = _arr(mu1, "mu1", 1), _arr(mu2, "mu2", 1)
+    c1, c2 = _arr(cov1, "cov1", 2), _arr(cov2, "cov2", 2)
+    c1, c2 = (c1 + c1.T) / 2, (c2 + c2.T) / 2  # symmetrise against round-off
+    w, U = np.linalg.eigh(c1)
+    R = (U * np.sqrt(np.clip(w, 0, None))) @ U.T  # C1^(1/2)
+    M = R @ c2 @ R
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()  # tr (C1 C2)^(1/2)
+    fd = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * tr_sqrt
+    return float(max(fd, 0.0))  # round-off can give about -1e-15
+
+
+def frechet_distance(a, b):
+    """FD between the frame sets a (T_a, D) and b (T_b, D), each fitted with a Gaussian (gaussian_stats) and
+    compared with frechet_from_stats. T_a != T_b is allowed; each needs >= 2 frames. ↓."""
+    a, b = _arr(a, "a", 2), _arr(b, "b", 2)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a and b must have the same feature dim, got {a.shape[1]} and {b.shape[1]}")
+    for x, n in ((a, "a"), (b, "b")):
+        if x.shape[0] < 2:
+            raise ValueError(f"{n}: FD needs at least 2 frames, got {x.shape[0]}")
+    return frechet_from_stats(*_gaussian_stats(a), *_gaussian_stats(b))  # (a and b are checked above)
+
+
+def paired_frechet_distance(speaker, pred, gt):
+    """P-FD = FD([s | gt], [s | pred]) on the per-frame concatenation of speaker and listener (same T): it
+    measures speaker-listener synchrony, where the marginal FD can be 0 (LM-Listener). ↓."""
+    s, p, g = _arr(speaker, "speaker", 2), _arr(pred, "pred", 2), _arr(gt, "gt", 2)
+    _same_shape(p, g, "pred", "gt")
+    if s.shape[0] != p.shape[0]:
+        raise ValueError(f"speaker and pred must have the same T, got {s.shape[0]} and {p.shape[0]}")
+    return frechet_distance(np.concatenate([s, g], 1), np.concatenate([s, p], 1))
+
+
+def variation(x):
+    """Var: (1/D) sum_d (1/T) sum_t (x_td - mean_t x_td)^2, the population variance over time (ddof 0,
+    LM-Listener), averaged over dims. Closer to GT is better."""
+    x = _arr(x, "x", 2)
+    return float((x - x[:1]).var(axis=0).mean())  # shifted by frame 0: a constant channel gives exactly 0
+
+
+def diversity(x, *, lm_compat=False, seed=0):
+    """Div: the mean of ||x_i - x_j||_2 over all T(T-1)/2 frame pairs i < j (exact, deterministic). Closer to GT
+    is better.
+
+    lm_compat=True: the original estimator, n = 30 (T > 30) else 10 pairs from two independent draws without
+    replacement (default_rng(seed).choice twice); its expectation is (1 - 1/T) x the exact value.
+    Differs from original: the default is exact; the original's RNG was unseeded.
+    """
+    x = _arr(x, "x", 2)
+    T = x.shape[0]
+    if T < 2:
+        raise ValueError(f"x: diversity needs at least 2 frames, got {T}")
+    if lm_compat:
+        n = 30 if T > 30 else 10
+        if T <= n:
+            raise ValueError(f"x: lm_compat diversity needs T > {n}, got {T}")
+        rng = np.random.default_rng(seed)
+        i, j = rng.choice(T, n, replace=False), rng.choice(T, n, replace=False)
+        return float(np.linalg.norm(x[i] - x[j], axis=1).mean())
+    total = sum(np.linalg.norm(x[i + 1:] - x[i], axis=1).sum() for i in range(T - 1))  # pairs (i, j > i)
+    return float(total / (T * (T - 1) / 2))
+
+
+def affect_l2(pred, gt, valence_fn, *, window=30):
+    """L2-Affect: (1/n) sum_w (mean_{t in w} v_pred - mean_{t in w} v_gt)^2 over the n = T // w non-overlapping
+    windows of w = min(window, T) frames, the trailing T - n*w frames dropped (as the original's unfold);
+    valence_fn maps (T, 56) -> (T,) valence. ↓.
+
+    Differs from original: EMOCA's emotion net is replaced by the caller's readout `valence_fn`.
+    """
+    p, g = _arr(pred, "pred", 2), _arr(gt, "gt", 2)
+    _same_shape(p, g, "pred", "gt")
+    T = p.shape[0]
+    vp, vg = _arr(valence_fn(p), "valence_fn(pred)"), _arr(valence_fn(g), "valence_fn(gt)")
+    if vp.shape != (T,) or vg.shape != (T,):
+        raise ValueError(f"valence_fn must return shape ({T},), got {vp.shape} and {vg.shape}")
+    w = min(int(window), T)
+    n = T // w
+    mp, mg = vp[:n * w].reshape(n, w).mean(1), vg[:n * w].reshape(n, w).mean(1)
+    return float(np.mean((mp - mg) ** 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Plain definitions: REACT (one reaction pred against one listener / speaker sequence, or the (N, K, T, D)
+#    set of K generated reactions per speaker for the diversity scores)
+# ---------------------------------------------------------------------------------------------------------
+
+def ccc(x, y, *, react_compat=False):
+    """Concordance correlation (Lin 1989), the mean over dims of 2 s_xy / (s_x^2 + s_y^2 + (mu_x - mu_y)^2)
+    with population moments over time. Input (T,) or (T, D). ↑ in [-1, 1].
+
+    Differs from original: a channel that is constant and equal in x and y scores 1 (the official code gives 0
+    and shrinks every channel by a +1e-8 in the denominator); react_compat=True reproduces the official one.
+    """
+    a, b = _arr(x, "x"), _arr(y, "y")
+    _same_shape(a, b, "x", "y")
+    if a.ndim == 1:
+        a, b = a[:, None], b[:, None]
+    mx, my = a.mean(0), b.mean(0)
+    vx, vy, sxy = a.var(0), b.var(0), ((a - mx) * (b - my)).mean(0)  # (D,) population moments
+    den = vx + vy + (mx - my) ** 2
+    if react_compat:  # the official: Pearson's rho (NaN -> 0, clipped) times both stds, + 1e-8 below
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = np.clip(np.nan_to_num(sxy / np.sqrt(vx * vy), nan=0.0), -1, 1)
+        return float(np.mean(2 * rho * np.sqrt(vx) * np.sqrt(vy) / (den + 1e-8)))
+    return float(np.mean(np.where(den > 0, 2 * sxy / np.where(den > 0, den, 1.0), 1.0)))  # den = 0: equal constants
+
+
+def dtw(a, b):
+    """Dynamic time warping as tslearn's default (Sakoe & Chiba 1978): with C[i, j] = ||a_i - b_j||^2,
+    R[0, 0] = 0, R[i, 0] = R[0, j] = inf and R[i, j] = C[i, j] + min(R[i-1, j], R[i, j-1], R[i-1, j-1]),
+    DTW = sqrt(R[T_a, T_b]). a (T_a, d) or (T_a,), b (T_b, d).
+
+    A cell at a time, to read; fr_dist runs the same recursion batched (dtw_batch, the same numbers to
+    ~1e-16).
+    """
+    a, b = _arr(a, "a"), _arr(b, "b")
+    a, b = (a[:, None] if a.ndim == 1 else a), (b[:, None] if b.ndim == 1 else b)
+    C = sum((a[:, None, k] - b[None, :, k]) ** 2 for k in range(a.shape[1]))  # (T_a, T_b), dims added in order
+    R = np.full((len(a) + 1, len(b) + 1), np.inf)
+    R[0, 0] = 0.0
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            R[i, j] = C[i - 1, j - 1] + min(R[i - 1, j], R[i, j - 1], R[i - 1, j - 1])
+    return float(np.sqrt(R[-1, -1]))
+
+
+def fr_div(preds):
+    """FRDiv (the official S-MSE): per speaker, the mean over ordered sample pairs i != i' of the squared distance
+    per element, (1/(K(K-1) T D)) sum_{i != i'} ||P_i - P_i'||^2, then the mean over speakers. ↑.
+
+    Differs from original: K = 1 gives NaN (the original returns 0.0 for the whole metric).
+    """
+    P = _arr(preds, "preds", 4)
+    N, K = P.shape[:2]
+    if K < 2:
+        return float("nan")
+    X = P.reshape(N, K, -1)
+    ss = ((X - X.mean(1, keepdims=True)) ** 2).sum((1, 2))  # sum_{i != i'} ||x_i - x_i'||^2 = 2K * this
+    return float(np.mean(2 * K * ss / (K * (K - 1) * X.shape[2])))
+
+
+def fr_var(preds):
+    """FRVar: the variance over time with ddof 1, averaged over N, K and D. Closer to GT is better."""
+    P = _arr(preds, "preds", 4)
+    if P.shape[2] < 2:
+        raise ValueError(f"preds: FRVar needs T >= 2, got {P.shape[2]}")
+    return float((P - P[:, :, :1]).var(axis=2, ddof=1).mean())  # shift by frame 0: exact 0 when constant
+
+
+def fr_dvs(preds):
+    """FRDvs: for each sample index i, the sum over ordered speaker pairs k != l of ||P[k,i] - P[l,i]||^2,
+    divided by N(N-1) K T D. N = 1 gives NaN (as the original's 0/0). ↑."""
+    P = _arr(preds, "preds", 4)
+    N, K, T, D = P.shape
+    if N < 2:
+        return float("nan")
+    ss = ((P - P.mean(0, keepdims=True)) ** 2).sum()  # sum_i sum_{k != l} ||.||^2 = 2N * this
+    return float(2 * N * ss / (N * (N - 1) * K * T * D))
+
+
+def tlcc_offset(pred, speaker, *, max_lag=49, react_compat=False):
+    """Time-lagged cross-correlation offset |l*| in frames, l* = argmax over l in [-max_lag, max_lag] of the
+    mean over dims of Pearson's r between pred[t + l] and speaker[t] on their overlap (l* > 0: the listener
+    follows). Channels constant on the overlap are left out of the mean; NaN if no lag keeps any channel.
+
+    Differs from original: the official code lets a constant channel's NaN through, which makes it score
+    max_lag, and rounds r to float32; react_compat=True reproduces both.
+    """
+    p, s = _arr(pred, "pred"), _arr(speaker, "speaker")
+    _same_shape(p, s, "pred", "speaker")
+    p, s = (p[:, None], s[:, None]) if p.ndim == 1 else (p, s)
+    T = p.shape[0]
+    if T < max_lag + 3:
+        raise ValueError(f"pred: TLCC needs T >= max_lag + 3 = {max_lag + 3}, got {T}")
+    lags = np.arange(-max_lag, max_lag + 1)
+    r = np.full(len(lags), np.nan)
+    for n, l in enumerate(lags):
+        x, y = (p[l:], s[:T - l]) if l > 0 else (p[:T + l], s[-l:]) if l < 0 else (p, s)
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        const = (x.max(0) == x.min(0)) | (y.max(0) == y.min(0))  # (D,) exactly constant on the overlap
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rd = (xc * yc).sum(0) / np.sqrt((xc ** 2).sum(0) * (yc ** 2).sum(0))
+        if react_compat:
+            r[n] = np.where(const, np.nan, rd).mean()  # one constant channel makes the lag NaN
+        elif not const.all():
+            r[n] = rd[~const].mean()
+    if react_compat:  # float32 r, and argmax returns the first NaN as torch / numpy do
+        r = r.astype(np.float32)
+        return float(abs(lags[np.flatnonzero(np.isnan(r))[0] if np.isnan(r).any() else r.argmax()]))
+    return float(abs(lags[np.nanargmax(r)])) if not np.isnan(r).all() else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Plain definitions: talking faces (lists of (T_i, V, 3) meshes; each pair cut to min(T_pred, T_gt))
+# ---------------------------------------------------------------------------------------------------------
+
+def _mesh_pairs(preds, gts):
+    """Lists of (T_i, V, 3) -> pairs truncated to min(T_pred, T_gt)."""
+    if len(preds) != len(gts) or len(preds) == 0:
+        raise ValueError(f"preds and gts must be equal-length non-empty lists, got {len(preds)}, {len(gts)}")
+    out = []
+    for i, (p, g) in enumerate(zip(preds, gts)):
+        p, g = _arr(p, f"preds[{i}]", 3), _arr(g, f"gts[{i}]", 3)
+        if p.shape[1:] != g.shape[1:]:
+            raise ValueError(f"preds[{i}] and gts[{i}] differ in vertices: {p.shape} vs {g.shape}")
+        T = min(p.shape[0], g.shape[0])
+        out.append((p[:T], g[:T]))
+    return out
+
+
+def _region(idx, name):
+    idx = _np(idx, name).astype(np.int64).reshape(-1)
+    if idx.size == 0:
+        raise ValueError(f"{name} is empty")
+    return idx
+
+
+def lip_vertex_error(preds, gts, lip_idx, *, per_sequence=False):
+    """LVE: per frame, the max over lip vertices of the squared L2 error; then the mean over all frames (pooled,
+    MeshTalk / FaceFormer / CodeTalker) or, per_sequence=True, per sequence and then over sequences
+    (DiffSpeaker). ↓."""
+    lip = _region(lip_idx, "lip_idx")
+    per = [((p[:, lip] - g[:, lip]) ** 2).sum(-1).max(-1) for p, g in _mesh_pairs(preds, gts)]  # (T_i,)
+    return float(np.mean([e.mean() for e in per]) if per_sequence else np.concatenate(per).mean())
+
+
+def fdd(preds, gts, templates, upper_idx, *, absolute=False):
+    """FDD (CodeTalker; signed, best 0): per sequence dyn(gt - tmpl) - dyn(pred - tmpl), where dyn(m) is the mean
+    over upper-face vertices of the population std over time of ||m_tv||^2; the mean over sequences
+    (absolute=True: of |FDD_s|). > 0 means an under-animated upper face."""
+    up = _region(upper_idx, "upper_idx")
+    if len(templates) != len(preds):
+        raise ValueError(f"templates has {len(templates)} meshes for {len(preds)} sequences")
+    vals = []
+    for i, (p, g) in enumerate(_mesh_pairs(preds, gts)):
+        t = _arr(templates[i], f"templates[{i}]", 2)
+
+        def dyn(m):
+            return (((m[:, up] - t[up]) ** 2).sum(-1)).std(0).mean()
+        vals.append(dyn(g) - dyn(p))
+    vals = np.abs(vals) if absolute else np.asarray(vals)
+    return float(vals.mean())
+
+
+def mean_vertex_error(preds, gts):
+    """MVE: the mean over all frames (pooled) and vertices of ||pred - gt||_2 (not squared). ↓."""
+    errs = [np.linalg.norm(p - g, axis=-1).reshape(-1) for p, g in _mesh_pairs(preds, gts)]
+    return float(np.concatenate(errs).mean())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Batched fast paths (the same numbers as the plain definitions, many windows / pairs at once)
+# ---------------------------------------------------------------------------------------------------------
+
 class _one_thread:
     """Run torch on one CPU thread inside metric code (restored after): the batched ops here are small, and
-    several intra-op threads on a busy machine stall (measured 0.12 s vs 25 s for one listener_metrics call)."""
+    several intra-op threads on a busy machine stall."""
 
     def __enter__(self):
         self.n = torch.get_num_threads()
@@ -119,46 +379,33 @@ class _one_thread:
 
 
 def _frechet_batch(mu1, c1, mu2, c2):
-    """Batched FD from stats: (B, D), (B, D, D) x2 -> (B,) float64, via the symmetric M = S1^1/2 S2 S1^1/2.
+    """frechet_from_stats of B pairs: (B, D), (B, D, D) x2 -> (B,) float64, eigensolves batched in torch.
 
-    tr (S1 S2)^1/2 = sum sqrt(eig(M)) for any M similar to S1 S2 and symmetric PSD. Where S1 = L L^T is
-    positive definite we use the (cheaper) Cholesky factor, M = L^T S2 L; otherwise (constant channels,
-    T <= D) the eigen square root R = U diag(sqrt(max(w, 0))) U^T, M = R S2 R of METRICS.md §1.2.
+    Where C1 = L L^T is positive definite, M = L^T C2 L (similar to C1 C2, like C1^(1/2) C2 C1^(1/2)) needs only
+    a Cholesky factor; otherwise (constant channels, T <= D) the eigen square root of the plain definition.
     """
     c1 = torch.as_tensor(c1, dtype=torch.float64)
     c2 = torch.as_tensor(c2, dtype=torch.float64)
     c1 = 0.5 * (c1 + c1.transpose(-1, -2))  # symmetrise against round-off
     c2 = 0.5 * (c2 + c2.transpose(-1, -2))
-    Lc, info = torch.linalg.cholesky_ex(c1)  # (B, D, D); info > 0 where S1 is not positive definite
+    Lc, info = torch.linalg.cholesky_ex(c1)  # (B, D, D); info > 0 where C1 is not positive definite
     M = Lc.transpose(-1, -2) @ c2 @ Lc
     bad = info > 0
     if bad.any():
         w, U = torch.linalg.eigh(c1[bad])  # (b, D), (b, D, D)
-        R = (U * w.clamp_min(0).sqrt().unsqueeze(-2)) @ U.transpose(-1, -2)  # Sigma1^(1/2)
+        R = (U * w.clamp_min(0).sqrt().unsqueeze(-2)) @ U.transpose(-1, -2)  # C1^(1/2)
         M[bad] = R @ c2[bad] @ R
     M = 0.5 * (M + M.transpose(-1, -2))
-    tr_sqrt = torch.linalg.eigvalsh(M).clamp_min(0).sqrt().sum(-1)  # tr (S1 S2)^(1/2)
+    tr_sqrt = torch.linalg.eigvalsh(M).clamp_min(0).sqrt().sum(-1)  # tr (C1 C2)^(1/2)
     dmu = torch.as_tensor(mu1, dtype=torch.float64) - torch.as_tensor(mu2, dtype=torch.float64)
     fd = (dmu ** 2).sum(-1) + c1.diagonal(dim1=-2, dim2=-1).sum(-1) \
         + c2.diagonal(dim1=-2, dim2=-1).sum(-1) - 2 * tr_sqrt
     return fd.clamp_min(0).numpy()  # round-off can give about -1e-15
 
 
-def frechet_from_stats(mu1, cov1, mu2, cov2):
-    """§1.2 FD = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2), without scipy or complex numbers.
-
-    Differs from original: the original takes scipy sqrtm of the non-symmetric product (with a 1e-6*I retry and
-    imaginary-part dropping); we take eigenvalues of the similar symmetric matrix, no epsilon (agreement ~1e-12
-    relative on full-rank covariances, ~1e-8 on a 24-frame window in 56-D).
-    """
-    mu1, mu2 = _arr(mu1, "mu1", 1), _arr(mu2, "mu2", 1)
-    c1, c2 = _arr(cov1, "cov1", 2), _arr(cov2, "cov2", 2)
-    with _one_thread():
-        return float(_frechet_batch(mu1[None], c1[None], mu2[None], c2[None])[0])
-
-
 def _stats_many(Xs):
-    """Frame sets [(T_i, D_i)] -> lists of torch mean (D,) and unbiased cov (D, D), batched over equal shapes."""
+    """gaussian_stats of frame sets [(T_i, D_i)] -> lists of torch mean (D,) and cov (D, D), batched over equal
+    shapes; each set is shifted by its first frame first, so constant channels get exactly 0 variance."""
     mus, covs = [None] * len(Xs), [None] * len(Xs)
     by_shape = {}
     for i, x in enumerate(Xs):
@@ -176,78 +423,12 @@ def _stats_many(Xs):
     return mus, covs
 
 
-def frechet_many(As, Bs):
-    """FD of each pair (A_i (T_i, D_i), B_i (T'_i, D_i)) -> (n,) float64, stats and eigensolves batched."""
-    with _one_thread():
-        (ma, ca), (mb, cb) = _stats_many(As), _stats_many(Bs)
-        out = np.empty(len(As))
-        by_dim = {}
-        for i in range(len(As)):
-            if ma[i].shape != mb[i].shape:
-                raise ValueError(f"FD pair {i}: feature dims differ, {ma[i].shape[0]} vs {mb[i].shape[0]}")
-            by_dim.setdefault(ma[i].shape[0], []).append(i)
-        for idx in by_dim.values():
-            st = lambda L: torch.stack([L[i] for i in idx])  # noqa: E731
-            out[idx] = _frechet_batch(st(ma), st(ca), st(mb), st(cb))
-    return out
-
-
-def frechet_distance(a, b):
-    """§1.2 FD between two frame sets a (T_a, D) and b (T_b, D) (T_a != T_b allowed, each >= 2). Direction ↓.
-
-    Differs from original: see frechet_from_stats (eigenvalue route instead of scipy sqrtm; NaN raises).
-    """
-    a, b = _arr(a, "a", 2), _arr(b, "b", 2)
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must have the same feature dim, got {a.shape[1]} and {b.shape[1]}")
-    for x, n in ((a, "a"), (b, "b")):
-        if x.shape[0] < 2:
-            raise ValueError(f"{n}: FD needs at least 2 frames, got {x.shape[0]}")
-    return float(frechet_many([a], [b])[0])
-
-
-def paired_frechet_distance(speaker, pred, gt):
-    """§1.3 P-FD = FD([s | gt], [s | pred]) on per-frame concatenations (same T for all three). Direction ↓."""
-    s, p, g = _arr(speaker, "speaker", 2), _arr(pred, "pred", 2), _arr(gt, "gt", 2)
-    _same_shape(p, g, "pred", "gt")
-    if s.shape[0] != p.shape[0]:
-        raise ValueError(f"speaker and pred must have the same T, got {s.shape[0]} and {p.shape[0]}")
-    return frechet_distance(np.concatenate([s, g], 1), np.concatenate([s, p], 1))
-
-
-def variation(x):
-    """§1.4 Var: the mean over D of the population variance over time (ddof 0, LM-Listener). ≈GT is best."""
-    x = _arr(x, "x", 2)
-    return float((x - x[:1]).var(axis=0).mean())  # shifted by frame 0: a constant channel gives exactly 0
-
-
-def diversity(x, *, lm_compat=False, seed=0):
-    """§1.5 Div: the exact mean of ||x_i - x_j|| over all frame pairs i < j (deterministic). ≈GT is best.
-
-    lm_compat=True: the original estimator, n = 30 (T > 30) else 10 pairs from two independent draws without
-    replacement (default_rng(seed).choice twice); its expectation is (1 - 1/T) x the exact value.
-    Differs from original: the default is exact; the original's RNG was unseeded.
-    """
-    x = _arr(x, "x", 2)
-    T = x.shape[0]
-    if T < 2:
-        raise ValueError(f"x: diversity needs at least 2 frames, got {T}")
-    if lm_compat:
-        n = 30 if T > 30 else 10
-        if T <= n:
-            raise ValueError(f"x: lm_compat diversity needs T > {n}, got {T}")
-        rng = np.random.default_rng(seed)
-        i, j = rng.choice(T, n, replace=False), rng.choice(T, n, replace=False)
-        return float(np.linalg.norm(x[i] - x[j], axis=1).mean())
-    return float(_diversity_many([x])[0])
-
-
 def _diversity_many(Xs, chunk=2048):
-    """Exact mean pairwise distance of each frame set [(T_i, D)], batched over equal shapes (one thread).
+    """diversity of each frame set [(T_i, D)] -> (n,), batched over equal shapes (one thread).
 
     Distances come from the Gram matrix of the frames shifted by frame 0, d_ij^2 = n_i + n_j - 2 g_ij (clipped
-    at 0): exact 0 for a constant window, no precision lost to offsets, and ~2.5x faster than pdist on
-    CPU; agrees with direct differences to ~1e-12 relative on generic data. Rows are chunked above 2048.
+    at 0): exact 0 for a constant window, no precision lost to offsets, and faster than explicit differences
+    (agreement ~1e-12 relative on generic data). Rows are chunked above 2048 frames.
     """
     out = np.empty(len(Xs))
     by_shape = {}
@@ -274,32 +455,132 @@ def _diversity_many(Xs, chunk=2048):
     return out
 
 
-def affect_l2(pred, gt, valence_fn, *, window=30):
-    """§1.6 L2-Affect: mean over non-overlapping w-frame windows of (mean v_pred - mean v_gt)^2, w = min(window, T),
-    the trailing T - n*w frames dropped (as the original's unfold). valence_fn maps (T, 56) -> (T,). ↓.
+def _ccc_batch(x, y, react_compat=False):
+    """ccc of (..., T, D) pairs -> (...), the mean over D of per-dim CCC with population moments."""
+    mx, my = x.mean(-2), y.mean(-2)
+    xc, yc = x - mx[..., None, :], y - my[..., None, :]
+    vx, vy = (xc ** 2).mean(-2), (yc ** 2).mean(-2)
+    sxy = (xc * yc).mean(-2)
+    den = vx + vy + (mx - my) ** 2
+    if react_compat:  # rho from corrcoef (NaN -> 0), clipped; den + 1e-8
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rho = sxy / np.sqrt(vx * vy)
+        rho = np.clip(np.nan_to_num(rho, nan=0.0), -1, 1)
+        c = 2 * rho * np.sqrt(vx) * np.sqrt(vy) / (den + 1e-8)
+    else:  # identical constant channels (den = 0) score 1
+        c = np.where(den > 0, 2 * sxy / np.where(den > 0, den, 1.0), 1.0)
+    return c.mean(-1)
 
-    Differs from original: EMOCA's emotion net is replaced by the caller's readout `valence_fn`.
+
+def _dtw_sweep(A, Br, xp):
+    """Squared DTW of B pairs, anti-diagonal by anti-diagonal: A (d, T_a, B) and Br (d, T_b, B), b reversed in
+    time, as numpy (xp = np) or torch (xp = torch) arrays -> R[T_a, T_b] (B,).
+
+    Cell (i, j) (1-based) needs R on the two anti-diagonals before its own, s = i + j, so one vector step does a
+    whole diagonal of every pair. There a's frames i - 1 and b's frames s - i - 1 (at Br[:, T_b - s + i]) are
+    two contiguous slices: the cost is summed over d right there, without a T_a x T_b cost matrix, and with the
+    pairs innermost every op runs over (cells, pairs) in cache.
     """
-    p, g = _arr(pred, "pred", 2), _arr(gt, "gt", 2)
-    _same_shape(p, g, "pred", "gt")
-    T = p.shape[0]
-    vp, vg = _arr(valence_fn(p), "valence_fn(pred)"), _arr(valence_fn(g), "valence_fn(gt)")
-    if vp.shape != (T,) or vg.shape != (T,):
-        raise ValueError(f"valence_fn must return shape ({T},), got {vp.shape} and {vg.shape}")
-    w = min(int(window), T)
-    n = T // w
-    mp, mg = vp[:n * w].reshape(n, w).mean(1), vg[:n * w].reshape(n, w).mean(1)
-    return float(np.mean((mp - mg) ** 2))
+    d, Ta, B = A.shape
+    Tb = Br.shape[1]
 
+    def new(*shape):
+        return np.empty(shape) if xp is np else torch.empty(shape, dtype=torch.float64, device=A.device)
+    R = [new(Ta + 1, B), new(Ta + 1, B), new(Ta + 1, B)]  # R on diagonals s-2, s-1, s by padded row i in [0, T_a]
+    for r in R:
+        r[:] = np.inf
+    R[0][0] = 0.0  # diagonal 0: R[0, 0] = 0, the cell before the first frames
+    diff, cost, best = new(d, Ta, B), new(Ta, B), new(Ta, B)
+    for s in range(2, Ta + Tb + 1):
+        r2, r1, r0 = R[(s - 2) % 3], R[(s - 1) % 3], R[s % 3]
+        lo, hi = max(1, s - Tb), min(Ta, s - 1)  # rows i of the cells (i, s - i) inside the grid
+        n, u = hi - lo + 1, Tb - s + lo
+        dd, c, m = diff[:, :n], cost[:n], best[:n]
+        xp.subtract(A[:, lo - 1:hi], Br[:, u:u + n], out=dd)  # a_{i-1} - b_{j-1}, (d, n, B)
+        if xp is np:
+            np.einsum("knb,knb->nb", dd, dd, out=c)  # C[i-1, j-1], (n, B): squares summed over d in one pass
+        else:
+            torch.sum(dd * dd, 0, out=c)
+        xp.minimum(r1[lo - 1:hi], r1[lo:hi + 1], out=m)  # R[i-1, j], R[i, j-1]
+        xp.minimum(m, r2[lo - 1:hi], out=m)  # R[i-1, j-1]
+        xp.add(m, c, out=r0[lo:hi + 1])
+        r0[lo - 1] = np.inf  # the grid's border, read by the next two diagonals
+        if hi < Ta:
+            r0[hi + 1] = np.inf
+    return R[(Ta + Tb) % 3][Ta]
+
+
+@torch.no_grad()
+def dtw_batch(a, b, *, max_bytes=2 ** 21):
+    """dtw of B pairs: a (B, T_a, d), b (B, T_b, d) -> (B,) float64 torch tensor on a's device.
+
+    On CPU it runs _dtw_sweep in numpy on one thread and gives dtw's numbers (and tslearn's: the same additions,
+    up to the order in which numpy sums the d terms of a cost, ~1e-16 relative); on another device the same loop
+    runs in torch. Pairs go in chunks whose frames take about max_bytes (to stay in the CPU's cache); on a GPU
+    all pairs go at once.
+    """
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if not torch.isfinite(a).all():
+        raise ValueError("a contains NaN or inf")
+    if not torch.isfinite(b).all():
+        raise ValueError("b contains NaN or inf")
+    dev = a.device
+    a, b = a.to(torch.float64), b.to(device=dev, dtype=torch.float64)
+    Bn, Ta, d = a.shape
+    Tb = b.shape[1]
+    xp = np if dev.type == "cpu" else torch
+    chunk = max(1, max_bytes // (8 * d * (Ta + Tb))) if xp is np else max(1, Bn)
+    out = []
+    for c0 in range(0, Bn, chunk):
+        A = a[c0:c0 + chunk].permute(2, 1, 0).contiguous()  # (d, T_a, B): pairs innermost
+        Br = b[c0:c0 + chunk].flip(1).permute(2, 1, 0).contiguous()  # (d, T_b, B), reversed in time
+        if xp is np:
+            out.append(torch.from_numpy(np.sqrt(_dtw_sweep(A.numpy(), Br.numpy(), np))))
+        else:
+            out.append(_dtw_sweep(A, Br, torch).sqrt())
+    return torch.cat(out)
+
+
+def _tlcc_lags(P, S, W, react_compat):
+    """tlcc_offset's signed lag l* of B pairs: P, S (B, T, D) -> (B,) in [-W, W] (NaN where no lag is valid)."""
+    B, T, D = P.shape
+    lags = np.arange(-W, W + 1)
+    r = np.full((B, len(lags)), np.nan)
+    for n, l in enumerate(lags):
+        x, y = (P[:, l:], S[:, :T - l]) if l > 0 else (P[:, :T + l], S[:, -l:]) if l < 0 else (P, S)
+        xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+        num, sx, sy = (xc * yc).sum(1), (xc ** 2).sum(1), (yc ** 2).sum(1)  # (B, D)
+        const = (x.max(1) == x.min(1)) | (y.max(1) == y.min(1))  # exactly constant over the overlap
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rd = np.where(const, np.nan, num / np.sqrt(sx * sy))
+        if react_compat:
+            r[:, n] = rd.mean(1)  # any constant channel -> NaN for the whole lag
+        else:
+            valid = ~const
+            cnt = valid.sum(1)
+            r[:, n] = np.where(cnt > 0, np.where(valid, rd, 0).sum(1) / np.maximum(cnt, 1), np.nan)
+    if react_compat:  # float32 r, and argmax returns the first NaN like torch / numpy
+        r32 = r.astype(np.float32)
+        isn = np.isnan(r32)
+        best = np.where(isn.any(1), isn.argmax(1), np.nan_to_num(r32, nan=-np.inf).argmax(1))
+        return lags[best].astype(np.float64)
+    ok = ~np.isnan(r).all(1)
+    best = np.where(ok, np.nan_to_num(r, nan=-np.inf).argmax(1), 0)  # ties -> first (most negative) lag
+    return np.where(ok, lags[best], np.nan)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Tables: every metric of a row at once (what the method files call)
+# ---------------------------------------------------------------------------------------------------------
 
 def listener_metrics(preds, gts, speakers, *, valence_fn=None, groups=None, lm_compat_diversity=False, seed=0):
-    """§1.7 every listener metric per window, then the unweighted mean over windows, as one flat dict.
+    """Every listener metric per window, then the unweighted mean over windows, as one flat dict.
 
     preds, gts, speakers: equal-length lists of (T_i, 56) arrays. Keys "{m}/{part}" for
     m in mse, fd, pfd, var_pred, var_gt, div_pred, div_gt and part in all, exp, pose; "affect_l2" when
     valence_fn is given; "n_windows". groups (one int per window): windows sharing an id are concatenated in
-    time first (the re-impl's per-video protocol). Window i uses diversity seed seed + i.
-    FD / P-FD eigen-decompositions are batched in torch float64 across windows.
+    time first (a per-video protocol). Window i uses diversity seed seed + i.
+    FD and P-FD run through _stats_many / _frechet_batch, Div through _diversity_many.
     """
     if not (len(preds) == len(gts) == len(speakers)) or len(preds) == 0:
         raise ValueError(f"preds, gts, speakers must be equal-length non-empty lists, got "
@@ -351,98 +632,6 @@ def listener_metrics(preds, gts, speakers, *, valence_fn=None, groups=None, lm_c
     return {k: out[k] for k in keys + [k for k in ("affect_l2", "n_windows") if k in out]}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# §2 identity and VQ metrics (codec health)
-# ---------------------------------------------------------------------------------------------------------
-
-def reconstruction_error(x, x_hat):
-    """§2 the "VQ floor": MSE over all elements of held-out GT vs encode -> quantise -> decode. ↓."""
-    a, b = _arr(x, "x"), _arr(x_hat, "x_hat")
-    _same_shape(a, b, "x", "x_hat")
-    return float(np.mean((a - b) ** 2))
-
-
-def commitment_distance(z_e, z_q):
-    """§2 mean over all elements of (z_e - z_q)^2, shapes (..., C), z_q the selected codes (unweighted). ↓.
-
-    Differs from original: L2L logs 1.25x this (0.25 commitment + codebook term), LM-Listener 0.02x.
-    """
-    a, b = _arr(z_e, "z_e"), _arr(z_q, "z_q")
-    _same_shape(a, b, "z_e", "z_q")
-    return float(np.mean((a - b) ** 2))
-
-
-def code_usage(indices, K):
-    """§2 counts (K,) int64 of integer code indices of any shape; empty or out-of-range raises."""
-    idx = _np(indices, "indices")
-    if idx.size == 0:
-        raise ValueError("indices is empty")
-    if idx.dtype.kind == "f":
-        if not np.all(idx == np.round(idx)):
-            raise ValueError("indices must be integers")
-        idx = idx.astype(np.int64)
-    idx = idx.reshape(-1).astype(np.int64)
-    if idx.min() < 0 or idx.max() >= K:
-        raise ValueError(f"indices must lie in [0, {K}), got range [{idx.min()}, {idx.max()}]")
-    return np.bincount(idx, minlength=K)
-
-
-def codebook_perplexity(indices, K):
-    """§2 PPL = exp(-sum p ln p) of the code histogram pooled over the whole token set, in [1, K]. ↑.
-
-    Differs from original: LM-Listener logs per-batch PPL (biased low) and L2L's "Perplexity" is exp(loss).
-    """
-    c = code_usage(indices, K).astype(np.float64)
-    p = c[c > 0] / c.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
-def active_code_fraction(indices, K, *, min_count=1):
-    """§2 #{k : count_k >= min_count} / K; dead-code fraction = 1 - this. ↑."""
-    return float((code_usage(indices, K) >= min_count).sum() / K)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# §3 REACT metrics (multiple appropriate reactions)
-# ---------------------------------------------------------------------------------------------------------
-
-def binarize_au(x):
-    """Round the 15 AU dims [0:15] of REACT attributes (..., 25) (optional preprocessing, off officially)."""
-    x = _arr(x, "x").copy()
-    x[..., 0:15] = np.round(x[..., 0:15])
-    return x
-
-
-def _ccc_batch(x, y, react_compat=False):
-    """CCC of (..., T, D) pairs -> (...), the mean over D of per-dim CCC with population moments."""
-    mx, my = x.mean(-2), y.mean(-2)
-    xc, yc = x - mx[..., None, :], y - my[..., None, :]
-    vx, vy = (xc ** 2).mean(-2), (yc ** 2).mean(-2)
-    sxy = (xc * yc).mean(-2)
-    den = vx + vy + (mx - my) ** 2
-    if react_compat:  # rho from corrcoef (NaN -> 0), clipped; den + 1e-8
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rho = sxy / np.sqrt(vx * vy)
-        rho = np.clip(np.nan_to_num(rho, nan=0.0), -1, 1)
-        c = 2 * rho * np.sqrt(vx) * np.sqrt(vy) / (den + 1e-8)
-    else:  # identical constant channels (den = 0) score 1
-        c = np.where(den > 0, 2 * sxy / np.where(den > 0, den, 1.0), 1.0)
-    return c.mean(-1)
-
-
-def ccc(x, y, *, react_compat=False):
-    """§3.1 concordance correlation, mean over dims of 2 s_xy / (s_x^2 + s_y^2 + (mu_x - mu_y)^2). ↑ in [-1, 1].
-
-    Input (T,) or (T, D). Differs from original: both constant and equal channels score 1 (the official code
-    gives 0 and shrinks every channel by the +1e-8 in the denominator); react_compat=True reproduces it.
-    """
-    a, b = _arr(x, "x"), _arr(y, "y")
-    _same_shape(a, b, "x", "y")
-    if a.ndim == 1:
-        a, b = a[:, None], b[:, None]
-    return float(_ccc_batch(a, b, react_compat))
-
-
 def _appropriate(A, N, M):
     A = _np(A, "appropriate").astype(bool)
     if A.shape != (N, M):
@@ -458,9 +647,10 @@ def _sum_mean(S):
 
 
 def fr_corr(preds, listeners, appropriate, *, react_compat=False):
-    """§3.2 FRCorr: S[k,i] = max_{j in A_k} ccc(listeners[j], preds[k,i]); {"sum": K * mean, "mean"}. ↑.
+    """FRCorr: S[k, i] = max over j in A_k of ccc(listeners[j], preds[k, i]); {"sum": K * mean S, "mean"}. ↑.
 
-    Differs from original: the sensible CCC by default (react_compat=True: the official CCC).
+    preds (N, K, T, D), listeners (M, T, D), appropriate (N, M) bool: A_k = the reactions appropriate to
+    speaker k. Differs from original: the sensible CCC by default (react_compat=True: the official CCC).
     """
     P, L = _arr(preds, "preds", 4), _arr(listeners, "listeners", 3)
     N, K = P.shape[:2]
@@ -472,75 +662,13 @@ def fr_corr(preds, listeners, appropriate, *, react_compat=False):
     return _sum_mean(S)
 
 
-def dtw(a, b):
-    """§3.3 DTW as tslearn's default: sqrt of the min-cost path sum of squared Euclidean frame distances.
-
-    a (T_a, d) or (T_a,), b (T_b, d). numpy, row by row: R[i] = P + cummin(m - P^-) (float64 only).
-    """
-    a, b = _arr(a, "a"), _arr(b, "b")
-    a, b = (a[:, None] if a.ndim == 1 else a), (b[:, None] if b.ndim == 1 else b)
-    R = np.cumsum(((b - a[0]) ** 2).sum(1))  # row 0
-    for i in range(1, a.shape[0]):
-        C = ((b - a[i]) ** 2).sum(1)  # (T_b,) by broadcasting, no ||a||^2 + ||b||^2 - 2ab expansion
-        m = np.minimum(R, np.concatenate([[np.inf], R[:-1]]))  # min(R[i-1, j], R[i-1, j-1])
-        P = np.cumsum(C)
-        R = P + np.minimum.accumulate(m - np.concatenate([[0.0], P[:-1]]))
-    return float(np.sqrt(R[-1]))
-
-
-@torch.no_grad()
-def dtw_batch(a, b, *, max_bytes=256 * 2 ** 20):
-    """§3.3 DTW of B pairs by anti-diagonals in torch float64 on the input's device: a (B, T_a, d),
-    b (B, T_b, d) -> (B,).
-
-    The cost C (B, T_a, T_b) comes from torch.cdist without the matmul expansion and is re-laid out by
-    viewed by anti-diagonal (as_strided, no copy); B is chunked so that B * T_a * T_b * 8 bytes stay under
-    max_bytes. On CPU it runs on one thread.
-    """
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    if not torch.isfinite(a).all():
-        raise ValueError("a contains NaN or inf")
-    if not torch.isfinite(b).all():
-        raise ValueError("b contains NaN or inf")
-    dev = a.device
-    a, b = a.to(torch.float64), b.to(device=dev, dtype=torch.float64)
-    Bn, Ta, Tb = a.shape[0], a.shape[1], b.shape[1]
-    S = Ta + Tb - 1  # number of anti-diagonals of C
-    chunk = max(1, int(max_bytes // (Ta * Tb * 8)))
-    out = []
-    ctx = _one_thread() if dev.type == "cpu" else torch.no_grad()
-    with ctx:
-        for c0 in range(0, Bn, chunk):
-            C = torch.cdist(a[c0:c0 + chunk], b[c0:c0 + chunk], compute_mode="donot_use_mm_for_euclid_dist") ** 2
-            B = C.shape[0]
-            # zero-copy skewed view: C[:, i, s - i] sits at offset i * Tb + s - i = s + i * (Tb - 1); entries with
-            # s - i outside [0, Tb) alias other cells but are never read (only rows lo-1..hi-1 of diagonal s)
-            Cs = C.as_strided((B, S, Ta), (Ta * Tb, 1, Tb - 1))  # Cs[:, s, i] = C[:, i, s - i]
-            # R on diagonal s is stored by padded row index i in [0, Ta] (R[i, j], j = s - i, 1-based cells)
-            bufs = [torch.full((B, Ta + 1), float("inf"), dtype=torch.float64, device=dev) for _ in range(3)]
-            bufs[0][:, 0] = 0.0  # diagonal 0: R[0, 0] = 0 (the cell before the start); diagonal 1: padding
-            tmp = torch.empty(B, Ta, dtype=torch.float64, device=dev)
-            for s in range(2, Ta + Tb + 1):
-                prev2, prev1, cur = bufs[(s - 2) % 3], bufs[(s - 1) % 3], bufs[s % 3]
-                lo, hi = max(1, s - Tb), min(Ta, s - 1)
-                n = hi - lo + 1
-                t = tmp[:, :n]
-                torch.minimum(prev1[:, lo - 1:hi], prev1[:, lo:hi + 1], out=t)  # R[i-1, j], R[i, j-1]
-                torch.minimum(t, prev2[:, lo - 1:hi], out=t)  # R[i-1, j-1]
-                torch.add(t, Cs[:, s - 2, lo - 1:hi], out=cur[:, lo:hi + 1])  # + C[i-1, j-1]
-                cur[:, lo - 1] = float("inf")  # out-of-range neighbours read by the next two steps
-                if hi < Ta:
-                    cur[:, hi + 1] = float("inf")
-            out.append(bufs[(Ta + Tb) % 3][:, Ta].sqrt())
-    return torch.cat(out)
-
-
 def fr_dist(preds, listeners, appropriate, *, blocks=REACT_BLOCKS, react_compat=False, device="cpu"):
-    """§3.3 FRDist: S[k,i] = min_{j in A_k} sum_blocks w * DTW(P[:, s:e], L_j[:, s:e]); {"sum", "mean"}. ↓.
+    """FRDist: S[k, i] = min over j in A_k of sum_blocks w * dtw(P[k, i][:, s:e], L_j[:, s:e]);
+    {"sum": K * mean S, "mean"}. ↓.
 
-    All (k, i, j) pairs are batched through dtw_batch (pass device="cuda" to run it on a GPU).
+    All (k, i, j) triples go through dtw_batch, 512 at a time (device="cuda" runs them on a GPU).
     react_compat=True rounds the inputs to float32 first, as the official code does.
-    Differs from original: vectorised anti-diagonal DTW instead of tslearn in a process pool (same numbers).
+    Differs from original: batched anti-diagonal DTW instead of tslearn in a process pool (same numbers).
     """
     P, L = _arr(preds, "preds", 4), _arr(listeners, "listeners", 3)
     if react_compat:
@@ -548,93 +676,16 @@ def fr_dist(preds, listeners, appropriate, *, blocks=REACT_BLOCKS, react_compat=
     N, K = P.shape[:2]
     A = _appropriate(appropriate, N, L.shape[0])
     kk, jj = np.nonzero(A)  # appropriate (speaker, reaction) pairs
-    Pt, Lt = torch.from_numpy(P).to(device), torch.from_numpy(L).to(device)
-    D = torch.zeros(len(kk), K, dtype=torch.float64, device=device)  # (pairs, K)
+    k3, i3, j3 = np.repeat(kk, K), np.tile(np.arange(K), len(kk)), np.repeat(jj, K)  # (k, i, j) triples
+    D = np.zeros(len(k3))
     for s, e, w in blocks:
-        a = Pt[:, :, :, s:e][kk].reshape(len(kk) * K, P.shape[2], e - s)  # (pairs*K, T, d)
-        b = Lt[:, :, s:e][jj][:, None].expand(-1, K, -1, -1).reshape(len(kk) * K, L.shape[1], e - s)
-        D += w * dtw_batch(a, b).reshape(len(kk), K)
-    D = D.cpu().numpy()
+        for c in range(0, len(k3), 512):
+            q = slice(c, c + 512)
+            a, b = torch.from_numpy(P[k3[q], i3[q], :, s:e]), torch.from_numpy(L[j3[q], :, s:e])  # (<=512, T, e-s)
+            D[q] += w * dtw_batch(a.to(device), b.to(device)).cpu().numpy()
     S = np.full((N, K), np.inf)
-    np.minimum.at(S, kk, D)  # min over appropriate j, per speaker
+    np.minimum.at(S, (k3, i3), D)  # min over appropriate j, per speaker and sample
     return _sum_mean(S)
-
-
-def fr_div(preds):
-    """§3.4 FRDiv (official S-MSE): per speaker, the mean over ordered sample pairs i != i' of the squared
-    distance per element, then the mean over speakers. ↑.
-
-    Differs from original: K = 1 gives NaN (the original returns 0.0 for the whole metric).
-    """
-    P = _arr(preds, "preds", 4)
-    N, K = P.shape[:2]
-    if K < 2:
-        return float("nan")
-    X = P.reshape(N, K, -1)
-    ss = ((X - X.mean(1, keepdims=True)) ** 2).sum((1, 2))  # sum_{i != i'} ||x_i - x_i'||^2 = 2K * this
-    return float(np.mean(2 * K * ss / (K * (K - 1) * X.shape[2])))
-
-
-def fr_var(preds):
-    """§3.4 FRVar: variance over time with ddof 1, mean over N, K and D. ≈GT is best."""
-    P = _arr(preds, "preds", 4)
-    if P.shape[2] < 2:
-        raise ValueError(f"preds: FRVar needs T >= 2, got {P.shape[2]}")
-    return float((P - P[:, :, :1]).var(axis=2, ddof=1).mean())  # shift by frame 0: exact 0 when constant
-
-
-def fr_dvs(preds):
-    """§3.4 FRDvs: for each sample index, sum over ordered speaker pairs k != l of ||P[k,i] - P[l,i]||^2,
-    divided by N(N-1) K T D. N = 1 gives NaN (as the original's 0/0). ↑."""
-    P = _arr(preds, "preds", 4)
-    N, K, T, D = P.shape
-    if N < 2:
-        return float("nan")
-    ss = ((P - P.mean(0, keepdims=True)) ** 2).sum()  # sum_i sum_{k != l} ||.||^2 = 2N * this
-    return float(2 * N * ss / (N * (N - 1) * K * T * D))
-
-
-def _tlcc_lags(P, S, W, react_compat):
-    """Batched TLCC: P, S (B, T, D) -> (B,) argmax lag in [-W, W] (NaN where no lag is valid)."""
-    B, T, D = P.shape
-    lags = np.arange(-W, W + 1)
-    r = np.full((B, len(lags)), np.nan)
-    for n, l in enumerate(lags):
-        x, y = (P[:, l:], S[:, :T - l]) if l > 0 else (P[:, :T + l], S[:, -l:]) if l < 0 else (P, S)
-        xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
-        num, sx, sy = (xc * yc).sum(1), (xc ** 2).sum(1), (yc ** 2).sum(1)  # (B, D)
-        const = (x.max(1) == x.min(1)) | (y.max(1) == y.min(1))  # exactly constant over the overlap
-        with np.errstate(invalid="ignore", divide="ignore"):
-            rd = np.where(const, np.nan, num / np.sqrt(sx * sy))
-        if react_compat:
-            r[:, n] = rd.mean(1)  # any constant channel -> NaN for the whole lag
-        else:
-            valid = ~const
-            cnt = valid.sum(1)
-            r[:, n] = np.where(cnt > 0, np.where(valid, rd, 0).sum(1) / np.maximum(cnt, 1), np.nan)
-    if react_compat:  # float32 r, and argmax returns the first NaN like torch / numpy
-        r32 = r.astype(np.float32)
-        isn = np.isnan(r32)
-        best = np.where(isn.any(1), isn.argmax(1), np.nan_to_num(r32, nan=-np.inf).argmax(1))
-        return lags[best].astype(np.float64)
-    ok = ~np.isnan(r).all(1)
-    best = np.where(ok, np.nan_to_num(r, nan=-np.inf).argmax(1), 0)  # ties -> first (most negative) lag
-    return np.where(ok, lags[best], np.nan)
-
-
-def tlcc_offset(pred, speaker, *, max_lag=49, react_compat=False):
-    """§3.5 |l*| in frames, l* = argmax over lags in [-max_lag, max_lag] of the mean-over-dims Pearson r of
-    the overlapping parts of pred and speaker (l* > 0: the listener follows). NaN if no lag is valid.
-
-    Differs from original: constant channels are dropped per lag and invalid lags skipped (the official
-    code's NaN makes a constant channel score max_lag; react_compat=True reproduces that and the float32 r).
-    """
-    p, s = _arr(pred, "pred"), _arr(speaker, "speaker")
-    _same_shape(p, s, "pred", "speaker")
-    p, s = (p[:, None], s[:, None]) if p.ndim == 1 else (p, s)
-    if p.shape[0] < max_lag + 3:
-        raise ValueError(f"pred: TLCC needs T >= max_lag + 3 = {max_lag + 3}, got {p.shape[0]}")
-    return float(abs(_tlcc_lags(p[None], s[None], max_lag, react_compat)[0]))
 
 
 def _fr_syn(preds, speakers, fps, seconds, first_sample_only, react_compat):
@@ -653,7 +704,7 @@ def _fr_syn(preds, speakers, fps, seconds, first_sample_only, react_compat):
 
 
 def fr_syn(preds, speakers, *, fps=25, seconds=2, first_sample_only=False, react_compat=False):
-    """§3.5 FRSyn: the mean over (k, i) of tlcc_offset(preds[k,i], speakers[k]) with W = int(seconds*fps) - 1.
+    """FRSyn: the mean over (k, i) of tlcc_offset(preds[k, i], speakers[k], max_lag=W), W = int(seconds*fps) - 1.
     ↓ (frames; divide by fps for seconds). Pairs with no valid lag are skipped (NaN if all are).
 
     Differs from original: see tlcc_offset; the official parallel script scores only sample 0
@@ -664,7 +715,7 @@ def fr_syn(preds, speakers, *, fps=25, seconds=2, first_sample_only=False, react
 
 def react_metrics(preds, listeners, speakers, appropriate, *, fps=25, react_compat=False, device="cpu",
                   with_dist=True):
-    """§3.6 all REACT metrics: preds (N, K, T, D), listeners (M, T, D), speakers (N, T, D), appropriate (N, M).
+    """All REACT metrics: preds (N, K, T, D), listeners (M, T, D), speakers (N, T, D), appropriate (N, M).
 
     react_compat=True: official CCC, TLCC, float32 DTW inputs and first_sample_only.
     with_dist=False skips FRDist (NaN), whose DTWs are nearly all of the cost, for ablation grids.
@@ -679,65 +730,8 @@ def react_metrics(preds, listeners, speakers, appropriate, *, fps=25, react_comp
             "frsyn": syn, "frsyn_skipped": skipped, "K": P.shape[1]}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# §4 speech-driven face metrics (DiffSpeaker / CodeTalker protocol)
-# ---------------------------------------------------------------------------------------------------------
-
-def _mesh_pairs(preds, gts):
-    """Lists of (T_i, V, 3) -> pairs truncated to min(T_pred, T_gt)."""
-    if len(preds) != len(gts) or len(preds) == 0:
-        raise ValueError(f"preds and gts must be equal-length non-empty lists, got {len(preds)}, {len(gts)}")
-    out = []
-    for i, (p, g) in enumerate(zip(preds, gts)):
-        p, g = _arr(p, f"preds[{i}]", 3), _arr(g, f"gts[{i}]", 3)
-        if p.shape[1:] != g.shape[1:]:
-            raise ValueError(f"preds[{i}] and gts[{i}] differ in vertices: {p.shape} vs {g.shape}")
-        T = min(p.shape[0], g.shape[0])
-        out.append((p[:T], g[:T]))
-    return out
-
-
-def _region(idx, name):
-    idx = _np(idx, name).astype(np.int64).reshape(-1)
-    if idx.size == 0:
-        raise ValueError(f"{name} is empty")
-    return idx
-
-
-def lip_vertex_error(preds, gts, lip_idx, *, per_sequence=False):
-    """§4 LVE: per frame the max over lip vertices of the squared L2 error; the mean over all frames (pooled,
-    CodeTalker/FaceDiffuser) or per_sequence=True (per sequence, then over sequences, DiffSpeaker). ↓."""
-    lip = _region(lip_idx, "lip_idx")
-    per = [((p[:, lip] - g[:, lip]) ** 2).sum(-1).max(-1) for p, g in _mesh_pairs(preds, gts)]  # (T_i,)
-    return float(np.mean([e.mean() for e in per]) if per_sequence else np.concatenate(per).mean())
-
-
-def fdd(preds, gts, templates, upper_idx, *, absolute=False):
-    """§4 FDD (signed, best 0): per sequence dyn(gt - tmpl) - dyn(pred - tmpl), dyn(m) = mean over upper-face
-    vertices of the population std over time of ||m_tv||^2; the mean over sequences (absolute=True: of |FDD_s|).
-    > 0 means an under-animated upper face."""
-    up = _region(upper_idx, "upper_idx")
-    if len(templates) != len(preds):
-        raise ValueError(f"templates has {len(templates)} meshes for {len(preds)} sequences")
-    vals = []
-    for i, (p, g) in enumerate(_mesh_pairs(preds, gts)):
-        t = _arr(templates[i], f"templates[{i}]", 2)
-
-        def dyn(m):
-            return (((m[:, up] - t[up]) ** 2).sum(-1)).std(0).mean()
-        vals.append(dyn(g) - dyn(p))
-    vals = np.abs(vals) if absolute else np.asarray(vals)
-    return float(vals.mean())
-
-
-def mean_vertex_error(preds, gts):
-    """§4 MVE: the mean over all frames (pooled) and vertices of ||pred - gt||_2 (not squared). ↓."""
-    errs = [np.linalg.norm(p - g, axis=-1).reshape(-1) for p, g in _mesh_pairs(preds, gts)]
-    return float(np.concatenate(errs).mean())
-
-
 def face_metrics(preds, gts, templates, lip_idx, upper_idx):
-    """§4 all talking-face metrics: lve (pooled), lve_seq (per sequence), fdd (signed), fdd_abs, mve."""
+    """All talking-face metrics: lve (pooled), lve_seq (per sequence), fdd (signed), fdd_abs, mve."""
     return {"lve": lip_vertex_error(preds, gts, lip_idx),
             "lve_seq": lip_vertex_error(preds, gts, lip_idx, per_sequence=True),
             "fdd": fdd(preds, gts, templates, upper_idx), "fdd_abs": fdd(preds, gts, templates, upper_idx,
@@ -746,7 +740,7 @@ def face_metrics(preds, gts, templates, lip_idx, upper_idx):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §5 baselines (output in the bank's units; retrieved windows cut to their first T frames)
+# 4. Baselines (output in the bank's units; retrieved windows cut to their first T frames)
 # ---------------------------------------------------------------------------------------------------------
 
 def _bank(bank_listener, T):
@@ -772,7 +766,8 @@ def _cosine_pick(q, keys, standardize):
 def baseline_random(bank_listener, n, T, *, seed=0):
     """Random train window: n windows drawn uniformly with replacement from the whole bank -> (n, T, D).
 
-    Differs from original: the re-impl's live code samples only the first 5 windows (a bug)."""
+    Differs from original: a public re-implementation of the L2L baselines samples only the first 5 windows
+    (a bug)."""
     bank = _bank(bank_listener, T)
     return bank[np.random.default_rng(seed).integers(0, bank.shape[0], n), :T].copy()
 
@@ -840,19 +835,16 @@ def baseline_nn_text(texts, bank_texts, bank_listener, *, T=None, seed=0):
     return bank[idx, :T].copy()
 
 
-def baseline_random_codes(n, L, K, *, seed=0):
-    """LM-Listener's "Random VQ": uniform i.i.d. codes in [0, K) -> (n, L) int64."""
-    return np.random.default_rng(seed).integers(0, K, (n, L)).astype(np.int64)
-
-
 def baseline_random_walk_codes(train_codes, n, L, K, *, alpha=0.0, seed=0):
     """First-order Markov walk over codes fitted on training token sequences -> (n, L) int64.
 
     pi = unigram frequency; P(j|i) = (c_ij + alpha) / (sum_j c_ij + alpha K), rows without counts fall back to pi.
     z_0 ~ pi, z_{t+1} ~ P(.|z_t). No original exists (our baseline for codebook priors)."""
     seqs = [_np(s, "train_codes").astype(np.int64).reshape(-1) for s in train_codes]
-    code_usage(np.concatenate(seqs), K)  # checks: non-empty, in [0, K)
-    pi = np.bincount(np.concatenate(seqs), minlength=K).astype(np.float64)
+    codes = np.concatenate(seqs)
+    if codes.size == 0 or codes.min() < 0 or codes.max() >= K:
+        raise ValueError(f"train_codes must be non-empty codes in [0, {K})")
+    pi = np.bincount(codes, minlength=K).astype(np.float64)
     pi /= pi.sum()
     c = np.zeros((K, K))
     for s in seqs:
@@ -871,11 +863,6 @@ def baseline_random_walk_codes(train_codes, n, L, K, *, alpha=0.0, seed=0):
     return z
 
 
-def baseline_mime(speaker):
-    """Mime: the speaker's own motion used as the listener's (same layout needed) -> a float64 copy."""
-    return _arr(speaker, "speaker").copy()
-
-
 def baseline_mean_frame(bank_listener, T):
     """Mean frame: the per-dim mean over all bank frames, repeated T times -> (T, D)."""
     bank = _arr(bank_listener, "bank_listener")
@@ -883,7 +870,7 @@ def baseline_mean_frame(bank_listener, T):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reporting: Markdown table and metrics.json
+# 5. Reporting: Markdown table and metrics.json
 # ---------------------------------------------------------------------------------------------------------
 
 def _fmt(v, digits):
@@ -929,42 +916,83 @@ def write_metrics_json(rows, path):
     return path
 
 
-def read_metrics_json(path):
-    """Read a metrics.json back: {row: {metric: value}} with null -> NaN."""
-    rows = json.loads(Path(path).read_text())
-    return {r: {k: (float("nan") if v is None else v) for k, v in m.items()} for r, m in rows.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Benchmark: python metrics.py --bench
+# 6. Benchmark: python metrics.py --bench (ours against the reference code, one thread each, same process)
 # ---------------------------------------------------------------------------------------------------------
 
-def bench(n_speakers=20, K=10, T=750):
-    """Time FD and FRDist on random data; prints wall and process CPU time (they differ on a busy machine)."""
-    def timed(f, n=1):
-        t, c = time.perf_counter(), time.process_time()
+def _fd_reference(a, b):
+    """FD as the reference code computes it: numpy covariances, scipy's sqrtm of the product, its real part."""
+    from scipy import linalg
+    m1, m2, s1, s2 = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _fr_dist_reference(P, L, A, blocks=REACT_BLOCKS):
+    """FRDist as the REACT baseline computes it, run serially: tslearn's dtw for every (k, i, j) and block."""
+    from tslearn.metrics import dtw as ts_dtw
+    S = np.array([[min(sum(w * ts_dtw(P[k, i][:, s:e], L[j][:, s:e]) for s, e, w in blocks)
+                       for j in np.flatnonzero(A[k])) for i in range(P.shape[1])] for k in range(P.shape[0])])
+    return _sum_mean(S)
+
+
+def _side_by_side(what, ours, reference, missing, n=1):
+    """Run ours() and reference() n times each; print CPU seconds per run, the ratio and the largest difference."""
+    def timed(f):
+        f() if n > 1 else None  # warm-up when averaging
+        t = time.process_time()
         for _ in range(n):
             r = f()
-        return r, (time.perf_counter() - t) / n, (time.process_time() - c) / n
+        return r, (time.process_time() - t) / n
+    r1, t1 = timed(ours)
+    try:
+        r2, t2 = timed(reference)
+    except ImportError:
+        print(f"{what}: ours {t1:.4g} s; reference: {missing} not installed")
+        return
+    diff = max(abs(r1[k] - r2[k]) for k in r1) if isinstance(r1, dict) else abs(r1 - r2)
+    print(f"{what}: ours {t1:.4g} s, reference {t2:.4g} s, ratio ours / reference {t1 / t2:.2f}, "
+          f"largest difference {diff:.2g}")
+
+
+def bench(n_speakers=20, K=10, n_appropriate=11, T=750, fd_frames=10000):
+    """Time FD and FRDist on random data against the reference code (numpy/scipy; tslearn as the REACT baseline
+    uses it), one thread each, in this process. Times are process CPU seconds, steadier than wall time on a
+    shared machine."""
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)  # numpy's BLAS on one thread too
+    except ImportError:
+        print("threadpoolctl not installed: run with OMP_NUM_THREADS=1 to keep numpy's BLAS on one thread")
     rng = np.random.default_rng(0)
-    a, b = rng.standard_normal((10000, 56)), rng.standard_normal((10000, 56)) + 0.1
-    frechet_distance(a, b)  # warm-up
-    _, w, c = timed(lambda: frechet_distance(a, b), 5)
-    print(f"FD of two (10000, 56) sets: wall {w * 1e3:.1f} ms, cpu {c * 1e3:.1f} ms (target <= 50 ms)")
-    P, L = rng.random((n_speakers, K, T, 25)), rng.random((n_speakers, T, 25))
-    d, w, c = timed(lambda: fr_dist(P, L, np.eye(n_speakers, dtype=bool)))
-    print(f"FRDist {K} samples x {n_speakers} speakers x {T} frames (identity appropriate set, "
-          f"{n_speakers * K * 3} DTWs): wall {w:.1f} s, cpu {c:.1f} s (target <= 30 s); sum {d['sum']:.3f}")
+    a, b = rng.standard_normal((fd_frames, 56)), rng.standard_normal((fd_frames, 56)) + 0.1
+    _side_by_side(f"FD of two ({fd_frames}, 56) frame sets", lambda: frechet_distance(a, b),
+                  lambda: _fd_reference(a, b), "scipy", n=5)
+    N, m = n_speakers, n_appropriate
+    P, L = rng.random((N, K, T, 25)), rng.random((N * m, T, 25))
+    A = np.kron(np.eye(N, dtype=bool), np.ones((1, m), dtype=bool))  # speaker k: reactions k*m .. k*m + m - 1
+    try:
+        from tslearn.metrics import dtw as ts_dtw
+        ts_dtw(P[0, 0, :3], L[0, :3])  # compile tslearn's numba code before timing
+    except ImportError:
+        pass
+    _side_by_side(f"FRDist, {N} speakers x {K} samples x {m} appropriate reactions, T = {T} "
+                  f"({N * K * m * len(REACT_BLOCKS)} DTWs)", lambda: fr_dist(P, L, A),
+                  lambda: _fr_dist_reference(P, L, A), "tslearn")
 
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(description="metrics.py speed benchmark")
-    ap.add_argument("--bench", action="store_true", help="time FD and FRDist on random data")
-    ap.add_argument("--speakers", type=int, default=20, help="FRDist: number of speakers N")
+    ap = argparse.ArgumentParser(description="metrics.py: time FD and FRDist against the reference code")
+    ap.add_argument("--bench", action="store_true", help="run the benchmark")
+    ap.add_argument("--speakers", type=int, default=20, help="FRDist: speakers N")
+    ap.add_argument("--samples", type=int, default=10, help="FRDist: generated reactions K per speaker")
+    ap.add_argument("--appropriate", type=int, default=11, help="FRDist: appropriate reactions per speaker")
     ap.add_argument("--frames", type=int, default=750, help="FRDist: frames T")
     args = ap.parse_args()
     if args.bench:
-        bench(n_speakers=args.speakers, T=args.frames)
+        bench(n_speakers=args.speakers, K=args.samples, n_appropriate=args.appropriate, T=args.frames)
     else:
         ap.print_help()
