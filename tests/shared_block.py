@@ -1,7 +1,7 @@
 # ----------------------------------------------------------------------------------------------------------------------
 # Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
-# from Config, user errors, device and autocast, seeding and random state, atomic checkpoints, torchrun (DDP).
-# It expects METHOD, Config, PRESETS, check_config(cfg, mode) and main(argv, mode) in the file around it.
+# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
+# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
 
 
 def parse_config(argv, mode="train"):
@@ -9,9 +9,9 @@ def parse_config(argv, mode="train"):
     notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
     p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else dict(type=type(f.default))
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{notes.get(f.name, '')} (default {f.default!r})", **kind)
+                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
     given = vars(p.parse_args(argv))  # only the flags on the command line
     preset = given.get("preset", Config.preset)
     if preset not in PRESETS:
@@ -22,8 +22,7 @@ def parse_config(argv, mode="train"):
 
 
 def cli(argv=None, mode="train"):
-    """`python <method>.py [sample] [flags]`, also behind train.py / sample.py. A user's mistake (data.UserError)
-    prints one line `error: ...` and exits with status 2; a bug of ours keeps its traceback."""
+    """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["train"], ["sample"]):
         mode, argv = argv[0], argv[1:]
@@ -35,39 +34,31 @@ def cli(argv=None, mode="train"):
 
 
 def pick_device(name):
-    """auto -> cuda, then mps, then cpu; under torchrun each rank takes cuda:LOCAL_RANK. No such device -> UserError."""
+    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise data.UserError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise data.UserError("--device mps: this machine has no Apple GPU; use --device cpu")
-    if name not in ("cpu", "mps") and not name.startswith("cuda"):
-        raise data.UserError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    return torch.device(name)
+    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if not ok.get(name.split(":")[0], False):
+        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
+                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
 
 
-def autocast(device, dtype):
-    """Mixed precision on the GPU (--dtype bfloat16 / float16); float32 is a no-op context."""
+def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
 
-def grad_scaler(device, dtype):
-    """Loss scaling, needed for float16 only."""
+def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
     return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
 
 
 def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
 def rng_state(gens=()):
-    """Every random stream a run draws from (python, numpy, torch CPU and CUDA, and the run's own torch / numpy
-    generators, e.g. the data order), as plain tensors and numbers so that checkpoints load with weights_only."""
+    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
+    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()
     return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
                 torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -75,7 +66,6 @@ def rng_state(gens=()):
 
 
 def set_rng_state(state, gens=()):
-    """Inverse of rng_state: a resumed run draws the same numbers as the uninterrupted one."""
     random.setstate(state["python"])
     kind, key, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -83,27 +73,22 @@ def set_rng_state(state, gens=()):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     for g, s in zip(gens, state["gens"]):
-        if isinstance(g, torch.Generator):
-            g.set_state(s)
-        else:
-            g.bit_generator.state = s
+        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
 
 
 def save_checkpoint(path, obj):
-    """torch.save(obj + the writing method's name) to a temporary file, then rename: a run killed at any moment
-    leaves the previous checkpoint whole. Only rank 0 writes under torchrun."""
-    if not is_main():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"method": METHOD, **obj}, tmp)
-    os.replace(tmp, path)
+    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
+    the method; only rank 0 writes under torchrun."""
+    if is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"method": METHOD, **obj}, tmp)
+        os.replace(tmp, path)
 
 
 def load_checkpoint(path, device="cpu"):
-    """The dict that save_checkpoint wrote, with weights_only=True (plain tensors and containers only). A missing
-    file, an unreadable one or another method's checkpoint -> UserError."""
+    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
     path = Path(path)
     if not path.is_file():
         raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
@@ -119,36 +104,32 @@ def load_checkpoint(path, device="cpu"):
 
 def ddp_setup(device):
     """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def is_main():
-    """Rank 0 (or a single process): the one that logs, evaluates and writes files."""
+def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def check_in_sync(module):
-    """Under torchrun: every rank must end with rank 0's weights and buffers (DDP keeps gradients equal; state
-    updated outside autograd, such as an EMA codebook, must be all-reduced by the method). Raises if not."""
-    if not dist.is_initialized():
-        return
-    flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
-    ref = flat.clone()
-    dist.broadcast(ref, 0)
-    if not torch.equal(flat, ref):
-        raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's by {(flat - ref).abs().max():.3g}")
+    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
+    an EMA codebook, must be all-reduced by the method); raises if not."""
+    if dist.is_initialized():
+        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
 
 
 def shard(x):
-    """This rank's rows of a global batch that every rank drew alike (same generator, same seed): ranks train on
-    disjoint rows, and DDP's gradient average equals the single-process gradient of the whole batch."""
+    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
+    ranks then equals the single-process gradient of the whole batch."""
     return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
 
 
 # End of the shared setup.
-# ----------------------------------------------------------------------------------------------------------------------
