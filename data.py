@@ -30,7 +30,12 @@ Public API
                 plot_channels(path, series, channels)
     the world   generate_world(root, preset="default"|"tiny", seed, force) -> root with listener/ and vocaset/;
                 VOCAB (the world's words), talking_references(path, name), unposed(motion), write_wav(path, wave)
-`python data.py [--preset tiny] [--root DIR]` makes (or reuses) the world under data/.
+    the twins   generate_twin(name, preset, root, seed, force) -> the world re-cast as a paper's dataset, TWINS =
+                trevor (one listener), realtalk (many identities, identity-swapped GT), react (REACT 2024 layout and
+                appropriate neighbours), vocaset; resolve_data accepts their names; load_ledger(path, items) -> the
+                events each item's hidden rules answer (rules_ledger.json beside the data); load_swaps(path, split)
+                -> realtalk's identity-swapped ground truth per item
+`python data.py [--preset tiny] [--root DIR] [--twin NAME]` makes (or reuses) the world (or a twin) under data/.
 """
 import argparse
 import csv
@@ -476,9 +481,16 @@ def load_stats(path, who="listener", l2l_listener=None):
 
 def resolve_data(path, kind, preset="default"):
     """Where the data of `kind` ("listener" | "talking") lives: "" / None -> the synthetic world of `preset`
-    (generated if needed; "smoke" and "tiny" -> the tiny world) and its listener/ or vocaset/ folder; a world root
-    (with listener/ and vocaset/) -> the folder of that kind; any other folder -> itself."""
+    (generated if needed; "smoke" and "tiny" -> the tiny world) and its listener/ or vocaset/ folder; a twin's name
+    (TWINS: trevor, realtalk, react for listeners, vocaset for talking) -> that twin under DATA_ROOT (generated if
+    needed; <name>-tiny for "smoke" / "tiny"); a world root (with listener/ and vocaset/) -> the folder of that kind;
+    any other folder -> itself."""
     sub = {"listener": "listener", "talking": "vocaset"}[kind]
+    if path in TWINS:                                                     # a twin's name, not a relative folder
+        if (path == "vocaset") != (kind == "talking"):
+            raise UserError(f"--data {path}: the {path} twin is a {'talking' if path == 'vocaset' else 'listener'} "
+                            f"dataset, expected a {kind} one ({', '.join(TWINS)})")
+        return generate_twin(path, preset)
     if not path:
         return generate_world(preset="tiny" if preset in ("smoke", "tiny") else "default") / sub
     p = Path(path)
@@ -1539,16 +1551,389 @@ def generate_world(root=None, preset="default", seed=0, force=False):
     return root
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The twins: the world re-cast as each paper's dataset, with each cue in one stream and a ledger of the rules' events
+#   trevor    LM-Listener segments: ONE listener identity, many guests, guests disjoint across train / val / test.
+#   realtalk  segments: many listener identities (train ids 0.., unseen ids only in test, held-out conversations of
+#             seen listeners in test too); test segments carry swap_listener (S, T, 56): the same events and timing
+#             answered by S other identities (swap_beta (S, 100), swap_ids) -- an identity-swapped ground truth.
+#   react     REACT 2024 layout: sessions of two people taking turns (each the speaker once, the listener once);
+#             sessions of a script group share their event script (other voices, jittered timings) and are each
+#             other's appropriate neighbours (Approprirate_facial_reaction.npy, neighbour_emotion_<split>.npy).
+#   vocaset   the world's VOCASET folder.
+# Cues: half the speakers keep a neutral face (the voice carries the mood); sarcasm (humour words said flat) comes
+# with a smiling face; laughs are heard and not seen; loud syllables leave no mark on the face; silent smiles of
+# the speaker in pauses are seen and not heard. rules_ledger.json beside the data lists, per conversation, the
+# events the hidden rules answer (seconds from the video start): pause, amused, laugh, smile_seen, loud,
+# valence [t, change], and the non-event sarcasm. Readers ignore it; load_ledger(path, items) cuts it per item.
+
+TWINS = ("trevor", "realtalk", "react", "vocaset")
+TWIN_VERSION = 1
+TWIN_SIZES = {  # seconds per conversation; trevor guests per split, conversations per guest (realtalk: per train or
+    # unseen identity); realtalk identities (train, unseen) and conversations (val, held-out); react script groups
+    "default": {"dur": 24.0, "guests": {"train": 24, "val": 4, "test": 8}, "per_guest": 2,
+                "realtalk": {"train": 48, "val": 4, "unseen": 12, "heldout": 8}, "react_dur": 30.0,
+                "react_groups": {"train": 4, "val": 1, "test": 1}},
+    "tiny": {"dur": 12.0, "guests": {"train": 2, "val": 1, "test": 2}, "per_guest": 1,
+             "realtalk": {"train": 3, "val": 1, "unseen": 1, "heldout": 1}, "react_dur": 10.0,
+             "react_groups": {"train": 1, "val": 1, "test": 1}},
+}
+REACT_GROUP, N_SWAP = 3, 4                    # sessions per react script group; identities in a swapped GT
+LEDGER, LEDGER_HORIZON = "rules_ledger.json", (1.7, 3.6)   # answer windows: every rule, and contagion
+LEDGER_BEFORE = 5.0                           # load_ledger keeps the events of this many seconds before an item
+
+
+def _twin_beta(rng):
+    """An identity's shape: like FLAME's PCA coefficients, the first components vary most (the 8 that set the style
+    fully, the others at a tenth), so that a linear map fitted on ~48 identities finds the style's directions."""
+    return (0.8 * rng.standard_normal(BETA_DIM) * np.where(np.arange(BETA_DIM) < 8, 1.0, 0.1)).astype(np.float32)
+
+
+def _voice(rng):
+    return {"beta": _twin_beta(rng), "f0": float(
+        rng.uniform(95, 130) if rng.random() < 0.5 else rng.uniform(175, 230)), "rate": float(rng.uniform(0.85, 1.15)),
+            "loud": float(rng.uniform(0.8, 1.2)), "face_neutral": bool(rng.random() < 0.5)}
+
+
+def twin_style(beta):
+    """listener_style(beta) with its preferences as gains: every event is answered, by how much is the identity's."""
+    st = listener_style(beta)
+    return dict(st, nod=0.7 + 0.55 * st["p_nod"], smile=0.7 + 0.4 * st["p_smile"])
+
+
+def _twin_conversation(rng, speaker, duration, script, keep=None):
+    """Speaker side of one twin conversation (as _conversation), each cue in one stream. script: seed of the content
+    (episodes, words); rng: timing, voice, face. keep(t) -> bool: the speaker's turns (react), None = always."""
+    T, srng = int(round(duration * FPS)), np.random.default_rng(script)
+    keep = keep or (lambda t: True)
+    episodes, t = [], 0.0
+    while t < duration:
+        e = int(srng.choice(8, p=[.26, .26, .1, .08, .06, .06, .1, .08]))
+        episodes.append((t, e, e in (0, 7) and srng.random() < 0.5))
+        t += srng.uniform(5, 10)
+    starts = np.array([ep[0] for ep in episodes])
+    emotion_at = lambda s: episodes[int(np.searchsorted(starts, s, "right") - 1)][1:]
+    wrng = np.random.default_rng(srng.integers(2 ** 32))
+
+    def next_word(t):                            # humour words only lively (happy) or flat (sarcasm)
+        e, flat = emotion_at(t)
+        p_h, p_s = (0.3 if e == 1 else 0.25 if flat else 0.0), (0.35 if e == 2 else 0.03)
+        u = wrng.random()
+        pool = HUMOUR_WORDS if u < p_h else SAD_WORDS if u < p_h + p_s else NEUTRAL_WORDS
+        return pool[wrng.integers(len(pool))]
+    sylls, ends, pauses = _speak(rng, next_word, speaker, emotion_at, duration=duration, loud_p=0.02)
+    starts_s = np.array([s[0] for s in sylls] + [duration])
+    laugh, seen = [], []
+    for p in pauses:                             # heard laughs in happy pauses, seen silent smiles in others
+        gap, (e, flat), u = starts_s[np.searchsorted(starts_s, p)] - p, emotion_at(p), rng.random()
+        if e == 1 and not flat and gap >= 0.7 and u < 0.9:
+            laugh.append(round(p + 0.08, 4))
+            sylls += [(p + 0.08 + 0.14 * k, p + 0.1 + 0.14 * k, p + 0.2 + 0.14 * k, "h", "a", True, False, -1, 1,
+                       False) for k in range(3)]
+        elif not flat and gap >= 0.6 and u > 0.75:
+            seen.append(round(p + 0.05, 4))
+    sylls = sorted((s for s in sylls if keep(s[0]) and keep(s[2])), key=lambda s: s[0])
+    fr = np.arange(T) / FPS
+    on = np.array([keep(x) for x in fr])
+    ep_idx = np.searchsorted(starts, fr, "right") - 1
+    emo, flat = np.array([episodes[i][1] for i in ep_idx]), np.array([episodes[i][2] for i in ep_idx])
+    face_emo = np.where(flat, 1, emo)                                     # sarcasm: a smiling face, a flat voice
+    hide = (~on) | bool(speaker["face_neutral"])                         # face-neutral speakers: the voice carries it
+    face_sylls = [s[:6] + (False,) + s[7:] for s in sylls if s[7] >= 0]   # laughs unseen, loud syllables unmarked
+    face = _speaker_face(rng, face_sylls, T, {"intensity": rng.uniform(0.8, 1.2)}, face_emo, hide)
+    for t in (x for x in seen if keep(x)):
+        f, dur = _env(0.2, 0.5, 0.3)
+        _add(face[:, SMILE], t, dur, lambda tau: 0.8 * f(tau))
+    wave = _synth(rng, sylls, speaker, int(round(duration * SR)))
+    words = [(w, end) for w, end in ends if keep(end)]
+    valence = np.where(flat | ~on, 0.0, EMOTION_VALENCE[emo]).astype(np.float32)
+    dv = np.diff(valence, prepend=valence[0])
+    shifts = [[round(i / FPS, 4), round(float(dv[i]), 3)] for i in np.flatnonzero(np.abs(dv) >= 0.5)]
+    humour = [end for w, end in words if w in HUMOUR_WORDS]
+    amused = [end for end in humour if emotion_at(end - 0.05) == (1, False)]
+    return {"T": T, "wave": wave, "face": face, "words": words, "pauses": [p for p in pauses if keep(p)],
+            "amused": amused, "sarcastic": [end for end in humour if emotion_at(end - 0.05)[1]],
+            "laugh": [x for x in laugh if keep(x)], "smile_seen": [x for x in seen if keep(x)],
+            "loud": [s[0] for s in sylls if s[6]], "valence": valence, "shifts": shifts, "on": on}
+
+
+def _twin_listener(rng, ev, style):
+    """The hidden rules of the twins (as _listener; every event answered, the same random draws whatever the style,
+    so that another style re-renders the same responses with the same timing)."""
+    T, g = ev["T"], style["gain"]
+    m = np.zeros((T, MOTION_DIM), np.float32)
+    for p in ev["pauses"]:                                                # 1 back-channel nods
+        a, n, d = g * style["nod"] * rng.uniform(0.08, 0.15), rng.uniform(1.0, 1.6), rng.uniform(0.15, 0.4)
+        _add(m[:, PITCH], p + d, n, lambda tau: a * np.sin(2 * np.pi * 2.0 * tau) * np.exp(-tau / 0.35))
+    for w in sorted(ev["amused"] + ev["laugh"] + ev["smile_seen"]):      # 2 amusement: lively words, laughs, smiles
+        f, dur = _env(0.25, rng.uniform(0.8, 2.0), 0.6)
+        a, t0 = g * style["smile"] * rng.uniform(0.7, 1.1), w + rng.uniform(0.3, 0.6)
+        if style["open_smile"]:
+            _add(m[:, OPEN_SMILE], t0, dur, lambda tau: a * f(tau))
+            _add(m[:, JAW_PITCH], t0, dur, lambda tau: 0.06 * a * f(tau))
+        else:
+            _add(m[:, SMILE], t0, dur, lambda tau: a * f(tau))
+    lag = int(round((style["lag"] + rng.uniform(-0.2, 0.2)) * FPS))       # 3 contagion
+    v = np.r_[np.zeros(lag, np.float32), ev["valence"][:T - lag]]
+    v = _smooth(v, 9) * g * rng.uniform(0.8, 1.2)
+    m[:, SMILE] += 0.3 * np.maximum(v, 0)                                # (weaker than _listener: smiles stay seen)
+    m[:, FROWN] += 0.45 * np.maximum(-v, 0)
+    m[:, BROW_FURROW] += 0.15 * np.maximum(-v, 0)
+    for s in ev["loud"]:                                                  # 4 surprise, heard only
+        f, dur = _env(0.1, 0.2, 0.4)
+        a, d = g * rng.uniform(0.6, 1.0), rng.uniform(0.15, 0.25)
+        _add(m[:, BROW_RAISE], s + d, dur, lambda tau: a * f(tau))
+        _add(m[:, PITCH], s + 0.2, dur, lambda tau: -0.03 * a * f(tau))
+    for t in np.cumsum(rng.uniform(2, 6, size=int(T / FPS / 2) + 2)):     # 5 idle life
+        _add(m[:, BLINK], t, 0.2, lambda tau: np.sin(np.pi * tau / 0.2) ** 2)
+    idle = style["idle"]
+    m[:, HEAD] += 0.025 * idle * _smooth_noise(rng, (T, 3), 30)
+    m[:, 10:EXP_DIM] += 0.05 * idle * _smooth_noise(rng, (T, 40), 45)
+    m[:, :9] += 0.03 * idle * _smooth_noise(rng, (T, 9), 9)
+    for k in (SMILE, OPEN_SMILE, BROW_RAISE):
+        m[:, k] = 1.8 * np.tanh(m[:, k] / 1.8)
+    return m + style["offset"]                                           # 6 identity offset
+
+
+def _ledger_entry(ev, listening=None):
+    """The ledger of one conversation; with listening (T,) (react: 1 while the person listens), only the events whose
+    answer window (up to LEDGER_HORIZON s) the person spends listening."""
+    ok = lambda t, h: listening is None or listening[int(t * FPS):int((t + h) * FPS) + 1].min(initial=1) > 0.9
+    r = lambda xs, h=LEDGER_HORIZON[0]: [round(float(x), 4) for x in xs if ok(x, h)]
+    return {"pause": r(ev["pauses"]), "amused": r(ev["amused"]), "laugh": r(ev["laugh"]),
+            "smile_seen": r(ev["smile_seen"]), "loud": r(ev["loud"]), "valence": [x for x in ev["shifts"]
+                                                                           if ok(x[0], LEDGER_HORIZON[1])],
+            "sarcasm": r(ev["sarcastic"])}
+
+
+def _twin_segments(out, split, convs, stride):
+    """convs [{fname, ev, L, lbeta, sbeta, lid, spk, alt, swap}] -> segments_<split>.pth (segment dicts as
+    _write_listener writes them, plus swap_listener / swap_beta / swap_ids where swap is given)."""
+    face, segs = _face(), []
+    for c in convs:
+        ev, L = c["ev"], c["L"]
+        write_wav(out / "wav" / f"{c['fname']}.wav", ev["wave"])
+        lexp, lpose, sexp, spose = (torch.from_numpy(np.ascontiguousarray(x)) for x in
+                                    (L[:, EXP], L[:, POSE], ev["face"][:, EXP], ev["face"][:, POSE]))
+        la, sa = torch.from_numpy(face.attributes(L)), torch.from_numpy(face.attributes(ev["face"]))
+        lb, sb = torch.from_numpy(c["lbeta"])[None], torch.from_numpy(c["sbeta"])[None]
+        for s in range(0, ev["T"] - SEGMENT_FRAMES + 1, stride):
+            e, t0 = s + SEGMENT_FRAMES, s / FPS
+            seg = {"fname": c["fname"], "split_start_frame": s, "split_end_frame": e,
+                   "p0_exp": lexp[s:e], "p0_pose": lpose[s:e], "p0_shape": lb, "p0_attr": la[s:e],
+                   "p1_exp": sexp[s:e], "p1_pose": spose[s:e], "p1_shape": sb, "p1_attr": sa[s:e],
+                   "listener_id": c["lid"], "speaker_id": c["spk"],
+                   "before_words": [{"text": w, "end": x} for w, x in ev["words"] if t0 - 3.0 <= x < t0],
+                   "during_words": [{"text": w, "end": x} for w, x in ev["words"] if t0 <= x < e / FPS]}
+            if c.get("alt") is not None:
+                seg["alt_listener"] = c["alt"][:, s:e]
+            if c.get("swap") is not None:
+                motion, betas, ids = c["swap"]
+                seg["swap_listener"], seg["swap_beta"], seg["swap_ids"] = motion[:, s:e], betas, ids
+            segs.append(seg)
+    torch.save(segs, out / f"segments_{split}.pth")
+    return len(segs)
+
+
+def _write_twin_segments(out, name, size, seed):
+    """trevor or realtalk: the segments layout with statistics, wav/ and the rule ledger."""
+    (out / "wav").mkdir(parents=True)
+    rng0 = np.random.default_rng([seed, 10, TWINS.index(name)])
+    counts, ledger, train_L, train_S = {}, {}, [], []
+    if name == "trevor":                                                  # one host, guests disjoint per split
+        host = _twin_beta(rng0)
+        plan = {sp: [(0, g) for g in range(n) for _ in range(size["per_guest"])] for sp, n in size["guests"].items()}
+        betas = [host]
+    else:                                                                 # realtalk: seen and unseen identities
+        r = size["realtalk"]
+        betas = [_twin_beta(rng0) for _ in range(r["train"] + r["unseen"])]
+        k = size["per_guest"]                                             # conversations per identity
+        plan = {"train": [(i, k * i + j) for i in range(r["train"]) for j in range(k)],
+                "val": [(i % r["train"], 1000 + i) for i in range(r["val"])],
+                "test": [(r["train"] + i, 2000 + k * i + j) for i in range(r["unseen"]) for j in range(k)]
+                + [(i * 5 % r["train"], 3000 + i) for i in range(r["heldout"])]}
+    gid = 0
+    for si, split in enumerate(("train", "val", "test")):
+        convs = []
+        for c, (lid, guest) in enumerate(plan[split]):
+            rng = np.random.default_rng([seed, 11, TWINS.index(name), si, c])
+            spk_id = guest + {"train": 0, "val": 100, "test": 200}[split] if name == "trevor" else guest
+            speaker = _voice(np.random.default_rng([seed, 12, TWINS.index(name), spk_id]))
+            ev = _twin_conversation(rng, speaker, size["dur"], [seed, 13, TWINS.index(name), si, c])
+            sim_seed = int(rng.integers(2 ** 32))
+            L = _twin_listener(np.random.default_rng(sim_seed), ev, twin_style(betas[lid]))
+            fname = f"{split}_{c:03d}_s{spk_id}_l{lid}"
+            conv = {"fname": fname, "ev": ev, "L": L, "lbeta": betas[lid], "sbeta": speaker["beta"], "lid": lid,
+                    "spk": spk_id}
+            if split != "train":
+                conv["alt"] = torch.from_numpy(np.stack([_twin_listener(np.random.default_rng([sim_seed, k + 1]), ev,
+                                                         twin_style(betas[lid])) for k in range(K_ALT)])).half()
+            if name == "realtalk" and split == "test":
+                others = [j for j in np.random.default_rng([seed, 14, c]).permutation(len(betas)) if j != lid][:N_SWAP]
+                conv["swap"] = (torch.from_numpy(np.stack([_twin_listener(np.random.default_rng(sim_seed), ev,
+                                twin_style(betas[j])) for j in others])).half(),
+                                torch.from_numpy(np.stack([betas[j] for j in others])), torch.tensor(others))
+            if split == "train":
+                train_L.append(L)
+                train_S.append(ev["face"])
+            ledger[fname] = _ledger_entry(ev)
+            convs.append(conv)
+            gid += 1
+        counts[split] = _twin_segments(out, split, convs, int(2.0 * FPS) if split == "train" else SEGMENT_FRAMES)
+    for pre, X in (("", np.concatenate(train_L)), ("speaker_", np.concatenate(train_S))):
+        np.save(out / f"{pre}mean.npy", X.mean(0).astype(np.float32))
+        np.save(out / f"{pre}std.npy", np.maximum(X.std(0), 1e-3).astype(np.float32))
+    (out / LEDGER).write_text(json.dumps(ledger))
+    return counts
+
+
+def _write_twin_react(out, size, seed):
+    """REACT 2024 layout: <split>/{Emotion,3D_FV_files,Audio_files}/synthetic/<session>/<person>/1.{csv,npy,wav}
+    (motion as (T, 1, 56)), <split>.csv, data_indices.csv, Approprirate_facial_reaction.npy, neighbour_emotion_<split>
+    .npy, react_meta.json and the rule ledger (keyed by the listener's clip path, as the items are named)."""
+    face, people = _face(), ("Expert_video", "Novice_video")
+    T, dur = int(round(size["react_dur"] * FPS)), size["react_dur"]
+    out.mkdir(parents=True)
+    ledger, index, groups, counts, sess_no = {}, [], [], {}, 0
+    for si, split in enumerate(("train", "val", "test")):
+        rows = [",speaker_path,listener_path"]
+        for g in range(size["react_groups"][split]):
+            script = [seed, 20, si, g]
+            trng = np.random.default_rng(script + [0])
+            turns = np.cumsum(trng.uniform(4, 7, size=int(dur / 4) + 2))   # turn ends; person 0 speaks first
+            for k in range(REACT_GROUP):
+                sess = f"{sess_no:03d}_session"
+                rng = np.random.default_rng([seed, 21, sess_no])
+                ends = turns + rng.uniform(-0.4, 0.4, len(turns))          # jittered timings
+                speaks = lambda p: (lambda t: (np.searchsorted(ends, t) % 2 == p) and
+                                    abs(ends[np.argmin(abs(ends - t))] - t) > 0.3)
+                voices = [_voice(np.random.default_rng([seed, 22, sess_no, p])) for p in (0, 1)]
+                evs = [_twin_conversation(rng, voices[p], dur, script + [1 + p], speaks(p)) for p in (0, 1)]
+                tracks = []
+                for p in (0, 1):                                          # own turns: speaking; else listening
+                    L = _twin_listener(np.random.default_rng([seed, 23, sess_no, p]), evs[1 - p],
+                                       twin_style(voices[p]["beta"]))
+                    w = _smooth(evs[p]["on"].astype(np.float32), 6)[:, None]
+                    tracks.append(w * (evs[p]["face"] + twin_style(voices[p]["beta"])["offset"]) + (1 - w) * L)
+                for p in (0, 1):
+                    rel = f"synthetic/{sess}/{people[p]}/1"
+                    for kind, f in (("Emotion", f"{rel}.csv"), ("3D_FV_files", f"{rel}.npy"), ("Audio_files",
+                                                                                               f"{rel}.wav")):
+                        (out / split / kind / f).parent.mkdir(parents=True, exist_ok=True)
+                    np.savetxt(out / split / "Emotion" / f"{rel}.csv", face.attributes(tracks[p]), delimiter=",",
+                               header=",".join(ATTR_NAMES), comments="", fmt="%.5g")
+                    np.save(out / split / "3D_FV_files" / f"{rel}.npy", tracks[p][:, None].astype(np.float32))
+                    write_wav(out / split / "Audio_files" / f"{rel}.wav", evs[p]["wave"])
+                    ledger[rel] = _ledger_entry(evs[1 - p], 1 - w[:, 0])   # what this person, listening, answers
+                rows.append(f"{len(rows) - 1},synthetic/{sess}/{people[0]}/1,synthetic/{sess}/{people[1]}/1")
+                index.append(("synthetic", sess, "1"))
+                groups.append((split, si * 100 + g))
+                sess_no += 1
+        (out / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    M = len(index)
+    grp = np.array([g for _, g in groups])
+    same = (grp[:, None] == grp[None]).astype(np.float32)                 # same script, same role: neighbours
+    full = np.block([[same, np.zeros_like(same)], [np.zeros_like(same), same]])
+    np.save(out / REACT_APPROPRIATE, full)
+    (out / "data_indices.csv").write_text("site,session,clip\n" + "".join(",".join(r) + "\n" for r in index))
+    for split in ("train", "val", "test"):
+        r = np.array([i for i, (sp, _) in enumerate(groups) if sp == split])
+        cut = lambda a, b: full[np.ix_(a, b)]                             # as the baseline's tool/matrix_split.py
+        np.save(out / f"neighbour_emotion_{split}.npy", np.block([[cut(r, r), cut(r, r + M)],
+                                                                  [cut(r + M, r), cut(r + M, r + M)]]))
+        counts[split] = 2 * len(r)
+    (out / "react_meta.json").write_text(json.dumps({"fps": FPS}))
+    (out / LEDGER).write_text(json.dumps(ledger))
+    return counts
+
+
+def generate_twin(name, preset="default", root=None, seed=0, force=False):
+    """Make (or reuse) the twin `name` (TWINS) under root (default DATA_ROOT/<name>, DATA_ROOT/<name>-tiny for the
+    "tiny" / "smoke" preset); written to a temporary folder and renamed, reused while its meta.json matches."""
+    if name not in TWINS:
+        raise UserError(f"no twin named {name!r} (expected one of {', '.join(TWINS)})")
+    preset = "tiny" if preset in ("tiny", "smoke") else "default"
+    root = Path(root) if root else DATA_ROOT / (name + ("-tiny" if preset == "tiny" else ""))
+    want = {"twin": name, "preset": preset, "seed": seed, "version": TWIN_VERSION}
+    if (root / "meta.json").exists() and not force and all(
+            json.loads((root / "meta.json").read_text()).get(k) == v for k, v in want.items()):
+        return root
+    t0, size = time.time(), TWIN_SIZES[preset]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        if name == "vocaset":
+            counts = {"sentences": _write_vocaset(tmp, PRESETS[preset], seed)}
+        elif name == "react":
+            counts = _write_twin_react(tmp, size, seed)
+        else:
+            counts = _write_twin_segments(tmp, name, size, seed)
+        info = dict(want, counts=counts, seconds=round(time.time() - t0, 2), mb=round(_du(tmp) / 2 ** 20, 1))
+        if name == "vocaset":                                             # its own meta.json holds fps: keep both
+            info.update(json.loads((tmp / "meta.json").read_text()))
+        (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+        if root.exists():
+            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:6]}"
+            os.rename(root, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (root / "meta.json").exists() and not force:
+            return root
+        raise
+    print(f"data.py: made the {preset} twin {name} ({counts}), {info['mb']} MB, in {time.time() - t0:.1f} s -> "
+          f"{root}", flush=True)
+    return root
+
+
+def load_swaps(path, split="test"):
+    """Realtalk twin only: the identity-swapped ground truth of each item of `split` -> {item name: (ids (S,) int,
+    betas (S, 100), listener motion (S, T, 56)) float32}: the item's events answered with the same timing by S other
+    identities. {} when the data has none."""
+    path, _ = _layout(Path(path), split)
+    f = path / f"segments_{split}.pth"
+    out = {}
+    for s in (_load_pth(f) if f.exists() else []):
+        if isinstance(s, dict) and "swap_listener" in s:
+            out[f"{s['fname']}:{int(s['split_start_frame'])}-{int(s['split_end_frame'])}"] = (
+                np.asarray(_np(s["swap_ids"]), np.int64), np.asarray(_np(s["swap_beta"]), np.float32),
+                np.asarray(_np(s["swap_listener"].float()), np.float32))
+    return out
+
+
+def load_ledger(path, items):
+    """Synthetic twins only: per item, the events its listener's hidden rules answer, in seconds from the item's
+    start ({rule: [t]}; valence [[t, change]]; from LEDGER_BEFORE s before the start, negative, so that a scorer sees
+    what came just before), from rules_ledger.json beside the data; None when there is none."""
+    path = Path(path)
+    f = path / LEDGER if (path / LEDGER).exists() else path / "listener" / LEDGER
+    if not f.exists():
+        return None
+    ledger, out = json.loads(f.read_text()), []
+    for it in items:
+        key, _, span = it["name"].partition(":")
+        a, b = (int(x) for x in span.split("-")) if span else (0, len(it["listener"]))
+        t0, t1 = a / it["fps"], b / it["fps"]
+        ev = ledger.get(key)
+        out.append(None if ev is None else {
+            k: [[e[0] - t0, e[1]] if isinstance(e, list) else e - t0 for e in v
+                if t0 - LEDGER_BEFORE <= (e[0] if isinstance(e, list) else e) < t1] for k, v in ev.items()})
+    return out
+
+
 if __name__ == "__main__":
     ap = ArgParser(description="Generate (or reuse) the synthetic world.")
     ap.add_argument("--preset", default="default", choices=["default", "tiny"])
     ap.add_argument("--root", default=None, help="where to write it (default data/world or data/tiny)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="regenerate even when a matching world exists")
+    ap.add_argument("--twin", default=None, choices=TWINS, help="make this twin instead (data/<name>[-tiny])")
     try:
         a = ap.parse_args()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    r = generate_world(a.root, a.preset, a.seed, a.force)
+    r = generate_twin(a.twin, a.preset, a.root, a.seed, a.force) if a.twin else generate_world(a.root, a.preset,
+                                                                                              a.seed, a.force)
     print(json.loads((r / "meta.json").read_text()))

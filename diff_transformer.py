@@ -1,129 +1,275 @@
 """diff_transformer.py: DiffSpeaker, speech-driven 3D facial animation with a diffusion Transformer.
 
 A diffusion model denoises a whole vertex-displacement sequence in parallel, conditioned on speech and on a
-speaking-style id. Its single decoder layer uses *biased conditional attention*: [style, step] tokens are
-prepended to the keys/values (never the queries), self-attention carries a two-sided periodic ALiBi bias and
-cross-attention to the audio is diagonal. x0-prediction, vertex + velocity loss, DDIM 50 steps with eta = 0.
+speaking-style id. Its decoder layer uses biased conditional attention: [style, step] tokens are prepended to the
+keys/values (never the queries), self-attention carries a two-sided periodic ALiBi bias, and cross-attention to the
+audio is diagonal (frame i sees audio frame i). It predicts x0, trains on vertex + velocity MSE and samples with
+DDIM (50 steps, eta = 0). The baseline FaceFormerAR (--arch ar) decodes the same way as FaceFormer, frame by frame.
 
-Papers: DiffSpeaker arXiv 2402.05712; FaceFormer arXiv 2112.05329 (the autoregressive baseline, `--arch ar`);
-ALiBi arXiv 2108.12409; DDPM arXiv 2006.11239; DDIM arXiv 2010.02502; CodeTalker arXiv 2301.02379 (metrics).
-Substitutes: wav2vec2/HuBERT (pretrained, unavailable) -> 20 MFCC + deltas + CMVN at 50 Hz through a dilated
-conv encoder (receptive field 33 rows = 0.66 s). Deliberate deviations: motion is normalised by one global
-scalar sigma (the released code trains on raw metres and often collapses to the template), and the schedule is
-rescaled to zero terminal SNR (--no-zero-snr is the paper's), because with normalised 924-d motion x_999 still
-carries enough of x0 that the net ignores the audio and DDIM from pure noise drifts away from the data. 20 MFCC,
-not the spec's 40: each training style comes with one voice, and the upper cepstra resolve its pitch harmonics,
-so the net tied its output to the voice (under other voices the 227-Hz style 0 erred 2-3x the other styles,
-1.5-2.5x with 20; three seeds, LVE 0.00110 -> 0.00101 on average).
+Papers: DiffSpeaker arXiv 2402.05712; FaceFormer arXiv 2112.05329; ALiBi arXiv 2108.12409; DDPM arXiv 2006.11239;
+DDIM arXiv 2010.02502; zero terminal SNR arXiv 2305.08891; CodeTalker arXiv 2301.02379 (the LVE and FDD metrics).
+Substitute: wav2vec2/HuBERT (pretrained, not available here) -> 20 MFCC + deltas + CMVN on wav2vec2's 50 Hz grid
+through a dilated conv encoder (33 rows = 0.66 s of context). 20, not 40: each training style comes with one voice
+and the upper cepstra resolve its pitch, which lets the net tie a style to a voice instead of to the lips.
+Deviations: motion is divided by one global scalar sigma (the released code trains on raw metres, where the noise
+swamps the signal), and the schedule is rescaled to zero terminal SNR (--no-zero-snr is the paper's): with
+normalised motion x_999 still carries enough of x0 that the net can ignore the audio and DDIM from pure noise drifts.
 Shape letters: B batch, T motion frames (30 fps), N audio rows (50 Hz), F audio features, D = V*3 motion dims,
-V vertices, H heads, C condition tokens (2, or 0 for --cond add / --arch ar), S = C + T keys, d model width.
+V vertices, H heads, C condition tokens (2; 0 for --cond add and --arch ar), S = C + T keys, d model width.
 
-    python diff_transformer.py --preset smoke                     # ~10 s, tiny world
-    python train.py --model diff_transformer                      # default: model + AR + plain-attention runs,
-                                                                  # 6.0 + 5.4 + 6.4 min on 2 cores
-    python sample.py --model diff_transformer                     # test split: LVE/FDD/MVE table, speed, GIFs
-    python sample.py --model diff_transformer --audio speech.wav --style 3   # animate any wav
-    python diff_transformer.py --ablations ar,plain,nobias,nodiag,add        # every ablation of spec section 7
-    python sample.py --model diff_transformer --bench             # ms per sequence, T in {100, 300, 600}
-Measured (default preset, 3000 steps x 16, best-val weights; synthetic test, unposed like VOCASET, 8 styles): LVE
-0.00096 for one sample = 19.9 % of the static template's 0.00481 (seeds 1, 2: 0.00104, 0.00104), AR 0.00117 (24 %),
-plain attention 0.00312. The protocol scores unseen subjects under every training style: the speech-driven face
-under those styles (a perfect style-conditioned model) scores 0.00083 = 17 %, the same faces averaged over the
-styles 0.00059 = 12 % (never worse, by Jensen: the protocol rewards hedging between styles); with the subject's
-true style 1.4e-5. 10 s of speech: DDIM-50 0.27 s vs AR 0.85-0.95 s (3.1-3.4x) on 2 idle CPU threads.
+    python diff_transformer.py --preset smoke                 # seconds on a CPU -> runs/diff_transformer-smoke
+    python train.py --model diff_transformer                  # default preset: minutes on a CPU
+    python train.py --model diff_transformer --arch ar --out runs/diff_transformer_ar       # the AR baseline
+    python train.py --model diff_transformer --self-bias none --cross-mask full --out runs/diff_transformer_plain
+    python sample.py --model diff_transformer --ar-ckpt runs/diff_transformer_ar/ckpt.pt    # table, speed, GIFs
+    python sample.py --model diff_transformer --audio speech.wav --style 3                  # animate any wav
+    torchrun --standalone --nproc_per_node 2 diff_transformer.py --preset smoke            # DDP (gloo on CPU)
 """
 import argparse
-import copy
+import dataclasses
 import inspect
 import json
 import math
 import os
+import pickle
+import random
 import re
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
 import data
+import metrics
+
+METHOD = "diff_transformer"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Config
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    data: str = ""  # data path ("" = the synthetic world's vocaset/ folder, generated on first use)
-    out: str = "runs/diff_transformer"  # run folder: ckpt.pt, config.json, samples, metrics.json
+    data: str = ""  # data folder ("" = the synthetic world's vocaset/; sample: the checkpoint's data)
+    out: str = "runs/diff_transformer"  # run folder: ckpt.pt, config.json; sample writes metrics.json, GIFs there
     preset: str = "default"  # smoke (tiny world, seconds) | default (CPU minutes) | full (paper sizes, GPU)
-    seed: int = 0  # seeds torch and numpy
+    seed: int = 0  # seeds python, numpy and torch
     device: str = "auto"  # auto -> cuda, mps, cpu
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast on GPU only)
-    resume: bool = False  # continue from <out>/ckpt.pt
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; float16 with loss scaling)
+    compile: bool = False  # torch.compile the network for training (the checkpoint holds the plain module)
+    resume: bool = False  # continue exactly from <out>/ckpt.pt (weights, optimiser, step, random state)
     arch: str = "diffusion"  # diffusion (DiffSpeaker) | ar (FaceFormer-style autoregressive baseline)
-    self_bias: str = "alibi"  # alibi (two-sided periodic ALiBi) | none (ablation)
-    cross_mask: str = "diag"  # diag (frame i sees audio frame i) | full (ablation)
-    cond: str = "kv"  # kv: [style, step] tokens in keys/values (paper) | add: added to the input tokens
-    d_model: int = 128  # decoder width d
-    d_ffn: int = 256  # feed-forward width
-    n_heads: int = 4  # attention heads H
-    n_layers: int = 1  # decoder layers N
-    audio_width: int = 64  # audio encoder width a
-    audio_transformer: bool = False  # 2-layer Transformer encoder after the convs (full preset)
-    dropout: float = 0.1  # dropout everywhere
-    period: int = 30  # PPE and ALiBi period p in frames (= fps)
-    zero_snr: bool = True  # abar_T = 0 (our deviation: normalised 924-d motion leaks x0 through x_999, so the
-    #                        model ignores the audio and DDIM from pure noise fails; --no-zero-snr is the paper's)
-    n_mfcc: int = 20  # MFCC coefficients (x3 with deltas; 20, not 40: the dropped cepstra carry the pitch)
-    steps: int = 3000  # optimiser steps
-    batch_size: int = 16  # clips per batch
-    lr: float = 1e-3  # AdamW lr, constant (cosine decay to lr / 20, 40 MFCC: LVE 0.00111 vs 0.00106)
-    min_frames: int = 64  # shortest training crop (frames)
-    max_frames: int = 150  # longest training crop (frames)
-    time_mask_p: float = 0.05  # SpecAugment-like time masking: start probability per audio row
-    time_mask_span: int = 10  # rows per time mask
+    self_bias: str = "alibi"  # self-attention bias: alibi (two-sided periodic, paper) | none (ablation)
+    cross_mask: str = "diag"  # cross-attention: diag (frame i sees audio row i, paper) | full (ablation)
+    cond: str = "kv"  # kv: [style, step] tokens in keys/values (paper) | add: added to the input (ablation)
+    d_model: int = 128  # decoder width d (paper 512 on VOCASET)
+    d_ffn: int = 256  # feed-forward width (paper 1024)
+    n_heads: int = 4  # attention heads H (paper 4)
+    n_layers: int = 1  # decoder layers (paper 1)
+    audio_width: int = 64  # audio encoder width a (the paper's wav2vec2 is 768 wide)
+    dropout: float = 0.1  # dropout probability everywhere (paper 0.1)
+    period: int = 30  # PPE and ALiBi period p in frames, = fps (paper 30 on VOCASET, 25 on BIWI)
+    zero_snr: bool = True  # rescale the schedule to abar_T = 0 (ours; the paper's schedule: --no-zero-snr)
+    n_mfcc: int = 20  # MFCC coefficients, x3 with deltas (our stand-in for wav2vec2 features)
+    steps: int = 3000  # optimiser steps (paper: 9000 epochs of VOCASET)
+    batch_size: int = 16  # clips per global batch, split over the ranks under torchrun (paper 32)
+    lr: float = 1e-3  # AdamW learning rate, constant (paper 1e-4, constant)
+    min_frames: int = 64  # shortest training crop in frames (paper: whole sequences)
+    max_frames: int = 150  # longest training crop in frames
+    time_mask_p: float = 0.05  # probability that a time mask starts at an audio row (wav2vec2 fine-tuning: 0.05)
+    time_mask_span: int = 10  # audio rows per time mask (wav2vec2 fine-tuning: 10)
     grad_clip: float = 1.0  # gradient-norm clip
     eval_every: int = 500  # steps between val evaluations and checkpoints
-    keep_best: bool = True  # sample from the weights of the lowest val LVE (lowest at step 1500 of 3000)
-    ema: float = 0.0  # decay of a weight average to evaluate and sample (0.999: steadier val LVE, test 0.00103)
+    keep_best: bool = True  # sample from the weights of the lowest val LVE (ours; the paper: the last step)
     n_val: int = 40  # val clips scored every eval_every steps (styles cycled)
-    ablations: str = "ar,plain"  # runs trained after the model under <out>/<name>: ar,plain,nobias,nodiag,add
-    ddim_steps: int = 50  # DDIM sampling steps
-    ddim_legacy: bool = False  # diffusers-0.11 sampler of the released code (x0 as direction, alpha_final = abar_0)
-    smooth: bool = False  # 3-tap moving average on the output (on in the VOCASET code)
-    mean_of: int = 4  # sample: also score the mean of this many samples per clip (row model:mean_of_N; 1 = off)
-    reps: int = 1  # sampling repetitions (seeds 1234, 0, 10, ...; the paper uses 10)
-    ckpt: str = ""  # sample: checkpoint (default <out>/ckpt.pt)
+    ddim_steps: int = 50  # DDIM sampling steps (paper 50)
+    reps: int = 1  # sample: repetitions with seeds 1234, 0, 10, ..., 80 (paper 10)
+    ckpt: str = ""  # sample: checkpoint to evaluate (default <out>/ckpt.pt)
+    ar_ckpt: str = ""  # sample: checkpoint of an --arch ar run, scored as the row baseline:autoregressive
     split: str = "test"  # sample: split to evaluate
     audio: str = ""  # sample: animate this wav instead of the split (any rate, mono or stereo)
     style: int = 0  # sample --audio: training-style id
-    bench: bool = False  # sample: time diffusion (S = 10/25/50) vs --arch ar for T in {100, 300, 600}
-    threads: int = 0  # torch CPU threads (0 = torch's default; 1 is much faster on a busy shared machine)
+    threads: int = 0  # torch CPU threads (0 = torch's default)
 
 
 PRESETS = {
-    "smoke": dict(d_model=32, d_ffn=64, audio_width=16, steps=40, batch_size=4, min_frames=24, max_frames=48,
-                  eval_every=40, ddim_steps=10, lr=2e-3, mean_of=2),
+    "smoke": dict(out="runs/diff_transformer-smoke", d_model=32, d_ffn=64, audio_width=16, steps=40, batch_size=4,
+                  min_frames=24, max_frames=48, eval_every=40, ddim_steps=10, lr=2e-3),
     "default": {},
-    "full": dict(d_model=512, d_ffn=1024, audio_width=256, audio_transformer=True, batch_size=32, lr=1e-4,
-                 steps=200_000, min_frames=600, max_frames=600, eval_every=5000),
+    "full": dict(d_model=512, d_ffn=1024, audio_width=256, batch_size=32, lr=1e-4, steps=200_000, min_frames=600,
+                 max_frames=600, eval_every=5000),
 }
-# name -> (config changes, row name in the tables)
-ABLATIONS = {"ar": ({"arch": "ar"}, "baseline:autoregressive"),
-             "plain": ({"self_bias": "none", "cross_mask": "full"}, "ablation:plain_attention"),
-             "nobias": ({"self_bias": "none"}, "ablation:no_alibi"),
-             "nodiag": ({"cross_mask": "full"}, "ablation:full_cross"),
-             "add": ({"cond": "add"}, "ablation:cond_add")}
-CHOICES = {"preset": list(PRESETS), "arch": ["diffusion", "ar"], "self_bias": ["alibi", "none"],
-           "cross_mask": ["diag", "full"], "cond": ["kv", "add"], "dtype": ["float32", "bfloat16", "float16"]}
+CHOICES = {"arch": ("diffusion", "ar"), "self_bias": ("alibi", "none"), "cross_mask": ("diag", "full"),
+           "cond": ("kv", "add"), "dtype": ("float32", "bfloat16", "float16")}
+POSITIVE = ("steps", "batch_size", "lr", "d_model", "d_ffn", "n_heads", "n_layers", "audio_width", "period", "n_mfcc",
+            "min_frames", "time_mask_span", "grad_clip", "eval_every", "n_val", "ddim_steps", "reps")
 T_TRAIN = 1000  # diffusion steps
 AUDIO_RATE = 50  # audio feature rows per second (wav2vec2's grid)
+
+
+def check_config(cfg, mode):
+    """The values a user can get wrong: the first rule broken -> a one-line data.UserError."""
+    flag = lambda k: f"--{k.replace('_', '-')} {getattr(cfg, k)!r}"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rules = [(getattr(cfg, k) in v, f"{flag(k)}: expected one of {', '.join(v)}") for k, v in CHOICES.items()]
+    rules += [(getattr(cfg, k) > 0, f"{flag(k)}: expected a positive number") for k in POSITIVE] + [
+        (cfg.n_heads > 0 and cfg.d_model % cfg.n_heads == 0,
+         f"{flag('d_model')}: expected a multiple of --n-heads {cfg.n_heads}"),
+        (cfg.audio_width < 8 or cfg.audio_width % 8 == 0, f"{flag('audio_width')}: expected a multiple of 8"),
+        (cfg.min_frames <= cfg.max_frames, f"{flag('min_frames')}: expected at most --max-frames"),
+        (0 <= cfg.dropout < 1 and 0 <= cfg.time_mask_p <= 1, "--dropout and --time-mask-p: expected probabilities"),
+        (cfg.ddim_steps <= T_TRAIN, f"{flag('ddim_steps')}: expected at most {T_TRAIN}"),
+        (cfg.reps <= 10, f"{flag('reps')}: expected at most 10 (the paper's seeds)"),
+        (cfg.style >= 0 and cfg.threads >= 0, "--style and --threads: expected numbers >= 0"),
+        (mode != "train" or cfg.batch_size % world == 0,
+         f"{flag('batch_size')}: expected a multiple of the {world} torchrun processes")]
+    for ok, message in rules:
+        if not ok:
+            raise data.UserError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
+# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
+# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+
+
+def parse_config(argv, mode="train"):
+    """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], **given})
+    check_config(cfg, mode)
+    return cfg
+
+
+def cli(argv=None, mode="train"):
+    """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["sample"]):
+        mode, argv = argv[0], argv[1:]
+    try:
+        return main(argv, mode)
+    except data.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if not ok.get(name.split(":")[0], False):
+        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
+                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+
+
+def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
+def seed_all(seed):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def rng_state(gens=()):
+    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
+    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
+
+
+def set_rng_state(state, gens=()):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(gens, state["gens"]):
+        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
+
+
+def save_checkpoint(path, obj):
+    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
+    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
+    if is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or ck.get("method") != METHOD:
+        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
+        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
+    return ck
+
+
+def ddp_setup(device):
+    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_in_sync(module):
+    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
+    an EMA codebook, must be all-reduced by the method); raises if not."""
+    if dist.is_initialized():
+        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
+
+
+def shard(x):
+    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
+    ranks then equals the single-process gradient of the whole batch."""
+    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+
+
+# End of the shared setup.
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,9 +289,10 @@ def audio_features(wave, n_mfcc=20):
     return (f - f.mean(0)) / (f.std(0, unbiased=False) + 1e-5)
 
 
-def time_mask(f, p, span, gen=None):
-    """Zero `span` rows after each row that starts a mask with probability p (training only): (N, F)."""
-    starts = (torch.rand(f.shape[0], generator=gen) < p).float()  # (N,)
+def time_mask(f, p, span):
+    """Training only, SpecAugment-like as in wav2vec2's fine-tuning: zero `span` rows after each row that starts a
+    mask with probability p: (N, F) -> (N, F)."""
+    starts = (torch.rand(f.shape[0]) < p).float()  # (N,)
     hit = F.max_pool1d(F.pad(starts[None, None], (span - 1, 0)), span, 1)[0, 0]  # (N,) 1 inside a mask
     return f * (1 - hit)[:, None]
 
@@ -160,9 +307,6 @@ class AudioEncoder(nn.Module):
         self.inp = nn.Conv1d(3 * cfg.n_mfcc, a, 3, padding=1)
         self.convs = nn.ModuleList(nn.Conv1d(a, a, 3, padding=r, dilation=r) for r in (1, 2, 4, 8))
         self.norms = nn.ModuleList(nn.GroupNorm(min(8, a), a) for _ in range(4))
-        self.tf = (nn.TransformerEncoder(nn.TransformerEncoderLayer(a, 4, 2 * a, cfg.dropout, batch_first=True,
-                                                                    norm_first=True), 2)
-                   if cfg.audio_transformer else None)
 
     def forward(self, f, rows=None):  # (B, N, F), rows (B, N) 1 = real row -> (B, N, a)
         keep = torch.ones(f.shape[:2], device=f.device) if rows is None else rows.float().to(f.device)
@@ -171,47 +315,35 @@ class AudioEncoder(nn.Module):
         for conv, norm in zip(self.convs, self.norms):
             y = conv(h).transpose(1, 2)  # (B, N, a)
             h = (h + F.gelu(norm(y.reshape(-1, y.shape[-1])).view_as(y)).transpose(1, 2)) * keep  # residual
-        h = h.transpose(1, 2)  # (B, N, a)
-        return self.tf(h, src_key_padding_mask=keep[:, 0] == 0) if self.tf is not None else h
+        return h.transpose(1, 2)  # (B, N, a)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Biased conditional attention: masks, embeddings, the decoder layer
+# Biased conditional attention: bias, embeddings, the decoder layer
 
 def alibi_slopes(H):
     """m_h = 2^(-8h/H), h = 1..H: for H = 4 that is 1/4, 1/16, 1/64, 1/256 (ALiBi, arXiv 2108.12409)."""
     return torch.tensor([2.0 ** (-8.0 * h / H) for h in range(1, H + 1)])
 
 
-def periodic_alibi(T, period, H, n_cond=2, causal=False, slopes=None):
-    """Spec S1: two-sided periodic ALiBi, condition columns first with zero bias: (H, T, n_cond + T)."""
+def periodic_alibi(T, period, slopes, n_cond=2, causal=False):
+    """DiffSpeaker's self-attention bias, condition columns first with zero bias: (H, T, C + T). Key j <= query i:
+    -m_h floor((i - j) / p); key j > i: -m_h floor((j - i - 1) / p) (two-sided periodic ALiBi)."""
     i, j = torch.arange(T)[:, None], torch.arange(T)[None]  # (T, 1), (1, T)
-    dist = torch.where(j <= i, (i - j) // period, (j - i - 1) // period)  # (T, T) periods between frames
-    m = alibi_slopes(H) if slopes is None else slopes
-    bias = -m[:, None, None] * dist  # (H, T, T)
+    gap = torch.where(j <= i, (i - j) // period, (j - i - 1) // period)  # (T, T) periods between frames
+    bias = -slopes[:, None, None] * gap  # (H, T, T)
     if causal:  # FaceFormer: nothing above the diagonal
         bias = bias.masked_fill(j > i, float("-inf"))
     return F.pad(bias, (n_cond, 0))  # (H, T, C + T)
 
 
-def diagonal_mask(T, n_cond=2):
-    """Spec S2: True = blocked; query i sees only the condition columns and audio column i: (T, C + T)."""
-    blocked = torch.ones(T, n_cond + T, dtype=torch.bool)
-    blocked[:, :n_cond] = False
-    blocked[torch.arange(T), n_cond + torch.arange(T)] = False
-    return blocked
-
-
-def tile_heads(bias, B, H, key_pad=None):
-    """(H, T, S) float bias (or (T, S) bool, True = blocked, shared by the heads) + key padding (B, S) ->
-    (B*H, T, S) float in the b*H + h order nn.MultiheadAttention expects (one float mask, no mixed types)."""
-    if bias.dtype == torch.bool:
-        bias = torch.zeros(bias.shape).masked_fill(bias, float("-inf"))[None]  # (1, T, S)
-    T, S = bias.shape[-2:]
-    out = bias[None].expand(B, H, T, S)  # (B, H, T, S)
+def tile_heads(bias, B, key_pad=None):
+    """(H, T, S) float bias + key padding (B, S), True = blocked -> (B*H, T, S), in the b*H + h order that
+    nn.MultiheadAttention expects."""
+    out = bias.expand(B, *bias.shape)  # (B, H, T, S)
     if key_pad is not None:
         out = out.masked_fill(key_pad[:, None, None, :], float("-inf"))
-    return out.reshape(B * H, T, S)
+    return rearrange(out, "b h t s -> (b h) t s")
 
 
 def timestep_embedding(t, dim=768):
@@ -246,7 +378,7 @@ class DecoderLayer(nn.Module):
         h = self.ln1(x)
         kv = torch.cat([cond, h], 1)  # (B, C + T, d): condition tokens are keys/values, never queries
         x = x + self.drop(self.sa(h, kv, kv, attn_mask=self_mask, need_weights=False)[0])
-        if cross_mask is None:  # diagonal mask: attend to the C + 1 visible keys only (same maths, O(T) not O(T^2))
+        if cross_mask is None:  # the paper's diagonal mask, computed directly in O(T) instead of O(T^2)
             x = x + self.drop(self.diag_cross(self.ln2(x), cond, mem))
         else:
             kv = torch.cat([cond, mem], 1)  # (B, C + T, d)
@@ -254,33 +386,36 @@ class DecoderLayer(nn.Module):
         return x + self.drop(self.ff(self.ln3(x)))
 
     def diag_cross(self, h, cond, mem):
-        """self.ca with mask S2, computed directly: query i scores [cond, audio i] only: (B, T, d)."""
-        (B, T, d), C, H = h.shape, cond.shape[1], self.ca.num_heads
+        """self.ca under DiffSpeaker's diagonal mask: query i scores [cond, audio i] only: (B, T, d). The tests
+        check it against nn.MultiheadAttention with the (T, C + T) mask."""
+        C, H, d = cond.shape[1], self.ca.num_heads, h.shape[-1]
         W, b = self.ca.in_proj_weight, self.ca.in_proj_bias
-        q = F.linear(h, W[:d], b[:d]).view(B, T, H, -1)  # (B, T, H, dh)
-        k, v = F.linear(torch.cat([cond, mem], 1), W[d:], b[d:]).view(B, C + T, 2, H, -1).unbind(2)  # (B, C+T, H, dh)
+        q = rearrange(F.linear(h, W[:d], b[:d]), "b t (h e) -> b t h e", h=H)  # (B, T, H, dh)
+        kv = F.linear(torch.cat([cond, mem], 1), W[d:], b[d:])  # (B, C + T, 2d)
+        k, v = rearrange(kv, "b s (two h e) -> two b s h e", two=2, h=H)  # each (B, C + T, H, dh)
         s = torch.cat([torch.einsum("bthe,bche->bthc", q, k[:, :C]), (q * k[:, C:]).sum(-1, keepdim=True)], -1)
         a = F.dropout((s / q.shape[-1] ** 0.5).softmax(-1), self.ca.dropout, self.training)  # (B, T, H, C + 1)
+        a = a.to(v.dtype)  # float32 softmax under autocast, back to the values' dtype
         o = torch.einsum("bthc,bche->bthe", a[..., :C], v[:, :C]) + a[..., C:] * v[:, C:]  # (B, T, H, dh)
-        return self.ca.out_proj(o.reshape(B, T, d))
+        return self.ca.out_proj(rearrange(o, "b t h e -> b t (h e)"))
 
 
-class TalkingTransformer(nn.Module):
-    """DiffSpeaker's denoiser (arch diffusion) or the FaceFormer-style AR decoder (arch ar), same blocks.
-    https://arxiv.org/abs/2402.05712, https://arxiv.org/abs/2112.05329"""
+# ---------------------------------------------------------------------------------------------------------------
+# The models: DiffSpeaker's denoiser, and the FaceFormer-style autoregressive baseline
+
+class DiffSpeaker(nn.Module):
+    """Denoiser x_t -> x0_hat with biased conditional attention. https://arxiv.org/abs/2402.05712"""
 
     def __init__(self, cfg, D, n_style):
         super().__init__()
         self.cfg, d, N = cfg, cfg.d_model, cfg.n_layers
-        self.n_cond = 2 if (cfg.arch == "diffusion" and cfg.cond == "kv") else 0
-        self.fast_diag = True  # False: the masked nn.MultiheadAttention path (tests check both agree)
+        self.n_cond, self.causal = (2 if cfg.cond == "kv" else 0), False
         self.audio = AudioEncoder(cfg)
         self.audio_proj = nn.Linear(cfg.audio_width, d)
         self.inp = nn.Linear(D, d)
         self.register_buffer("ppe", ppe_table(cfg.period, d), persistent=False)
         self.style = nn.Embedding(n_style, d * N)  # one d-dim style token per layer
         self.step = nn.Sequential(nn.Linear(768, d * N), nn.SiLU(), nn.Linear(d * N, d * N))
-        self.start = nn.Parameter(torch.zeros(1, 1, D)) if cfg.arch == "ar" else None  # AR start vector
         self.layers = nn.ModuleList(DecoderLayer(d, cfg.d_ffn, cfg.n_heads, cfg.dropout) for _ in range(N))
         self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
         self.head = nn.Linear(d, D)
@@ -289,8 +424,6 @@ class TalkingTransformer(nn.Module):
     def encode(self, feats, lengths):
         """Audio features per sequence [(N_i, F)] -> memory (B, max T, d); each is interpolated to exactly
         T_i frames *before* padding (the released code interpolates padded tensors and misaligns)."""
-        if self.training and self.cfg.time_mask_p > 0:
-            feats = [time_mask(f, self.cfg.time_mask_p, self.cfg.time_mask_span) for f in feats]
         n = torch.tensor([len(f) for f in feats])  # (B,) audio rows per sequence
         f = nn.utils.rnn.pad_sequence(list(feats), batch_first=True).to(self.inp.weight.device)  # (B, N, F)
         h = self.audio(f, torch.arange(f.shape[1])[None] < n[:, None]).transpose(1, 2)  # (B, a, N)
@@ -299,29 +432,24 @@ class TalkingTransformer(nn.Module):
         return self.audio_proj(nn.utils.rnn.pad_sequence(out, batch_first=True))  # (B, T, d), no positions
 
     def masks(self, T, pad=None, B=1):
-        """Self and cross masks for the actual T (no length cap): (B*H, T, C + T) each."""
+        """Self-attention bias and cross-attention mask for the actual T (no length cap), (B*H, T, C + T) each;
+        the cross mask is None for the paper's diagonal (DecoderLayer.diag_cross), which never points at padding
+        from a real frame. pad (B, T) True = padding."""
         cfg, C, H = self.cfg, self.n_cond, self.cfg.n_heads
-        B = B if pad is None else pad.shape[0]
+        B, dev = B if pad is None else pad.shape[0], self.inp.weight.device
         slopes = alibi_slopes(H) if cfg.self_bias == "alibi" else torch.zeros(H)
-        sb = periodic_alibi(T, cfg.period, H, C, causal=cfg.arch == "ar", slopes=slopes)  # (H, T, C + T)
-        kp = None if (pad is None or cfg.arch == "ar") else torch.cat([torch.zeros(B, C, dtype=torch.bool),
-                                                                       pad.cpu()], 1)  # (B, C + T)
-        cm = diagonal_mask(T, C) if cfg.cross_mask == "diag" else torch.zeros(T, C + T, dtype=torch.bool)
-        # the diagonal never points at padding from a real frame, so only the full mask needs key padding
-        ckp = kp if cfg.cross_mask == "full" else None
-        dev = self.inp.weight.device
-        if cfg.cross_mask == "diag" and self.fast_diag:  # None selects DecoderLayer.diag_cross
-            return tile_heads(sb, B, H, kp).to(dev), None
-        return tile_heads(sb, B, H, kp).to(dev), tile_heads(cm, B, H, ckp).to(dev)
+        kp = None if (pad is None or self.causal) else torch.cat([torch.zeros(B, C, dtype=torch.bool), pad.cpu()], 1)
+        self_mask = tile_heads(periodic_alibi(T, cfg.period, slopes, C, self.causal), B, kp).to(dev)
+        if cfg.cross_mask == "diag":
+            return self_mask, None
+        return self_mask, tile_heads(torch.zeros(H, T, C + T), B, kp).to(dev)  # full: every real audio row
 
     def forward(self, x, t, mem, style, masks):
-        """x: x_t (diffusion) or the right-shifted motion (ar), (B, T, D) -> x0_hat (B, T, D)."""
-        B, T, _ = x.shape
-        d, N = self.cfg.d_model, self.cfg.n_layers
-        s = self.style(style)  # (B, d N)
-        c = torch.stack([s, self.step(timestep_embedding(t))], 1) if t is not None else s[:, None]  # (B, C', dN)
+        """x_t (B, T, D), step t (B,), memory (B, T, d), style (B,) -> x0_hat (B, T, D)."""
+        T, d = x.shape[1], self.cfg.d_model
+        c = torch.stack([self.style(style), self.step(timestep_embedding(t))], 1)  # (B, 2, d N): [style, step]
         h = self.inp(x) + self.ppe[torch.arange(T, device=x.device) % self.cfg.period]  # (B, T, d)
-        if self.n_cond == 0:  # --cond add and the AR baseline: style (+ step) added to the input, FaceFormer-style
+        if self.n_cond == 0:  # --cond add: style + step added to the input tokens
             h = h + c[..., :d].sum(1, keepdim=True)
         h = self.drop(h)
         for n, layer in enumerate(self.layers):
@@ -329,28 +457,58 @@ class TalkingTransformer(nn.Module):
             h = layer(h, cond, mem, *masks)
         return self.head(self.ln(h))
 
+
+class FaceFormerAR(nn.Module):
+    """The autoregressive baseline: DiffSpeaker's audio encoder and layer, causal periodic ALiBi, the style added
+    to the input, the previous frames as input; decoded frame by frame. https://arxiv.org/abs/2112.05329"""
+    encode, masks = DiffSpeaker.encode, DiffSpeaker.masks  # the same audio path and masks (C = 0, causal)
+
+    def __init__(self, cfg, D, n_style):
+        super().__init__()
+        self.cfg, d, N = cfg, cfg.d_model, cfg.n_layers
+        self.n_cond, self.causal = 0, True
+        self.audio = AudioEncoder(cfg)
+        self.audio_proj = nn.Linear(cfg.audio_width, d)
+        self.inp = nn.Linear(D, d)
+        self.register_buffer("ppe", ppe_table(cfg.period, d), persistent=False)
+        self.style = nn.Embedding(n_style, d)
+        self.start = nn.Parameter(torch.zeros(1, 1, D))  # the input of frame 0
+        self.layers = nn.ModuleList(DecoderLayer(d, cfg.d_ffn, cfg.n_heads, cfg.dropout) for _ in range(N))
+        self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
+        self.head = nn.Linear(d, D)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+
+    def forward(self, x_prev, mem, style, masks):
+        """Previous frames (B, T, D) (see shift), memory (B, T, d), style (B,) -> frames (B, T, D)."""
+        T = x_prev.shape[1]
+        h = self.inp(x_prev) + self.ppe[torch.arange(T, device=x_prev.device) % self.cfg.period]  # (B, T, d)
+        h = self.drop(h + self.style(style)[:, None])
+        for layer in self.layers:
+            h = layer(h, h[:, :0], mem, *masks)
+        return self.head(self.ln(h))
+
     def shift(self, x0):
-        """AR input: the previous frames, shifted right with a learned start vector: (B, T, D) -> (B, T, D)."""
+        """Teacher forcing input: the frames shifted right behind the start vector: (B, T, D) -> (B, T, D)."""
         return torch.cat([self.start.expand(x0.shape[0], 1, -1), x0[:, :-1]], 1)
 
     @torch.no_grad()
-    def generate_ar(self, mem, style):
-        """Frame-by-frame decoding on the growing prefix (FaceFormer): O(T^2) network work."""
+    def generate(self, mem, style):
+        """Frame-by-frame decoding on the growing prefix (FaceFormer): O(T^2) network work: (B, T, D)."""
         B, T, _ = mem.shape
         sm, cm = self.masks(T)
         y = self.start.expand(B, 1, -1)  # (B, 1, D)
         for t in range(1, T + 1):
             mk = (sm[:, :t, :t].repeat(B, 1, 1), None if cm is None else cm[:, :t, :t].repeat(B, 1, 1))  # (B*H, t, t)
-            y = torch.cat([y, self(y, None, mem[:, :t], style, mk)[:, -1:]], 1)  # (B, t + 1, D)
+            y = torch.cat([y, self(y, mem[:, :t], style, mk)[:, -1:]], 1)  # (B, t + 1, D)
         return y[:, 1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Diffusion (S3) and DDIM (section 5), losses (S4, S5), normalisation
+# Diffusion and DDIM, the losses, normalisation
 
 def scaled_linear_abar(n=T_TRAIN, b0=8.5e-4, b1=1.2e-2, zero_snr=False):
     """Scaled-linear betas (linear in sqrt(beta)) -> abar_t = prod(1 - beta): (n,) float64.
-    zero_snr: shift and scale sqrt(abar) so that abar_T = 0 (Lin et al., arXiv 2305.08891, Algorithm 1)."""
+    zero_snr: shift and scale sqrt(abar) so that abar_T = 0 (Algorithm 1 of arXiv 2305.08891)."""
     betas = torch.linspace(b0 ** 0.5, b1 ** 0.5, n, dtype=torch.float64) ** 2
     abar = torch.cumprod(1 - betas, 0)
     if zero_snr:
@@ -360,76 +518,101 @@ def scaled_linear_abar(n=T_TRAIN, b0=8.5e-4, b1=1.2e-2, zero_snr=False):
 
 
 def q_sample(x0, t, noise, abar):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (DDPM Eq. 4), one t per sequence."""
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Eq. 4 of arXiv 2006.11239), one t per sequence."""
     a = abar.to(x0.device)[t].float()[:, None, None]  # (B, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def ddim_timesteps(S, n=T_TRAIN):
-    """tau = [0, c, ..., (S-1)c] + 1 with c = n // S (steps_offset 1), high to low: S = 50 -> 981, ..., 1."""
-    return (torch.arange(S) * (n // S) + 1).flip(0)
-
-
-def ddim_step(x_t, x0_hat, a_t, a_prev, legacy=False):
-    """One eta = 0 DDIM step (arXiv 2010.02502 Eq. 12). legacy: diffusers 0.11 with prediction 'sample',
-    whose direction term uses x0_hat instead of eps_hat (diffusers issue #1486)."""
-    if legacy:
-        return (a_prev ** 0.5 + (1 - a_prev) ** 0.5) * x0_hat
+def ddim_step(x_t, x0_hat, a_t, a_prev):
+    """One eta = 0 DDIM step (Eq. 12 of arXiv 2010.02502) from the predicted x0."""
     eps = (x_t - a_t ** 0.5 * x0_hat) / (1 - a_t) ** 0.5
     return a_prev ** 0.5 * x0_hat + (1 - a_prev) ** 0.5 * eps
 
 
-def ddim_sample(net, x, abar, S=50, legacy=False):
-    """net(x_t, tau) -> x0_hat; start from x = x_T. Last step: abar_final = 1 (ours) or abar_0 (legacy)."""
+def ddim_sample(net, x, abar, S=50):
+    """net(x_t, tau) -> x0_hat; start from x = x_T. tau = [0, c, ..., (S-1)c] + 1 with c = T_TRAIN // S
+    (steps_offset 1), high to low: S = 50 -> 981, ..., 1. The last step uses abar = 1: it returns x0_hat."""
     c = T_TRAIN // S
-    for tau in ddim_timesteps(S).tolist():
-        x0_hat = net(x, tau)
-        a_prev = abar[tau - c].item() if tau - c >= 0 else (abar[0].item() if legacy else 1.0)
-        x = ddim_step(x, x0_hat, abar[tau].item(), a_prev, legacy)
+    for tau in (torch.arange(S) * c + 1).flip(0).tolist():
+        a_prev = abar[tau - c].item() if tau - c >= 0 else 1.0
+        x = ddim_step(x, net(x, tau), abar[tau].item(), a_prev)
     return x
 
 
-def masked_losses(x0_hat, x0, valid):
-    """S4 vertex MSE and S5 velocity MSE over real frames (velocity only between two real frames, so padding
-    contributes exactly 0): (B, T, D), (B, T, D), (B, T) bool -> (L_vert, L_vel)."""
+def masked_losses(x0_hat, x0, valid, counts=None):
+    """Vertex MSE and velocity MSE over real frames (velocity only between two real frames, so padding adds exactly
+    0): (B, T, D), (B, T, D), (B, T) bool -> (L_vert, L_vel). counts: the (frames, frame pairs) to divide by, when
+    this batch is one rank's share of a global batch; default: this batch's own."""
     m = valid.float()[..., None]  # (B, T, 1)
     D = x0.shape[-1]
-    vert = (m * (x0_hat - x0) ** 2).sum() / (m.sum() * D)
     mv = m[:, 1:] * m[:, :-1]  # (B, T-1, 1)
+    n_vert, n_vel = counts if counts is not None else (m.sum(), mv.sum().clamp(min=1))
+    vert = (m * (x0_hat - x0) ** 2).sum() / (n_vert * D)
     dv = (x0_hat[:, 1:] - x0_hat[:, :-1]) - (x0[:, 1:] - x0[:, :-1])  # (B, T-1, D)
-    return vert, (mv * dv ** 2).sum() / (mv.sum().clamp(min=1) * D)
+    return vert, (mv * dv ** 2).sum() / (n_vel * D)
 
 
-def normalise(disp, sigma):
-    return disp / sigma
+def to_vertices(x, sigma, template):
+    """Normalised (T, D) -> vertices (T, V, 3): undo the division by sigma, add the template back."""
+    return (x * sigma).reshape(len(x), *template.shape) + template
 
 
-def denormalise(x, sigma):
-    return x * sigma
+@torch.no_grad()
+def generate(model, feats, lens, style, seed=1234, ddim_steps=50):
+    """Normalised motion for a batch of audio: DDIM, all frames in parallel, or AR decoding: (B, T, D)."""
+    model.eval()
+    mem = model.encode(feats, lens)  # (B, T, d), computed once for all DDIM steps
+    style = style.to(mem.device)
+    if isinstance(model, FaceFormerAR):
+        return model.generate(mem, style)
+    B, T, _ = mem.shape
+    masks = model.masks(T, torch.arange(T)[None] >= torch.tensor(lens)[:, None])  # padding (B, T)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, model.head.out_features, generator=g).to(mem.device)  # x_T
+    abar = scaled_linear_abar(zero_snr=model.cfg.zero_snr)
+    net = lambda x_t, tau: model(x_t, torch.full((B,), tau, device=mem.device), mem, style, masks)
+    return ddim_sample(net, x, abar, ddim_steps)
 
 
-def smooth3(x):
-    """3-tap moving average along time, edges replicated: (T, ...) -> (T, ...)."""
-    p = np.concatenate([x[:1], x, x[-1:]], 0)
-    return (p[:-2] + p[1:-1] + p[2:]) / 3
+def predictor(model, items, sigma, ddim_steps):
+    """predict(style, seed) -> vertices [(T_i, V, 3)] of every clip; style: one training style for every clip, or
+    one per clip (n,)."""
+    feats, lens = [it["feats"] for it in items], [len(it["disp"]) for it in items]
+
+    def predict(style, seed):
+        x = generate(model, feats, lens, torch.as_tensor(style).expand(len(items)), seed, ddim_steps).cpu()
+        return [to_vertices(x[k, :n].numpy(), sigma, it["template"]) for k, (n, it) in enumerate(zip(lens, items))]
+    return predict
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data, runtime helpers
-
-def to_vertices(x, sigma, template, smooth=False):
-    """Normalised (T, D) -> vertices (T, V, 3): de-normalise, add the template back."""
-    v = denormalise(x, sigma).reshape(len(x), *template.shape) + template
-    return smooth3(v) if smooth else v
-
+# Data
 
 def load_items(path, split, n_mfcc):
     """VOCASET-layout items with audio features (N, F) and flat displacements (T, V*3) added."""
-    items = data.load_talking(path, split)
+    items = data.load_talking(path, split)  # data's readers raise data.UserError for a user's missing or bad files
     for it in items:
         it["feats"] = audio_features(it["audio"], n_mfcc)
         it["disp"] = (it["vertices"] - it["template"][None]).reshape(len(it["vertices"]), -1).astype(np.float32)
     return items
+
+
+def load_data(cfg):
+    """Train and val items, and what the checkpoint keeps of the data: sigma (the global scalar of the motion),
+    D, the number of styles, a template per style and the lip / upper-face vertex indices."""
+    if not is_main():
+        dist.barrier()  # rank 0 makes the synthetic world first
+    cfg.data = str(data.resolve_data(cfg.data, "talking", cfg.preset))
+    if is_main() and dist.is_initialized():
+        dist.barrier()
+    train_items, val_items = load_items(cfg.data, "train", cfg.n_mfcc), load_items(cfg.data, "val", cfg.n_mfcc)
+    lip, upper = data.talking_regions(cfg.data)
+    n_style = max(it["style"] for it in train_items) + 1
+    templates = np.stack([next(it["template"] for it in train_items if it["style"] == s) for s in range(n_style)])
+    stats = {"sigma": float(np.sqrt(np.mean(np.concatenate([it["disp"] for it in train_items]) ** 2))),
+             "D": train_items[0]["disp"].shape[1], "n_style": n_style, "templates": torch.from_numpy(templates),
+             "lip_idx": torch.from_numpy(lip), "upper_idx": torch.from_numpy(upper)}
+    return train_items, val_items, stats
 
 
 def make_batch(items, cfg, rng, sigma):
@@ -443,335 +626,195 @@ def make_batch(items, cfg, rng, sigma):
         f0 = int(rng.integers(0, T - n + 1))
         r0 = round(f0 * AUDIO_RATE / it["fps"])
         r1 = max(r0 + 1, min(len(it["feats"]), round((f0 + n) * AUDIO_RATE / it["fps"])))
-        xs.append(torch.from_numpy(normalise(it["disp"][f0:f0 + n], sigma)))
+        xs.append(torch.from_numpy(it["disp"][f0:f0 + n] / sigma))  # normalised: one global scalar
         feats.append(it["feats"][r0:r1]), lens.append(n), styles.append(it["style"])
     x0 = nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (B, T, D)
     pad = torch.arange(x0.shape[1])[None] >= torch.tensor(lens)[:, None]  # (B, T) True = padding
     return x0, feats, lens, torch.tensor(styles), pad
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-
-
-def save_atomic(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def ema_update(ema, model, step, decay):
-    """ema <- d * ema + (1 - d) * weights with d = min(decay, (1 + step) / (10 + step)), warmed up so the average
-    does not remember the initial weights for ~1/(1 - decay) steps."""
-    d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-
-
-def load_checkpoint(path, device="cpu", last=False):
-    """Rebuild a model from the checkpoint alone: (model in eval mode, ckpt dict). Weights: the best-val ones, or
-    with last=True the final ones (the weight average when training kept one, else the raw weights)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in fields(Config)}})
-    model = TalkingTransformer(cfg, ck["D"], ck["n_style"])
-    final = ck.get("ema") or ck["model"]
-    model.load_state_dict(final if last or "best" not in ck else ck["best"]["model"])
-    return model.to(device).eval(), ck
-
-
-@torch.no_grad()
-def generate(model, feats, lens, style, seed=1234, ddim_steps=50, legacy=False):
-    """Normalised motion for a batch of audio: DDIM (all frames in parallel) or AR decoding: (B, T, D)."""
-    model.eval()
-    mem = model.encode(feats, lens)  # (B, T, d), computed once for all DDIM steps
-    style = style.to(mem.device)
-    if model.cfg.arch == "ar":
-        return model.generate_ar(mem, style)
-    B, T, _ = mem.shape
-    pad = (torch.arange(T)[None] >= torch.tensor(lens)[:, None])  # (B, T)
-    masks = model.masks(T, pad)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, model.head.out_features, generator=g).to(mem.device)  # x_T
-    abar = scaled_linear_abar(zero_snr=model.cfg.zero_snr)
-    net = lambda x_t, tau: model(x_t, torch.full((B,), tau, device=mem.device), mem, style, masks)
-    return ddim_sample(net, x, abar, ddim_steps, legacy)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
 @torch.no_grad()
-def quick_val(model, items, sigma, cfg, lip_idx, upper_idx):
+def quick_val(model, items, stats, cfg):
     """Val MSE (normalised) and LVE/FDD on the first cfg.n_val val clips, styles cycled (unseen subjects)."""
-    import metrics
-    items = items[:cfg.n_val]
-    n_style = model.style.num_embeddings
-    x = generate(model, [it["feats"] for it in items], [len(it["disp"]) for it in items],
-                 torch.arange(len(items)) % n_style, ddim_steps=cfg.ddim_steps, legacy=cfg.ddim_legacy).cpu()
-    preds = [to_vertices(x[k, :len(it["disp"])].numpy(), sigma, it["template"]) for k, it in enumerate(items)]
+    items, sigma = items[:cfg.n_val], stats["sigma"]
+    preds = predictor(model, items, sigma, cfg.ddim_steps)(torch.arange(len(items)) % stats["n_style"], 1234)
     gts = [it["vertices"] for it in items]
     mse = float(np.mean([np.mean((p - g) ** 2) for p, g in zip(preds, gts)]) / sigma ** 2)
-    return {"val_mse": mse, "lve": float(metrics.lip_vertex_error(preds, gts, lip_idx)),
-            "fdd": float(metrics.fdd(preds, gts, [it["template"] for it in items], upper_idx))}
+    return {"val_mse": mse, "lve": float(metrics.lip_vertex_error(preds, gts, stats["lip_idx"].numpy())),
+            "fdd": float(metrics.fdd(preds, gts, [it["template"] for it in items], stats["upper_idx"].numpy()))}
+
+
+def train_loss(net, model, batch, cfg, abar, device):
+    """Vertex + velocity loss (weights 1 and 1) of this rank's rows of a global batch that every rank drew alike.
+    The random numbers (time masks, t, noise) are drawn for the whole batch, so ranks match one process."""
+    x0, feats, lens, style, pad = batch
+    if cfg.time_mask_p > 0:
+        feats = [time_mask(f, cfg.time_mask_p, cfg.time_mask_span) for f in feats]
+    x0, style, pad = x0.to(device), style.to(device), pad.to(device)
+    t = torch.randint(0, T_TRAIN, (x0.shape[0],), device=device) if cfg.arch == "diffusion" else None
+    noise = torch.randn_like(x0) if cfg.arch == "diffusion" else None
+    counts = None
+    if dist.is_initialized():  # normalise by the global batch's frame counts; DDP averages over the ranks
+        m = (~pad).float()
+        counts = (m.sum() / dist.get_world_size(), (m[:, 1:] * m[:, :-1]).sum().clamp(min=1) / dist.get_world_size())
+        T = max(shard(lens))  # this rank's longest clip
+        x0, feats, lens, style, pad = shard(x0)[:, :T], shard(feats), shard(lens), shard(style), shard(pad)[:, :T]
+        t, noise = (shard(t), shard(noise)[:, :T]) if t is not None else (None, None)
+    with autocast(device, cfg.dtype):
+        mem = model.encode(feats, lens)  # (B, T, d)
+        masks = model.masks(x0.shape[1], pad)
+        if cfg.arch == "ar":  # teacher forcing
+            x0_hat = net(model.shift(x0), mem, style, masks)
+        else:
+            x0_hat = net(q_sample(x0, t, noise, abar), t, mem, style, masks)  # x0 prediction, one t per sequence
+        return masked_losses(x0_hat.float(), x0, ~pad, counts)
+
+
+def resume(path, model, opt, scaler, rng):
+    """--resume: weights, optimiser, loss scale and every random stream (data order included) of the checkpoint
+    -> (step, metrics, best): the run goes on exactly as if it had never stopped."""
+    if not path.exists():
+        print(f"--resume: no checkpoint at {path} yet, starting at step 0")
+        return 0, {}, None
+    ck = load_checkpoint(path, next(model.parameters()).device)
+    model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
+    if ck["scaler"]:  # float16 only
+        scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"], [rng])
+    return ck["step"], ck["metrics"], ck.get("best")  # best: {"step", "lve", "model"} of the lowest val LVE
 
 
 def train(cfg):
-    torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
+    _, world = ddp_setup(device)
+    seed_all(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.data = str(data.resolve_data(cfg.data, "talking", cfg.preset))
-    print(f"diff_transformer ({cfg.arch}) on {device}; config:\n" + json.dumps(asdict(cfg), indent=1))
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    train_items, val_items = load_items(cfg.data, "train", cfg.n_mfcc), load_items(cfg.data, "val", cfg.n_mfcc)
-    lip_idx, upper_idx = data.talking_regions(cfg.data)
-    sigma = float(np.sqrt(np.mean(np.concatenate([it["disp"] for it in train_items]) ** 2)))  # global scalar
-    n_style = max(it["style"] for it in train_items) + 1
-    templates = np.stack([next(it["template"] for it in train_items if it["style"] == s) for s in range(n_style)])
-    D = train_items[0]["disp"].shape[1]
-    model = TalkingTransformer(cfg, D, n_style).to(device)
-    ema = copy.deepcopy(model).eval() if cfg.ema else model  # the weight average (Polyak; DDPM keeps one too)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    step, hist, best = 0, {}, None  # best: {"step", "lve", "model"} of the lowest val LVE so far
-    if cfg.resume and (out / "ckpt.pt").exists():
-        ck = torch.load(out / "ckpt.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-        ema.load_state_dict(ck.get("ema") or ck["model"])
-        step, hist, best = ck["step"], ck["metrics"], ck.get("best")
-        print(f"resumed from step {step}")
-    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, D = {D}, sigma = {sigma:.4g}, "
-          f"{len(train_items)} train clips, {n_style} styles")
-    rng = np.random.default_rng(cfg.seed + step)
+    train_items, val_items, stats = load_data(cfg)
+    model = (FaceFormerAR if cfg.arch == "ar" else DiffSpeaker)(cfg, stats["D"], stats["n_style"]).to(device)
+    opt, scaler = torch.optim.AdamW(model.parameters(), lr=cfg.lr), grad_scaler(device, cfg.dtype)
+    rng = np.random.default_rng(cfg.seed)  # the data order: crop lengths, clips, offsets
+    step, hist, best = resume(out / "ckpt.pt", model, opt, scaler, rng) if cfg.resume else (0, {}, None)
+    if is_main():
+        print(f"{METHOD} ({cfg.arch}) on {device} x {world}{f', resumed at step {step}' if step else ''}; config:")
+        print(json.dumps(dataclasses.asdict(cfg), indent=1))
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, D = {stats['D']}, "
+              f"sigma = {stats['sigma']:.4g}, {len(train_items)} train clips")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    net = torch.compile(model) if cfg.compile else model  # the checkpoint holds `model`, never the wrappers
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     abar = scaled_linear_abar(zero_snr=cfg.zero_snr)
-    amp = device.type == "cuda" and cfg.dtype != "float32"
-    scaler = torch.amp.GradScaler(enabled=amp and cfg.dtype == "float16")
-
-    def checkpoint():
-        save_atomic({"model": model.state_dict(), **({"ema": ema.state_dict()} if cfg.ema else {}),
-                     "optimizer": opt.state_dict(), "step": step, "config": asdict(cfg),
-                     "metrics": hist, **({"best": best} if cfg.keep_best and best else {}), "sigma": sigma, "D": D,
-                     "n_style": n_style, "templates": templates,
-                     "lip_idx": lip_idx, "upper_idx": upper_idx}, out / "ckpt.pt")
-
-    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch}", dynamic_ncols=True, mininterval=2)
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch}", dynamic_ncols=True, mininterval=2,
+               disable=not is_main())
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = cfg.lr  # constant, as in the released code
         model.train()
-        t0 = time.time()
-        x0, feats, lens, style, pad = make_batch(train_items, cfg, rng, sigma)
-        x0, style, pad = x0.to(device), style.to(device), pad.to(device)
-        with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=amp):
-            mem = model.encode(feats, lens)  # (B, T, d)
-            masks = model.masks(x0.shape[1], pad)
-            if cfg.arch == "ar":  # teacher forcing
-                x0_hat = model(model.shift(x0), None, mem, style, masks)
-            else:
-                t = torch.randint(0, T_TRAIN, (x0.shape[0],), device=device)  # one t per sequence
-                x_t = q_sample(x0, t, torch.randn_like(x0), abar)
-                x0_hat = model(x_t, t, mem, style, masks)  # x0 prediction
-            vert, vel = masked_losses(x0_hat.float(), x0, ~pad)
-            loss = vert + vel  # weights 1 and 1
+        vert, vel = train_loss(net, model, make_batch(train_items, cfg, rng, stats["sigma"]), cfg, abar, device)
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(vert + vel).backward()
         scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(opt), scaler.update()
         step += 1
-        if cfg.ema:
-            ema_update(ema, model, step, cfg.ema)
-        hist.setdefault("loss", []).append(round(loss.item(), 5))
+        logged = torch.stack([vert + vel, vert, vel]).detach().float()
+        if world > 1:  # the global batch's loss
+            dist.all_reduce(logged)
+            logged /= world
+        hist.setdefault("loss", []).append(round(logged[0].item(), 5))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", vert=f"{vert.item():.4f}", vel=f"{vel.item():.4f}",
-                        ms=f"{1000 * (time.time() - t0):.0f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            v = quick_val(ema, val_items, sigma, cfg, lip_idx, upper_idx)
+        bar.set_postfix(loss=f"{logged[0]:.4f}", vert=f"{logged[1]:.4f}", vel=f"{logged[2]:.4f}")
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and is_main():
+            v = quick_val(model, val_items, stats, cfg)
             hist.setdefault("val", []).append({"step": step, **v})
-            if best is None or v["lve"] < best["lve"]:
-                best = {"step": step, "lve": v["lve"],
-                        "model": {k: x.detach().cpu().clone() for k, x in ema.state_dict().items()}}
+            if best is None or v["lve"] < best["lve"]:  # keep a copy of the best-val weights
+                best = {"step": step, "lve": v["lve"], "model": {k: x.detach().cpu().clone()
+                                                                 for k, x in model.state_dict().items()}}
             tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-50:]):.4f} | " +
                        " | ".join(f"{k} {x:.4g}" for k, x in v.items()) + f" | best step {best['step']}")
-            checkpoint()
+            save_checkpoint(out / "ckpt.pt", {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "config": dataclasses.asdict(cfg), "metrics": hist, "rng": rng_state([rng]), **stats,
+                **({"best": best} if cfg.keep_best else {})})
     bar.close()
-    for name in filter(None, cfg.ablations.split(",")):  # the AR baseline and the ablations, same data
-        changes, row = ABLATIONS[name]
-        print(f"\n=== {row}: {name} ===")
-        train(replace(cfg, **changes, out=str(out / name), ablations="", resume=False))
+    check_in_sync(model)
+    if world > 1:
+        dist.destroy_process_group()
     return out / "ckpt.pt"
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling and evaluation
+# Sampling
 
-def evaluate_model(model, ck, items, cfg, n_style, mean_of=1):
-    """LVE / FDD / |FDD| / MVE of unseen test subjects, averaged over every training style and repetition.
-    mean_of > 1 scores the mean of that many samples (seeds seed..seed+n-1): an estimate of E[motion | speech]."""
-    import metrics
-    lip, upper = ck["lip_idx"], ck["upper_idx"]
-    gts, tmpls = [it["vertices"] for it in items], [it["template"] for it in items]
-    feats, lens = [it["feats"] for it in items], [len(it["disp"]) for it in items]
-    rows, seeds = [], ([1234] + [10 * i for i in range(9)])[:cfg.reps]
-    for seed in seeds:
-        for s in range(n_style):
-            x = torch.stack([generate(model, feats, lens, torch.full((len(items),), s), seed + j, cfg.ddim_steps,
-                                      cfg.ddim_legacy).cpu() for j in range(mean_of)]).mean(0)
-            preds = [to_vertices(x[k, :n].numpy(), ck["sigma"], tm, cfg.smooth) for k, (n, tm) in enumerate(zip(lens, tmpls))]
-            rows.append(metrics.face_metrics(preds, gts, tmpls, lip, upper))
-    res = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    if cfg.reps > 1:  # mean +- 1.96 std / sqrt(R) over repetitions (styles averaged inside each)
-        per = np.array([[r["lve"] for r in rows[i * n_style:(i + 1) * n_style]] for i in range(cfg.reps)]).mean(1)
-        res["lve_ci95"] = float(1.96 * per.std(ddof=1) / np.sqrt(cfg.reps))
-    return res
+def load_model(path, device="cpu"):
+    """Rebuild a model from the checkpoint alone, with the best-val weights when training kept them: (model, ck)."""
+    ck = load_checkpoint(path, "cpu")
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in ck["config"].items() if k in names})
+    model = (FaceFormerAR if cfg.arch == "ar" else DiffSpeaker)(cfg, ck["D"], ck["n_style"])
+    model.load_state_dict(ck["best"]["model"] if "best" in ck else ck["model"])
+    return model.to(device).eval(), ck
 
 
-def time_ms(model, feats, T, ddim_steps=50, warmup=2, reps=5):
-    """Median wall-clock ms to animate one clip (batch 1), audio encoder included."""
-    ts = []
-    for k in range(warmup + reps):
-        t0 = time.perf_counter()
-        generate(model, [feats], [T], torch.zeros(1, dtype=torch.long), ddim_steps=ddim_steps)
-        if model.head.weight.is_cuda:
-            torch.cuda.synchronize()
-        ts.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(ts[warmup:])
-
-
-def speech_feats(items, seconds, n_mfcc):
-    """Test audio tiled to `seconds`: features (N, F) and the frame count."""
-    wave = np.tile(np.concatenate([it["audio"] for it in items]), 1 + int(seconds * data.SR) // sum(len(it["audio"]) for it in items))
-    wave = wave[:int(seconds * data.SR)]
-    return audio_features(wave, n_mfcc), int(seconds * data.FPS)
+def animate_wav(model, ck, cfg, out):
+    """--audio: T = floor(duration * fps) frames under style --style -> <stem>_style<k>.npy and .gif."""
+    wave = data.load_wav(cfg.audio)  # a missing, empty or unreadable file: data.UserError
+    if cfg.style >= ck["n_style"]:
+        raise data.UserError(f"--style {cfg.style}: expected a training style in 0..{ck['n_style'] - 1}")
+    T = int(len(wave) / data.SR * data.FPS)
+    x = generate(model, [audio_features(wave, model.cfg.n_mfcc)], [T], torch.tensor([cfg.style]), 1234,
+                 cfg.ddim_steps)[0].cpu().numpy()
+    v = to_vertices(x, ck["sigma"], ck["templates"][cfg.style].numpy())  # (T, V, 3)
+    stem = out / f"{Path(cfg.audio).stem}_style{cfg.style}"
+    np.save(f"{stem}.npy", v)
+    data.render_vertices_gif(f"{stem}.gif", [v], [f"style {cfg.style}"], fps=data.FPS)
+    print(f"wrote {stem}.npy {v.shape} ({T / data.FPS:.2f} s at {data.FPS} fps) and {stem}.gif")
+    return {}
 
 
 @torch.no_grad()
-def sample(cfg, explicit):
-    device = pick_device(cfg.device)
-    ckpt = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
-    if not ckpt.exists():
-        sys.exit(f"error: no checkpoint at {ckpt}; train first (python train.py --model diff_transformer) or pass --ckpt")
-    model, ck = load_checkpoint(ckpt, device)
-    mcfg = model.cfg
-    path = cfg.data if "data" in explicit else mcfg.data
-    out = Path(cfg.out if "out" in explicit else ckpt.parent)
+def sample(cfg):
+    device, out = pick_device(cfg.device), Path(cfg.out)
+    model, ck = load_model(cfg.ckpt or out / "ckpt.pt", device)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.audio:  # animate any wav: T = floor(duration * fps) frames
-        wave = data.load_wav(cfg.audio)
-        T = int(len(wave) / data.SR * data.FPS)
-        x = generate(model, [audio_features(wave, mcfg.n_mfcc)], [T], torch.tensor([cfg.style]), 1234,
-                     cfg.ddim_steps, cfg.ddim_legacy)[0].cpu().numpy()
-        v = to_vertices(x, ck["sigma"], ck["templates"][cfg.style], cfg.smooth)  # (T, V, 3)
-        stem = out / f"{Path(cfg.audio).stem}_style{cfg.style}"
-        np.save(f"{stem}.npy", v)
-        data.render_vertices_gif(f"{stem}.gif", [v], [f"style {cfg.style}"], fps=data.FPS)
-        print(f"wrote {stem}.npy {v.shape} ({T / data.FPS:.2f} s at {data.FPS} fps) and {stem}.gif")
-        return {}
-    import metrics
-    items = load_items(path, cfg.split, mcfg.n_mfcc)
-    n_style = ck["n_style"]
-    if cfg.bench:
-        return bench(model, ck, items, mcfg, device)
-    # the models: this checkpoint, and the AR baseline / ablations trained beside it
-    runs = {"model": (model, ck)}
-    for name, (_, row) in ABLATIONS.items():
-        if (ckpt.parent / name / "ckpt.pt").exists():
-            runs[row] = load_checkpoint(ckpt.parent / name / "ckpt.pt", device)
-    gts, tmpls = [it["vertices"] for it in items], [it["template"] for it in items]
-    static = [np.repeat(tm[None], len(g), 0) for g, tm in zip(gts, tmpls)]  # the template, never moving
-    rows = {"GT": metrics.face_metrics(gts, gts, tmpls, ck["lip_idx"], ck["upper_idx"])}
-    refs = [data.talking_references(path, it["name"]) for it in items]  # hidden-rule faces (synthetic world)
-    if all(r is not None for r in refs):
-        for key, row in (("alt", "alt-GT"), ("speech_only", "oracle:speech_only")):
-            rows[row] = metrics.face_metrics([r[key] for r in refs], gts, tmpls, ck["lip_idx"], ck["upper_idx"])
-        per = [metrics.face_metrics([r["train_styles"][s] for r in refs], gts, tmpls, ck["lip_idx"], ck["upper_idx"])
-               for s in range(n_style)]  # the perfect style-conditioned model, averaged over styles like the models
-        rows["oracle:speech_only_train_styles"] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-        # the same faces averaged over the styles, whatever the style asked: by Jensen never worse on LVE/MVE, so
-        # the protocol rewards hedging between styles; this, not the row above, bounds a style-blind predictor
-        rows["oracle:speech_only_style_mean"] = metrics.face_metrics([r["train_styles"].mean(0) for r in refs], gts,
-                                                                     tmpls, ck["lip_idx"], ck["upper_idx"])
-    rows["baseline:static_template"] = metrics.face_metrics(static, gts, tmpls, ck["lip_idx"], ck["upper_idx"])
-    jobs = sorted(runs.items(), key=lambda r: r[0] == "model")
-    if cfg.mean_of > 1:
-        jobs.append((f"model:mean_of_{cfg.mean_of}", runs["model"]))
-    for row, (m, c) in jobs:
-        t0 = time.time()
-        rows[row] = evaluate_model(m, c, items, cfg, n_style, mean_of=cfg.mean_of if row.startswith("model:") else 1)
-        print(f"{row}: weights of step {c.get('best', c)['step']} of {c['step']}; evaluated {len(items)} clips x "
-              f"{n_style} styles x {cfg.reps} reps in {time.time() - t0:.1f} s")
-    # speed for 10 s of speech, batch 1: parallel DDIM vs frame-by-frame AR (an untrained AR if none was trained)
-    f10, T10 = speech_feats(items, 10.0, mcfg.n_mfcc)
-    ar = runs.get("baseline:autoregressive", (TalkingTransformer(replace(mcfg, arch="ar"), ck["D"], n_style).to(device).eval(),))[0]
-    rows["model"]["ms_per_10s"] = time_ms(model, f10, T10, cfg.ddim_steps)
-    rows.setdefault("baseline:autoregressive", {})["ms_per_10s"] = time_ms(ar, f10, T10, warmup=1, reps=3)
-    print(metrics.format_table(rows))
-    print(f"10 s of speech ({T10} frames, batch 1, {device}, {torch.get_num_threads()} threads): DDIM-{cfg.ddim_steps} "
-          f"{rows['model']['ms_per_10s']:.0f} ms, autoregressive {rows['baseline:autoregressive']['ms_per_10s']:.0f} ms, "
-          f"ratio {rows['baseline:autoregressive']['ms_per_10s'] / rows['model']['ms_per_10s']:.1f}x")
+    if cfg.audio:
+        return animate_wav(model, ck, cfg, out)
+    path = str(data.resolve_data(cfg.data, "talking")) if cfg.data else ck["config"]["data"]
+    items, n_style, sigma = load_items(path, cfg.split, model.cfg.n_mfcc), ck["n_style"], ck["sigma"]
+    print(f"{model.cfg.arch}: weights of step {ck.get('best', ck)['step']} of {ck['step']}")
+    ar, ar_ck = load_model(cfg.ar_ckpt, device) if cfg.ar_ckpt else (None, None)
+    # speed for 10 s of speech, batch 1: parallel DDIM vs frame-by-frame AR (untrained if no --ar-ckpt: same time)
+    wave, T10 = metrics.tiled_speech(items, 10.0)
+    f10 = audio_features(wave, model.cfg.n_mfcc)
+    timer = lambda m, S=50: lambda: generate(m, [f10], [T10], torch.zeros(1, dtype=torch.long), ddim_steps=S)
+    timers = {"model": (timer(model, cfg.ddim_steps), 2, 5)}
+    if isinstance(model, DiffSpeaker):
+        ar_timed = ar or FaceFormerAR(dataclasses.replace(model.cfg, arch="ar"), ck["D"], n_style).to(device).eval()
+        timers["baseline:autoregressive"] = (timer(ar_timed), 1, 3)
+    rows = metrics.evaluate_talking(
+        items, predictor(model, items, sigma, cfg.ddim_steps), n_style, ck["lip_idx"].numpy(),
+        ck["upper_idx"].numpy(), references=[data.talking_references(path, it["name"]) for it in items],
+        baseline=predictor(ar, items, ar_ck["sigma"], cfg.ddim_steps) if ar else None, timers=timers, reps=cfg.reps)
     metrics.write_metrics_json(rows, out / "metrics.json")
-    # pictures: the first two clips under style 0, prediction beside GT
-    x = generate(model, [it["feats"] for it in items[:2]], [len(it["disp"]) for it in items[:2]],
-                 torch.zeros(min(2, len(items)), dtype=torch.long), 1234, cfg.ddim_steps, cfg.ddim_legacy).cpu()
-    lip0 = int(ck["lip_idx"][0])
-    for k, it in enumerate(items[:2]):
-        v = to_vertices(x[k, :len(it["disp"])].numpy(), ck["sigma"], it["template"], cfg.smooth)
-        name = re.sub(r"[^\w.-]", "_", it["name"])
-        np.save(out / f"{name}.npy", v)
-        data.render_vertices_gif(out / f"{name}.gif", [v, it["vertices"]], ["DiffSpeaker (style 0)", "GT"])
-        data.plot_channels(out / f"{name}.png", {"DiffSpeaker": (v - it["template"]).reshape(len(v), -1),
-                                                 "GT": it["disp"]}, channels=[3 * lip0, 3 * lip0 + 1, 3 * lip0 + 2])
+    metrics.render_samples(out, items[:2], predictor(model, items[:2], sigma, cfg.ddim_steps)(0, 1234),
+                             int(ck["lip_idx"][0]), "DiffSpeaker (style 0)")
     print(f"wrote {out / 'metrics.json'} and samples in {out}")
     return rows
-
-
-def bench(model, ck, items, mcfg, device):
-    """Section 7 --bench: ms per sequence (batch 1, 3 warm-ups, median of 10) vs frames and sampler."""
-    ar = TalkingTransformer(replace(mcfg, arch="ar"), ck["D"], ck["n_style"]).to(device).eval()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"| T | DDIM-10 | DDIM-25 | DDIM-50 | autoregressive |  ({name}, ms per sequence)\n|---|---|---|---|---|")
-    res = {}
-    for T in (100, 300, 600):
-        f, _ = speech_feats(items, T / data.FPS, mcfg.n_mfcc)
-        r = [time_ms(model, f, T, S, 3, 10) for S in (10, 25, 50)] + [time_ms(ar, f, T, warmup=1, reps=3)]
-        res[T] = r
-        print(f"| {T} | " + " | ".join(f"{v:.0f}" for v in r) + " |")
-    return res
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 
-def parse(argv):
-    """Flags from Config (kebab-case, snake_case accepted too); preset values under explicit flags."""
-    src = inspect.getsource(Config)
-    helps = dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", src, re.M))
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", choices=["train", "sample"], help="python diff_transformer.py [train|sample]")
-    for f in fields(Config):
-        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
-        h = f"{helps.get(f.name, '')} (default: {f.default!r})"
-        if isinstance(f.default, bool):
-            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=h)
-        else:
-            p.add_argument(*flags, dest=f.name, type=type(f.default), default=None, help=h, choices=CHOICES.get(f.name))
-    a = vars(p.parse_args(argv))
-    explicit = {k for k, v in a.items() if v is not None and k != "mode"}
-    preset = a["preset"] or "default"
-    if set(filter(None, (a["ablations"] or "").split(","))) - set(ABLATIONS):
-        p.error(f"--ablations takes a comma-separated subset of {list(ABLATIONS)}")
-    cfg = replace(Config(), **{**PRESETS[preset], **{k: a[k] for k in explicit}})
-    return cfg, explicit, a["mode"]
-
-
 def main(argv=None, mode="train"):
-    cfg, explicit, m = parse(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, mode)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    return train(cfg) if (m or mode) == "train" else sample(cfg, explicit)
+    return train(cfg) if mode == "train" else sample(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

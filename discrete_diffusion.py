@@ -1,151 +1,284 @@
-"""discrete_diffusion.py: DiffListener, non-autoregressive listener generation by VQ-Diffusion over VQ-VAE tokens.
+"""discrete_diffusion.py: DiffListener, a listener's whole reaction window at once by discrete diffusion over VQ tokens.
 
 A fusion network turns the speaker's face, its frame-to-frame differential, MFCC audio and the transcript into a
-per-frame representation R^S; a mask-and-replace discrete diffusion (T = 100) over the listener's motion tokens
+per-frame representation R^S. A mask-and-replace discrete diffusion (T = 100 steps) over the listener's motion tokens
 (K codes + [MASK]) starts from all-[MASK] and denoises the whole window at once, conditioned on R^S; the VQ-VAE
-decoder turns the tokens back into 3DMM motion.
+decoder (vqvae.py, the only method file imported: tokens, K, r and the decoder come from its checkpoint) turns the
+tokens back into 3DMM motion. Longer conversations: half-overlapping windows are denoised jointly, each token's p(x0)
+averaged over the windows that cover it (MultiDiffusion, arXiv 2302.08113), so a window boundary is no seam.
 
-Papers: DiffListener, ICASSP 2025, arXiv 2502.06822 (the method); VQ-Diffusion, arXiv 2111.14822 (the process,
-the x0-parameterised denoiser, truncation) and arXiv 2205.16007; D3PM arXiv 2107.03006. Equation labels (D1-D7)
-are those of the spec (spec/methods/discrete_diffusion.md), not the papers'.
-Substitutes: BERT -> a from-scratch word encoder (embedding + sinusoid of the word end frame + Transformer).
-Depends on vqvae.py (stage 1; the only other method file imported): tokens, K, r and the decoder come from its
-checkpoint (`--vq`, default runs/vqvae_naive/ckpt.pt, trained with `--norm none,none` if missing).
+Papers: DiffListener (ICASSP 2025) arXiv 2502.06822; VQ-Diffusion arXiv 2111.14822 (process, x0-parameterised
+denoiser, truncation) and 2205.16007; D3PM arXiv 2107.03006. The schedule is VQ-Diffusion's released one (nearly
+absorbing); `--replace-mass 0.1 --mask-end 0.9` gives its paper's mask-and-replace schedule.
+Substitutes: BERT -> a word encoder trained from scratch (no pretrained weights ship with the repo). [ours]: the
+denoiser is told who listens (Linear(listener beta) added to the timestep embedding): one model serves six listeners
+where the paper trains one per listener; on CPU the fusion reads patches of `fuse_stride` frames; cosine lr decay;
+no importance sampling of t, no weight EMA; 20 exact-jump steps when sampling.
 
-Long conversations: windows of the training length overlap by half; at every reverse step all windows are denoised
-in one batch and each token's x0-distribution is the mean over the windows covering it (MultiDiffusion-style joint
-sampling, arXiv 2302.08113), so the whole sequence is one diffusion and no window boundary is a seam; the token
-sequence is then decoded at once. sample.py reports the frame-step at window boundaries against independent windows.
+Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index K), D = 56 motion dims, F audio
+features (4 rows per frame), N words, W windows, d model width.
 
-Deviations [ours]: the denoiser knows who listens: Linear(listener beta) is added to the timestep embedding that
-drives every AdaLN. DiffListener trains one model per listener (L2L's Trevor / Conan / Stephen); our world has six
-listeners whose resting face differs far more than any reaction (per-window FD of another listener's mean ~0.2-0.6),
-so without it the model can only guess the face (test FD 0.886, no better than a random walk; with it 0.468: on the
-test windows of the six training listeners 0.320 vs the codec's floor 0.285; unseen listener 0.774 vs 0.501).
-The fusion network reads patches of `fuse_stride` frames (4 on CPU, 1 = per frame in `full`);
-the learning rate decays by cosine after warm-up; importance sampling of t, EMA weights and guidance are omitted;
-sampling defaults to 20 exact-jump steps (`--sample-steps 0` runs all T = 100; test FD 0.468 vs 0.473, seed std 0.004).
-On a shared CPU run with OMP_NUM_THREADS=1: 2 threads under contention were ~10x slower in our measurements.
-
-Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index K), D = 56 motion dims,
-F audio features (4 rows per frame), N words, W windows, d model width.
-
-    python discrete_diffusion.py --preset smoke              # seconds: tiny world, tiny model
-    python train.py --model discrete_diffusion               # default: 3000 steps, 6.4 min on an idle 2-core CPU
-                                                             # (needs runs/vqvae_naive/ckpt.pt); test FD 0.468
-                                                             # vs random walk 0.896, alt-GT 0.229; 0.13 s per 8 s
-    python sample.py --model discrete_diffusion              # metrics table, npy + GIF + PNG, timings
-    python train.py --model discrete_diffusion --ablations   # + no_identity, no_diff, no_text, K256, K512
+    python discrete_diffusion.py --preset smoke            # seconds: tiny world and model (runs/..-smoke)
+    python discrete_diffusion.py                           # default (trains runs/vqvae_naive/ckpt.pt first if missing)
+    python discrete_diffusion.py sample                    # metrics table, npy + GIF + PNG, long conversation, timing
+                                                           # (ablations are runs with flags, e.g. --no-text)
+    torchrun --standalone --nproc_per_node 2 discrete_diffusion.py --preset smoke   # data-parallel (DDP)
 """
 import argparse
-import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
+import random
+import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
 import data
 import metrics
 
+METHOD = "discrete_diffusion"
 LOG_EPS = -70.0  # log-probabilities are clamped here (VQ-Diffusion), also the pinned [MASK] logit
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # Config
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
 class Config:
-    data: str = ""                    # listener data path ("" = the synthetic world)
-    out: str = "runs/discrete_diffusion"  # output folder (checkpoint, samples, metrics.json)
-    preset: str = "default"           # smoke | default | full
-    vq: str = ""                      # VQ-VAE checkpoint ("" = runs/vqvae_naive/ckpt.pt; smoke: <out>/vq/ckpt.pt)
-    steps: int = 3000                 # optimisation steps
-    batch_size: int = 32              # windows per step
-    lr: float = 1e-3                  # peak learning rate (AdamW)
-    warmup: int = 100                 # linear warm-up steps, then cosine decay to 10%
-    weight_decay: float = 4.5e-2      # AdamW weight decay (VQ-Diffusion)
-    clip_frames: int = 64             # training window in frames (multiple of the VQ's r)
-    crop_stride: int = 8              # frames between training crops (tokens are cached per crop)
-    d_model: int = 128                # width d of fusion and denoiser
-    n_layers: int = 4                 # denoiser blocks
-    n_heads: int = 4                  # attention heads
-    n_fuse: int = 1                   # self-attention layers after cross-modal fusion
-    fuse_stride: int = 4              # frames per fusion position (1 = per frame, the spec; 4 = CPU speed)
-    text_layers: int = 1              # word-encoder Transformer layers
-    d_text: int = 64                  # word-encoder width
-    n_mfcc: int = 40                  # MFCC coefficients (4 rows per frame)
-    dropout: float = 0.1              # dropout in attention and MLPs
-    diffusion_steps: int = 100        # T of the diffusion
-    mask_end: float = 0.99999         # gamma_bar_T (code default; paper: 0.9)
-    replace_mass: float = 1e-6        # K * beta_bar_T (code default 1e-6 ~ absorbing; 0 = absorbing; paper 0.1)
-    aux_weight: float = 5e-4          # lambda of the auxiliary x0 cross-entropy (D7)
-    truncation: float = 0.86          # top-r truncation of p(x0) at sampling (1.0 = off)
-    sample_steps: int = 20            # reverse steps at sampling (0 = all T; fewer = exact jump) [ours: 20 is
-                                      # within the seed spread of 100 in the steps ablation, 9x faster]
-    no_diff: bool = False             # ablation: drop the facial differential
-    no_text: bool = False             # ablation: drop the text branch
-    no_audio: bool = False            # ablation: drop the audio branch
-    identity: bool = True             # [ours] condition on the listener's shape beta (6 listeners share a model)
-    eval_every: int = 500             # steps between validation samples / checkpoints
-    n_eval: int = 64                  # windows used for validation metrics while training
-    n_samples: int = 3                # seeds per test window in sample mode (mean +- std)
-    max_test: int = 0                 # cap on test windows in sample mode (0 = all)
-    long_seconds: float = 60.0        # length of the long-conversation demo in sample mode
-    time_runs: int = 3                # sample mode: timed repeats (median) of the 8-s listener timing
-    time_batch: int = 32              # sample mode: batch size for the throughput timing
-    ablations: bool = False           # train mode: also train the ablation models under <out>/ablations/
-    device: str = "auto"              # auto | cpu | cuda | mps
-    dtype: str = "float32"            # float32 | bfloat16 | float16 (autocast on GPU only)
-    seed: int = 0                     # seed for everything
-    resume: bool = False              # continue from <out>/ckpt.pt
-    ckpt: str = ""                    # sample mode: checkpoint ("" = <out>/ckpt.pt)
-    split: str = "test"               # sample mode: split to evaluate
+    data: str = ""                        # listener data folder ("" = the synthetic world of the preset)
+    out: str = "runs/discrete_diffusion"  # output folder: ckpt.pt, config.json, samples/, metrics.json
+    preset: str = "default"               # smoke | default | full
+    vq: str = ""                          # VQ-VAE checkpoint ("" = runs/vqvae_naive/ckpt.pt; smoke: <out>/vq/ckpt.pt)
+    steps: int = 3000                     # optimiser steps
+    batch_size: int = 32                  # windows per step, all torchrun processes together (full: 64)
+    lr: float = 1e-3                      # peak learning rate of AdamW (VQ-Diffusion: 2e-4)
+    warmup: int = 100                     # steps of linear warm-up, then cosine decay to lr / 10 (VQ-Diffusion: 1000)
+    weight_decay: float = 4.5e-2          # AdamW weight decay (VQ-Diffusion: 4.5e-2)
+    clip_frames: int = 64                 # training window in frames, a multiple of the VQ's r (full: 240 = 8 s)
+    crop_stride: int = 8                  # frames between training crops (tokens are cached per crop)
+    d_model: int = 128                    # width d of fusion and denoiser (full: 512)
+    n_layers: int = 4                     # denoiser blocks (full: 12)
+    n_heads: int = 4                      # attention heads (full: 8)
+    n_fuse: int = 1                       # self-attention layers after the cross-modal fusion
+    fuse_stride: int = 4                  # frames per fusion position (1 = per frame, the full preset)
+    text_layers: int = 1                  # word-encoder Transformer layers (full: 2)
+    d_text: int = 64                      # word-encoder width (full: 256)
+    n_mfcc: int = 40                      # MFCC coefficients, 4 rows per frame (full: 128)
+    dropout: float = 0.1                  # dropout in attention and MLPs
+    diffusion_steps: int = 100            # T of the diffusion (paper: 100)
+    mask_end: float = 0.99999             # gamma_bar_T, the final mask probability (VQ-Diffusion code; its paper: 0.9)
+    replace_mass: float = 1e-6            # K * beta_bar_T (VQ-Diffusion code: 1e-6; its paper: 0.1; 0 = absorbing)
+    aux_weight: float = 5e-4              # lambda of the auxiliary x0 cross-entropy (VQ-Diffusion: 5e-4)
+    truncation: float = 0.86              # top-r truncation of p(x0) when sampling (VQ-Diffusion: 0.86; 1.0 = off)
+    sample_steps: int = 20                # reverse steps when sampling (0 = all T, ancestral; < T: exact jumps)
+    diff: bool = True                     # use the facial differential (--no-diff: DiffListener's ablation)
+    text: bool = True                     # use the transcript (--no-text: DiffListener's ablation)
+    identity: bool = True                 # [ours] condition on the listener's shape beta (--no-identity: ablation)
+    eval_every: int = 500                 # steps between validation samples and checkpoints
+    n_eval: int = 64                      # validation windows scored while training
+    n_samples: int = 3                    # sample mode: seeds per test window (row = mean, std printed)
+    max_test: int = 0                     # sample mode: cap on test windows (0 = all)
+    long_seconds: float = 60.0            # sample mode: length of the long-conversation demo in seconds
+    time_runs: int = 3                    # sample mode: timed repeats (median) of one 8-s listener
+    time_batch: int = 32                  # sample mode: batch size of the throughput timing
+    device: str = "auto"                  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"                # float32 | bfloat16 | float16 (autocast; float16 adds a grad scaler)
+    compile: bool = False                 # torch.compile the training model (checkpoints stay uncompiled)
+    seed: int = 0                         # seed of every random stream
+    resume: bool = False                  # continue from <out>/ckpt.pt (weights, optimiser, random streams, step)
+    ckpt: str = ""                        # sample mode: checkpoint ("" = <out>/ckpt.pt)
+    split: str = "test"                   # sample mode: split to evaluate (train | val | test)
 
 
 PRESETS = {
-    "smoke": dict(steps=60, batch_size=8, clip_frames=32, crop_stride=16, d_model=32, n_layers=1, n_heads=2,
-                  d_text=16, n_mfcc=20, eval_every=30, n_eval=8, n_samples=1, max_test=8, long_seconds=8.0,
-                  time_runs=1, time_batch=4,
-                  warmup=10),
+    "smoke": dict(out="runs/discrete_diffusion-smoke", steps=60, batch_size=8, clip_frames=32, crop_stride=16,
+                  d_model=32, n_layers=1, n_heads=2, d_text=16, n_mfcc=20, eval_every=30, n_eval=8, n_samples=1,
+                  max_test=8, long_seconds=8.0, time_runs=1, time_batch=4, warmup=10),
     "default": {},
-    "full": dict(fuse_stride=1, steps=100_000, batch_size=64, lr=2e-4, warmup=1000, clip_frames=240, d_model=512, n_layers=12,
-                 n_heads=8, n_fuse=1, text_layers=2, d_text=256, n_mfcc=128, eval_every=5000, n_eval=256),
+    "full": dict(fuse_stride=1, steps=100_000, batch_size=64, lr=2e-4, warmup=1000, clip_frames=240, d_model=512,
+                 n_layers=12, n_heads=8, n_fuse=1, text_layers=2, d_text=256, n_mfcc=128, eval_every=5000, n_eval=256),
 }
+POSITIVE = ["steps", "batch_size", "lr", "clip_frames", "crop_stride", "d_model", "n_layers", "n_heads", "fuse_stride",
+            "d_text", "n_mfcc", "diffusion_steps", "eval_every", "n_eval", "n_samples", "long_seconds", "time_runs",
+            "time_batch"]
+NON_NEGATIVE = ["warmup", "n_fuse", "text_layers", "max_test", "weight_decay", "aux_weight", "replace_mass"]
 
 
-def parse_config(argv):
-    """Flags from the dataclass (kebab- and snake-case both accepted); preset values apply unless a flag is given."""
-    p = argparse.ArgumentParser(prog="discrete_diffusion.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def check_config(cfg, mode):
+    """A user's impossible values -> data.UserError naming the flag (the VQ's r is checked once the VQ is loaded)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rules = [*((k, getattr(cfg, k) > 0, "a positive number") for k in POSITIVE),
+             *((k, getattr(cfg, k) >= 0, "a number >= 0") for k in NON_NEGATIVE),
+             ("dtype", cfg.dtype in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
+             ("split", cfg.split in ("train", "val", "test"), "one of train, val, test"),
+             ("n_heads", cfg.d_model % max(cfg.n_heads, 1) == 0, f"a divisor of --d-model {cfg.d_model}"),
+             ("d_text", cfg.d_text % max(1, cfg.d_text // 16) == 0, "a multiple of its head count, d_text // 16"),
+             ("clip_frames", cfg.clip_frames % max(cfg.fuse_stride, 1) == 0, "a multiple of --fuse-stride"),
+             ("sample_steps", 0 <= cfg.sample_steps <= cfg.diffusion_steps, f"0 (all) .. {cfg.diffusion_steps}"),
+             ("dropout", 0 <= cfg.dropout < 1, "a probability in [0, 1)"),
+             ("truncation", 0 < cfg.truncation <= 1, "a mass in (0, 1]"),
+             ("mask_end", 0 < cfg.mask_end <= 1 - cfg.replace_mass, "a probability <= 1 - --replace-mass"),
+             ("batch_size", mode != "train" or cfg.batch_size % world == 0, f"a multiple of the {world} processes")]
+    for name, ok, want in rules:
+        if not ok:
+            raise data.UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {want}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
+# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
+# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+
+
+def parse_config(argv, mode="train"):
+    """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        if f.type is bool or f.type == "bool":
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=" ")
-        else:
-            p.add_argument(*names, dest=f.name, type=type(f.default), default=None, help=f"default {f.default}")
-    args = p.parse_args(argv)
-    preset = args.preset or Config.preset
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    preset = given.get("preset", Config.preset)
     if preset not in PRESETS:
-        p.error(f"unknown preset {preset!r}")
-    cfg = Config(**{**PRESETS[preset], "preset": preset})
-    for k, v in vars(args).items():
-        if v is not None:
-            setattr(cfg, k, v)
+        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], **given})
+    check_config(cfg, mode)
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The diffusion process: schedule (D1-D2), posterior (D3-D4), truncation, Gumbel-max
-# ----------------------------------------------------------------------------------------------------------------
+def cli(argv=None, mode="train"):
+    """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["sample"]):
+        mode, argv = argv[0], argv[1:]
+    try:
+        return main(argv, mode)
+    except data.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if not ok.get(name.split(":")[0], False):
+        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
+                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+
+
+def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
+def seed_all(seed):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def rng_state(gens=()):
+    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
+    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
+
+
+def set_rng_state(state, gens=()):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(gens, state["gens"]):
+        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
+
+
+def save_checkpoint(path, obj):
+    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
+    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
+    if is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or ck.get("method") != METHOD:
+        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
+        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
+    return ck
+
+
+def ddp_setup(device):
+    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_in_sync(module):
+    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
+    an EMA codebook, must be all-reduced by the method); raises if not."""
+    if dist.is_initialized():
+        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
+
+
+def shard(x):
+    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
+    ranks then equals the single-process gradient of the whole batch."""
+    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+
+
+# End of the shared setup.
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The diffusion process (VQ-Diffusion's mask-and-replace, arXiv 2111.14822). States 0..K-1 are codes, K is [MASK].
+#   one step  q(x_t | x_{t-1} = j): stay j w.p. alpha_t + beta_t, each other code beta_t, [MASK] gamma_t; [MASK] stays
+#   marginal  q(x_t | x0 = k) = abar_t [x_t = k] + bbar_t on codes, gbar_t on [MASK]   (bars: cumulative)
+#   reverse   p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p(x0 | x_t), the denoiser predicting p(x0 | x_t)
+# ----------------------------------------------------------------------------------------------------------------------
 def make_schedule(T, K, mask_end=0.99999, replace_mass=1e-6, mask_start=9e-6):
     """Cumulative (abar, bbar, gbar) for t = 0..T in float64; t = 0 is the identity slot (1, 0, 0).
     gbar linear mask_start -> mask_end; K*bbar linear min(1e-6, m) -> m; abar = 1 - gbar - K*bbar."""
@@ -159,8 +292,7 @@ def make_schedule(T, K, mask_end=0.99999, replace_mass=1e-6, mask_start=9e-6):
                  K=K, T=T, absorbing=replace_mass == 0)
     t = torch.arange(1, T + 1)
     a, b, g = jump_params(sched, t, t - 1)
-    assert (abar >= 0).all() and (a >= 0).all() and (a <= 1).all() and (g >= 0).all() and (g <= 1).all() \
-        and (b >= 0).all() and (K * b <= 1).all(), "schedule parameters leave [0, 1]"
+    assert all(((v >= 0) & (v <= 1)).all() for v in (abar, a, K * b, g)), "schedule parameters leave [0, 1]"
     return sched
 
 
@@ -175,14 +307,6 @@ def jump_params(sched, t, s):
     return a, kb.clamp_min(0.0) / sched["K"], g
 
 
-def q_probs(sched, x0, t):
-    """(D2) q(x_t | x0): (B, L) codes, (B,) times -> (B, L, K+1) probabilities."""
-    K = sched["K"]
-    ab, bb, gb = (sched[k][t].view(-1, 1, 1) for k in ("abar", "bbar", "gbar"))
-    codes = ab * F.one_hot(x0, K).double() + bb                        # (B, L, K)
-    return torch.cat([codes, gb.expand(*x0.shape, 1)], -1)            # (B, L, K+1)
-
-
 def gumbel_argmax(probs, gen=None):
     """Draw one state per position from (unnormalised) probabilities with Gumbel-max; zero mass is never drawn."""
     u = torch.rand(probs.shape, generator=gen, dtype=torch.float64, device=probs.device)
@@ -192,37 +316,33 @@ def gumbel_argmax(probs, gen=None):
 
 
 def q_sample(sched, x0, t, gen=None):
-    """x_t ~ q(x_t | x0) by Gumbel-max (D2)."""
-    return gumbel_argmax(q_probs(sched, x0, t), gen)
+    """x_t ~ q(x_t | x0), the marginal above: (B, L) codes, (B,) times -> (B, L) states."""
+    ab, bb, gb = (sched[k][t].view(-1, 1, 1) for k in ("abar", "bbar", "gbar"))
+    codes = ab * F.one_hot(x0, sched["K"]).double() + bb               # (B, L, K)
+    return gumbel_argmax(torch.cat([codes, gb.expand(*x0.shape, 1)], -1), gen)  # (B, L, K+1) -> (B, L)
 
 
 def posterior(p0, x_t, t, s, sched):
-    """(D3/D4) p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p0(x0), in float64 probability space.
+    """The reverse step p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p0(x0) in closed form, float64 probability space.
     p0 (B, L, K) x0-distribution (one-hot gives the true posterior); x_t (B, L) in 0..K; t, s (B,) or int, s < t.
     Returns (B, L, K+1). It sums to p0's total mass (1 unless truncated)."""
     B, L, K = p0.shape
-    if isinstance(t, int) and isinstance(s, int):                      # sampling: python scalars, cached
-        key = ("coef", t, s)
-        if key not in sched:
-            sched[key] = [float(sched[k][i]) for i in (t, s) for k in ("abar", "bbar", "gbar")] + \
-                [float(v) for v in jump_params(sched, torch.tensor([t]), torch.tensor([s]))]
-        ab_t, bb_t, gb_t, ab_s, bb_s, gb_s, a_ts, b_ts, g_ts = sched[key]
-    else:                                                              # training: one (t, s) per sample
-        t, s = torch.as_tensor(t).cpu().expand(B), torch.as_tensor(s).cpu().expand(B)
-        ab_t, bb_t, gb_t = (sched[k][t].view(B, 1, 1).to(p0.device) for k in ("abar", "bbar", "gbar"))
-        ab_s, bb_s, gb_s = (sched[k][s].view(B, 1, 1).to(p0.device) for k in ("abar", "bbar", "gbar"))
-        a_ts, b_ts, g_ts = (v.view(B, 1, 1).to(p0.device) for v in jump_params(sched, t, s))
-    # (D3) masked x_t: stay masked w.p. gbar_s/gbar_t, else code j w.p. (gamma_ts/gbar_t)(abar_s p0_j + bbar_s)
-    # (bbar_s is weighted by sum(p0), the D5 marginal, so a truncated p0 keeps its exact meaning)
+    t, s = torch.as_tensor(t).cpu().expand(B), torch.as_tensor(s).cpu().expand(B)
+    coef = lambda v: v.view(B, 1, 1).to(p0.device)                     # (B,) -> (B, 1, 1)
+    ab_t, bb_t, gb_t, ab_s, bb_s, gb_s = (coef(sched[k][i]) for i in (t, s) for k in ("abar", "bbar", "gbar"))
+    a_ts, b_ts, g_ts = (coef(v) for v in jump_params(sched, t, s))
+    # masked x_t: stay masked w.p. gbar_s/gbar_t, else code j w.p. (gamma_ts/gbar_t)(abar_s p0_j + bbar_s)
+    # (bbar_s is weighted by sum(p0), the mass of the reverse sum, so a truncated p0 keeps its exact meaning)
     from_mask = torch.cat([g_ts / gb_t * (ab_s * p0 + bb_s * p0.sum(-1, keepdim=True)),
                            torch.ones_like(p0[..., :1]) * (gb_s / gb_t)], -1)  # (B, L, K+1)
     k = F.one_hot(x_t.clamp(max=K - 1), K).double()                    # (B, L, K) one-hot of an unmasked x_t
     if sched["absorbing"]:
         from_code = k                                                  # beta = 0: x_t = k means x0 = k, copy it
     else:
-        w = p0 / (ab_t * k + bb_t)                                     # (D4.1) p0_i / q(x_t = k | x0 = i)
-        u = ab_s * w + bb_s * w.sum(-1, keepdim=True)                  # (D4.2) sum_i w_i q(x_s = j | x0 = i)
-        from_code = (a_ts * k + b_ts) * u                              # (D4.3) times q(x_t = k | x_s = j)
+        # unmasked x_t = k: Bayes, p(j) = q(x_t = k | x_s = j) sum_i q(x_s = j | x0 = i) p0_i / q(x_t = k | x0 = i)
+        w = p0 / (ab_t * k + bb_t)                                     # p0_i / q(x_t = k | x0 = i)
+        u = ab_s * w + bb_s * w.sum(-1, keepdim=True)                  # sum_i w_i q(x_s = j | x0 = i)
+        from_code = (a_ts * k + b_ts) * u                              # times q(x_t = k | x_s = j)
     from_code = torch.cat([from_code, torch.zeros_like(from_code[..., :1])], -1)  # [MASK] cannot precede a code
     return torch.where((x_t == K)[..., None], from_mask, from_code)
 
@@ -235,16 +355,15 @@ def truncate(p0, r):
     sp, order = p0.sort(-1, descending=True)
     keep_sorted = sp.cumsum(-1) < r
     keep_sorted[..., 0] = True
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return p0 * keep
+    return p0 * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
 def diffusion_loss(logits, x0, x_t, t, sched, aux_weight):
-    """(D6/D7) L = T * mean_positions(L_t + lambda * w(t) * CE(x0, p0)), w(t) = 2 - (t-1)/T.
+    """VQ-Diffusion's loss L = T * mean_positions(L_t + lambda * w(t) * CE(x0, p0)), w(t) = 2 - (t-1)/T, t ~ U{1..T}.
     L_t = KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t >= 2, the decoder NLL -log p(x0|x_1) for t = 1."""
     T, K = sched["T"], sched["K"]
     logp0 = F.log_softmax(logits.double(), -1)                         # (B, L, K) log p(x0 | x_t)
-    p_model = posterior(logp0.exp(), x_t, t, t - 1, sched)             # (B, L, K+1) D5 in closed form
+    p_model = posterior(logp0.exp(), x_t, t, t - 1, sched)             # (B, L, K+1) the reverse step
     q_true = posterior(F.one_hot(x0, K).double(), x_t, t, t - 1, sched)
     logp = p_model.clamp_min(1e-300).log().clamp_min(LOG_EPS)
     logq = q_true.clamp_min(1e-300).log().clamp_min(LOG_EPS)
@@ -257,9 +376,9 @@ def diffusion_loss(logits, x0, x_t, t, sched, aux_weight):
     return loss, dict(vlb=vlb.mean().item(), ce=ce.mean().item())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Networks: attention blocks, audio and text encoders, fusion (3.1), denoiser (3.2)
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks: attention blocks, audio and text encoders, the fusion network, the denoiser
+# ----------------------------------------------------------------------------------------------------------------------
 def sinusoid(pos, dim):
     """Sinusoidal embedding of (possibly negative, fractional) positions: (...) -> (..., dim)."""
     freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=pos.device) / dim)  # (dim/2,)
@@ -268,7 +387,7 @@ def sinusoid(pos, dim):
 
 
 def facial_differential(x):
-    """F^S_Delta: Delta_t = F_t - F_{t-1}, Delta_1 = 0. (B, T, D) -> (B, T, D)."""
+    """DiffListener's facial differential F^S_Delta: Delta_t = F_t - F_{t-1}, Delta_1 = 0. (B, T, D) -> (B, T, D)."""
     return torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], 1)
 
 
@@ -280,28 +399,23 @@ class Attention(nn.Module):
         self.h, self.drop = heads, dropout
         self.q, self.kv, self.o = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, d)
 
-    def split(self, x):                                                # (B, N, d) -> (B, h, N, d/h)
-        B, N, D = x.shape
-        return x.view(B, N, self.h, D // self.h).transpose(1, 2)
-
     def kv_of(self, ctx):                                              # (B, M, d) -> 2 x (B, h, M, d/h)
-        return tuple(self.split(z) for z in self.kv(ctx).chunk(2, -1))
+        return tuple(rearrange(z, "b m (h e) -> b h m e", h=self.h) for z in self.kv(ctx).chunk(2, -1))
 
     def forward(self, x, ctx=None, keep=None, kv=None):
-        B, N, D = x.shape
-        q = self.split(self.q(x))                                      # (B, h, N, d/h)
+        q = rearrange(self.q(x), "b n (h e) -> b h n e", h=self.h)     # (B, h, N, d/h)
         k, v = kv if kv is not None else self.kv_of(x if ctx is None else ctx)
         mask = None if keep is None else keep[:, None, None, :]         # (B, 1, 1, M) True = attend
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.drop if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, N, D))             # (B, h, N, d/h) -> (B, N, d)
+        return self.o(rearrange(y, "b h n e -> b n (h e)"))            # (B, h, N, d/h) -> (B, N, d)
 
 
 class Block(nn.Module):
-    """Pre-LN (cross-)attention + MLP: h = x + Attn(LN x, LN ctx); h + MLP(LN h). ctx None = self-attention."""
+    """Pre-LN attention + MLP: h = x + Attn(LN x, LN ctx); h + MLP(LN h). cross=False: self-attention (no ctx)."""
 
-    def __init__(self, d, heads, dropout):
+    def __init__(self, d, heads, dropout, cross=False):
         super().__init__()
-        self.ln_x, self.ln_c, self.ln_m = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ln_x, self.ln_c, self.ln_m = nn.LayerNorm(d), nn.LayerNorm(d) if cross else None, nn.LayerNorm(d)
         self.attn = Attention(d, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
 
@@ -312,7 +426,7 @@ class Block(nn.Module):
 
 class AudioEncoder(nn.Module):
     """MFCC rows at 4 per frame -> one vector per frame. Conv k5 s2, k5 s2, k5 s1, k3 dilation 2 (width d/2, the
-    last to d): receptive field 45 rows = 0.375 s at 120 Hz (>= 0.3 s)."""
+    last to d): receptive field 45 rows = 0.375 s at 120 Hz."""
 
     def __init__(self, n_feat, d):
         super().__init__()
@@ -343,21 +457,20 @@ class TextEncoder(nn.Module):
 
 
 class Fusion(nn.Module):
-    """(3.1) R^S: e = Lin_F(F) + Lin_D(Delta) + PE -> CM1 (audio) -> CM2 (text, pad mask) -> n_fuse self-attention.
-    With fuse_stride s > 1 [ours, CPU speed] Lin_F / Lin_D see patches of s frames (a linear map of the patch, so no
-    frame is averaged away) and R^S has T/s positions; PEs stay in frame units, so words align the same way."""
+    """R^S: e = Lin_F(F) + Lin_D(Delta) + PE -> CM1 (attend to audio) -> CM2 (attend to words) -> n_fuse
+    self-attention layers. With fuse_stride s > 1 [ours, CPU speed] Lin_F / Lin_D see patches of s frames (a linear
+    map of the patch, so no frame is averaged away) and R^S has T/s positions; PEs stay in frame units."""
 
     def __init__(self, cfg, n_feat, n_words, D=56):
         super().__init__()
         d, h, p, s = cfg.d_model, cfg.n_heads, cfg.dropout, cfg.fuse_stride
         self.s, self.d = s, d
         self.lin_f = nn.Conv1d(D, d, s, s)                            # = Linear(D, d) when s = 1
-        self.lin_d = None if cfg.no_diff else nn.Conv1d(D, d, s, s)
-        self.audio = None if cfg.no_audio else AudioEncoder(n_feat, d)
-        self.cm1 = None if cfg.no_audio else Block(d, h, p)
-        self.text = None if cfg.no_text else TextEncoder(n_words, cfg.d_text, d, cfg.text_layers,
-                                                         max(1, cfg.d_text // 16), p)
-        self.cm2 = None if cfg.no_text else Block(d, h, p)
+        self.lin_d = nn.Conv1d(D, d, s, s) if cfg.diff else None
+        self.audio, self.cm1 = AudioEncoder(n_feat, d), Block(d, h, p, cross=True)
+        self.text = TextEncoder(n_words, cfg.d_text, d, cfg.text_layers, max(1, cfg.d_text // 16), p) if cfg.text \
+            else None
+        self.cm2 = Block(d, h, p, cross=True) if cfg.text else None
         self.fuse = nn.ModuleList(Block(d, h, p) for _ in range(cfg.n_fuse))
 
     def forward(self, spk, diff, feat, words, end):
@@ -367,9 +480,8 @@ class Fusion(nn.Module):
         e = self.lin_f(spk.transpose(1, 2)).transpose(1, 2) + pe      # (B, T, D) -> (B, T/s, d)
         if self.lin_d is not None:
             e = e + self.lin_d(diff.transpose(1, 2)).transpose(1, 2)   # the facial differential, additive
-        if self.audio is not None:
-            a = F.avg_pool1d(self.audio(feat).transpose(1, 2), self.s).transpose(1, 2)  # (B, T/s, d)
-            e = self.cm1(e, a + pe)                                    # CM1: frames attend to audio frames
+        a = F.avg_pool1d(self.audio(feat).transpose(1, 2), self.s).transpose(1, 2)  # (B, T/s, d)
+        e = self.cm1(e, a + pe)                                        # CM1: frames attend to audio frames
         if self.text is not None:
             tok, keep = self.text(words, end)                          # (B, N, d)
             e = self.cm2(e, tok, keep)                                 # CM2: frames attend to words
@@ -408,7 +520,7 @@ class DenoiserBlock(nn.Module):
 
 
 class DiffListener(nn.Module):
-    """Fusion + x0-parameterised denoiser p(x0 | x_t, t, R^S) (VQ-Diffusion Text2ImageTransformer, shrunk)."""
+    """Fusion + x0-parameterised denoiser p(x0 | x_t, t, R^S) (VQ-Diffusion's Text2ImageTransformer, shrunk)."""
 
     def __init__(self, cfg, K, n_feat, n_words, L_max, D=56, D_id=100):
         super().__init__()
@@ -421,10 +533,9 @@ class DiffListener(nn.Module):
         self.blocks = nn.ModuleList(DenoiserBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, K))    # no [MASK] logit
         self.ident = nn.Linear(D_id, d) if cfg.identity else None      # [ours] beta -> added to Emb_t
-        for name, stat in [("spk_mean", 0.0), ("spk_std", 1.0), ("diff_std", 1.0), ("feat_mean", 0.0),
-                           ("feat_std", 1.0), ("beta_mean", 0.0), ("beta_std", 1.0)]:
-            n = n_feat if "feat" in name else D_id if "beta" in name else D
-            self.register_buffer(name, torch.full((n,), stat))
+        for name, n in [("spk_mean", D), ("spk_std", D), ("diff_std", D), ("feat_mean", n_feat), ("feat_std", n_feat),
+                        ("beta_mean", D_id), ("beta_std", D_id)]:     # conditioning statistics (train split, set_stats)
+            self.register_buffer(name, torch.full((n,), float(name.endswith("_std"))))
         self.apply(self._init)
         self.sched = make_schedule(self.T, K, cfg.mask_end, cfg.replace_mass)
 
@@ -441,23 +552,26 @@ class DiffListener(nn.Module):
         spk = (spk_raw - self.spk_mean) / self.spk_std                 # (B, T, D) z-normalised face
         diff = facial_differential(spk) / self.diff_std                # (B, T, D) scaled by its train std
         feat = (feat_raw - self.feat_mean) / self.feat_std
-        R = self.fusion(spk, diff, feat, words, end)                   # (B, T, d)
+        R = self.fusion(spk, diff, feat, words, end)                   # (B, T/s, d)
         ident = None
         if self.ident is not None:
             assert beta is not None, "this model is conditioned on the listener identity: pass beta"
             ident = self.ident((beta.to(R) - self.beta_mean) / self.beta_std)  # (B, d)
         return [blk.cross.kv_of(blk.ln_c(R)) for blk in self.blocks], ident
 
-    def forward(self, x_t, t, cond):
+    def denoise(self, x_t, t, cond):
         """x_t (B, L) in 0..K, t (B,) in 1..T, cond from condition() -> logits (B, L, K) of p(x0 | x_t)."""
         B, L = x_t.shape
         kv, ident = cond
-        assert int(x_t.max()) <= self.K, "token index beyond [MASK]: VQ/denoiser K mismatch"
         h = self.tok(x_t) + self.pos(torch.arange(L, device=x_t.device))  # (B, L, d)
         temb = self.temb(t - 1) + (0 if ident is None else ident)     # (B, d): AdaLN sees time and who listens
         for blk, kv_b in zip(self.blocks, kv):
             h = blk(h, temb, kv_b)
         return self.head(h)                                            # (B, L, K)
+
+    def forward(self, x_t, t, spk, feat, words, end, beta=None):
+        """Training: condition and denoise in one call (what DistributedDataParallel wraps)."""
+        return self.denoise(x_t, t, self.condition(spk, feat, words, end, beta))
 
     @torch.no_grad()
     def sample(self, kv, n_tokens, starts, L, steps=None, r=0.86, gen=None, batch=1):
@@ -473,11 +587,11 @@ class DiffListener(nn.Module):
         grid = [round(i * self.T / S) for i in range(S, -1, -1)]        # T = t_S > ... > t_0 = 0
         for t, s in zip(grid[:-1], grid[1:]):
             xw = x[:, idx].view(batch * W, L)                          # (B*W, L) the windows' tokens
-            logits = self(xw, torch.full((batch * W,), t, device=dev), kv)
+            logits = self.denoise(xw, torch.full((batch * W,), t, device=dev), kv)
             pw = F.softmax(logits.double(), -1).view(batch, W * L, K)  # (B, W*L, K)
             p0 = torch.zeros(batch, n_tokens, K, dtype=torch.float64, device=dev).index_add_(1, idx, pw)
             p0 = truncate(p0 / count[None, :, None], r)                # (B, N, K) mean over windows, top-r
-            x = gumbel_argmax(posterior(p0, x, t, s, self.sched), gen)  # x_s ~ (D3/D4), exact jump t -> s
+            x = gumbel_argmax(posterior(p0, x, t, s, self.sched), gen)  # x_s ~ p(x_s | x_t), exact jump t -> s
         assert (x < K).all(), "a [MASK] survived the last step"
         return x
 
@@ -490,31 +604,43 @@ def window_starts(n_tokens, L, hop):
     return starts if starts[-1] == n_tokens - L else starts + [n_tokens - L]
 
 
-# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_long(model, vq, spk, feat, words, beta, T_win, fps, steps=None, r=0.86, gen=None, hop=None):
+    """Listener for speaker streams longer than the training window: windows of T_win frames every `hop` tokens
+    (default half a window) are denoised jointly (DiffListener.sample averages p(x0) over the windows covering a
+    token), then the whole token sequence is decoded at once. spk (B, Tall, D) raw, feat (B, 4 Tall, F), words: B
+    lists of (text, end_s). -> tokens (B, N), motion (B, N r, D) raw."""
+    dev, (B, Tall, _) = model.pos.weight.device, spk.shape
+    N, L = Tall // vq.r, T_win // vq.r
+    starts = window_starts(N, L, hop or max(1, L // 2))
+    c0 = [s * vq.r for s in starts]                                    # window starts in frames
+    spk_w = torch.stack([spk[b, c:c + T_win] for b in range(B) for c in c0])            # (B*W, T_win, D)
+    feat_w = torch.stack([feat[b, 4 * c:4 * (c + T_win)] for b in range(B) for c in c0])  # (B*W, 4 T_win, F)
+    wid, wend = pad_words([window_words(words[b], c, T_win, fps) for b in range(B) for c in c0])
+    kv = model.condition(spk_w.to(dev), feat_w.to(dev), wid.to(dev), wend.to(dev),
+                         beta.repeat_interleave(len(c0), 0).to(dev))      # (B*W, ...), sample-major like spk_w
+    tok = model.sample(kv, N, starts, L, steps, r, gen, batch=B).cpu()
+    return tok, vq.denormalize(vq.decode(tok, beta))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Data: windows of the listener data, cached VQ tokens, word ids time-aligned to the window
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 HISTORY_S = 3.0  # seconds of words before the window the text encoder sees (LM-Listener)
+WORD_IDS = {w.lower(): i + 3 for i, w in enumerate(data.VOCAB)}  # 0 pad, 1 unknown, 2 the start token of every window
 
 
-def word_ids():
-    """Word -> id over data.VOCAB: 0 pad, 1 unknown, 2 a start token every window has (no empty key set)."""
-    return {w.lower(): i + 3 for i, w in enumerate(data.VOCAB)}
-
-
-def window_words(words, c0, T, fps, vocab):
+def window_words(words, c0, T, fps):
     """Segment words [(text, end_s)] -> [(id, end frame relative to the window start c0)] for ends in [-3 s, T)."""
-    sel = [(vocab.get(w.lower(), 1), e * fps - c0) for w, e in words if -HISTORY_S * fps <= e * fps - c0 < T]
+    sel = [(WORD_IDS.get(w.lower(), 1), e * fps - c0) for w, e in words if -HISTORY_S * fps <= e * fps - c0 < T]
     return [(2, 0.0)] + sel
 
 
 def pad_words(lists):
     """Lists of (id, end) -> ids (n, N) int64 (pad 0), ends (n, N) float32."""
-    N = max(len(w) for w in lists)
-    ids, ends = torch.zeros(len(lists), N, dtype=torch.long), torch.zeros(len(lists), N)
-    for i, w in enumerate(lists):
-        ids[i, :len(w)] = torch.tensor([a for a, _ in w])
-        ends[i, :len(w)] = torch.tensor([b for _, b in w], dtype=torch.float32)
-    return ids, ends
+    pad = lambda rows: nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return (pad([torch.tensor([i for i, _ in w]) for w in lists]),
+            pad([torch.tensor([e for _, e in w], dtype=torch.float32) for w in lists]))
 
 
 def audio_rows(it, n_rows, n_mfcc):
@@ -525,34 +651,31 @@ def audio_rows(it, n_rows, n_mfcc):
 
 
 @torch.no_grad()
-def load_windows(path, split, vq, T, stride, n_mfcc, max_items=0):
+def load_windows(path, split, vq, T, stride, n_mfcc):
     """Every item of a split, its crops of T frames at `stride`, and the VQ tokens of each crop (encoded once).
     Returns a dict of tensors: spk/lis (S, Ts, D) raw, feat (S, 4Ts, F), beta (S, 100), alt (S, Ts, D) or None,
-    starts (C,), tok (S, C, L), wid/wend (S, C, N), texts [S][C] and words [S] for the baselines."""
+    starts (C,), tok (S, C, L), wid/wend (S, C, N), and the items' words [S] (lists of (text, end_s))."""
     items = [it for it in data.load_listener(path, split) if len(it["listener"]) >= T]
-    items = items[:max_items] if max_items else items
-    assert items, f"no {split} item of at least {T} frames in {path}"
-    Ts, fps, vocab = min(len(it["listener"]) for it in items), items[0]["fps"], word_ids()
-    t = lambda k: torch.stack([torch.as_tensor(np.asarray(it[k][:Ts]), dtype=torch.float32) for it in items])
-    d = dict(spk=t("speaker"), lis=t("listener"), fps=fps, T=T, words=[it["words"] for it in items],
-             beta=torch.stack([torch.as_tensor(np.asarray(it["listener_beta"]), dtype=torch.float32) for it in items]),
+    if not items:
+        raise data.UserError(f"{path}: no {split} item of at least {T} frames (--clip-frames {T})")
+    Ts, fps = min(len(it["listener"]) for it in items), items[0]["fps"]
+    f32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    stack = lambda k: torch.stack([f32(it[k][:Ts]) for it in items])
+    has_alt = all(it.get("alt_listener") is not None for it in items)
+    d = dict(spk=stack("speaker"), lis=stack("listener"), fps=fps, T=T, words=[it["words"] for it in items],
+             beta=torch.stack([f32(it["listener_beta"]) for it in items]),
              feat=torch.stack([audio_rows(it, 4 * Ts, n_mfcc) for it in items]),
-             alt=None if any(it.get("alt_listener") is None for it in items) else
-             torch.stack([torch.as_tensor(np.asarray(it["alt_listener"][0][:Ts]), dtype=torch.float32) for it in items]))
+             alt=torch.stack([f32(it["alt_listener"][0][:Ts]) for it in items]) if has_alt else None)
     starts = torch.arange(0, Ts - T + 1, stride)                      # (C,) crop starts in frames
     S, C = len(items), len(starts)
-    fr = starts[:, None] + torch.arange(T)                             # (C, T)
+    fr, chunk = starts[:, None] + torch.arange(T), max(1, 2048 // C)   # (C, T) frames of each crop
     toks = []
-    for i in range(0, S, max(1, 2048 // C)):                           # encode the crops in chunks
-        x = d["lis"][i:i + max(1, 2048 // C)][:, fr]                   # (s, C, T, D)
-        b = d["beta"][i:i + max(1, 2048 // C)][:, None].expand(-1, C, -1)
-        idx = vq.encode(vq.normalize(x.flatten(0, 1)), b.flatten(0, 1))  # (s*C, L)
-        toks.append(idx.view(x.shape[0], C, -1))
-    d["tok"], d["starts"] = torch.cat(toks), starts                    # (S, C, L)
-    wl = [window_words(w, int(c), T, fps, vocab) for w in d["words"] for c in starts]
-    ids, ends = pad_words(wl)
-    d["wid"], d["wend"] = ids.view(S, C, -1), ends.view(S, C, -1)      # (S, C, N)
-    d["texts"] = [[metrics.window_text(w, int(c) / fps, (int(c) + T) / fps) for c in starts] for w in d["words"]]
+    for i in range(0, S, chunk):                                       # encode the crops in chunks
+        x = d["lis"][i:i + chunk][:, fr]                               # (s, C, T, D)
+        b = d["beta"][i:i + chunk][:, None].expand(-1, C, -1)          # (s, C, D_id)
+        toks.append(vq.encode(vq.normalize(x.flatten(0, 1)), b.flatten(0, 1)).view(x.shape[0], C, -1))  # (s, C, L)
+    ids, ends = pad_words([window_words(w, int(c), T, fps) for w in d["words"] for c in starts])
+    d.update(tok=torch.cat(toks), starts=starts, wid=ids.view(S, C, -1), wend=ends.view(S, C, -1))  # (S, C, ...)
     return d
 
 
@@ -562,10 +685,9 @@ def get_batch(d, seg, crop):
     c0 = d["starts"][crop]                                             # (B,)
     fr = c0[:, None] + torch.arange(T)                                 # (B, T)
     rows = 4 * c0[:, None] + torch.arange(4 * T)                       # (B, 4T)
-    out = dict(spk=d["spk"][seg[:, None], fr], lis=d["lis"][seg[:, None], fr], feat=d["feat"][seg[:, None], rows],
-               wid=d["wid"][seg, crop], wend=d["wend"][seg, crop], tok=d["tok"][seg, crop], beta=d["beta"][seg])
-    out["alt"] = None if d["alt"] is None else d["alt"][seg[:, None], fr]
-    return out
+    return dict(spk=d["spk"][seg[:, None], fr], lis=d["lis"][seg[:, None], fr], feat=d["feat"][seg[:, None], rows],
+                wid=d["wid"][seg, crop], wend=d["wend"][seg, crop], tok=d["tok"][seg, crop], beta=d["beta"][seg],
+                alt=None if d["alt"] is None else d["alt"][seg[:, None], fr])
 
 
 def all_windows(d):
@@ -585,38 +707,39 @@ def set_stats(model, d):
     model.beta_mean.copy_(d["beta"].mean(0)), model.beta_std.copy_(d["beta"].std(0).clamp_min(1e-4))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------------
 # Training
-# ----------------------------------------------------------------------------------------------------------------
-def setup(cfg):
-    """Seed everything, pick the device (auto: cuda, mps, cpu) and the autocast context."""
-    torch.manual_seed(cfg.seed), np.random.seed(cfg.seed)
-    dev = cfg.device if cfg.device != "auto" else \
-        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    amp = dev == "cuda" and cfg.dtype != "float32"
-    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if amp else torch.autocast("cpu", enabled=False)
-    return torch.device(dev), ctx
+# ----------------------------------------------------------------------------------------------------------------------
+INPUTS = ("tok", "spk", "feat", "wid", "wend", "beta")  # batch keys the training step needs (x0, then the condition)
 
 
-def get_vq(cfg, data_path, device):
-    """Load the VQ-VAE stage; train the naive (none,none) one with a clear message if it is missing."""
+def get_vq(cfg, data_path, training=True):
+    """The VQ-VAE stage (frozen, on the CPU). Training: a missing one is trained first (the naive none,none codec,
+    with this run's preset and data), one trained on other data or with another preset is a user error naming --vq.
+    Sampling: the VQ the model was trained with."""
     import vqvae  # stage 1, the only method file this one imports
     if not cfg.vq:
         cfg.vq = str(Path(cfg.out) / "vq" / "ckpt.pt") if cfg.preset == "smoke" else "runs/vqvae_naive/ckpt.pt"
-    if not Path(cfg.vq).exists():
+    flags = ["--data", str(data_path), "--out", str(Path(cfg.vq).parent), "--preset", cfg.preset, "--norm", "none,none"]
+    if not Path(cfg.vq).exists() and training:
+        if dist.is_initialized():  # every rank would train it, and vqvae.py ends the process group
+            raise data.UserError(f"--vq {cfg.vq}: no such file; under torchrun train the VQ-VAE first "
+                                 f"(python vqvae.py {' '.join(flags[2:])})")
         print(f"[discrete_diffusion] no VQ-VAE at {cfg.vq}: training the naive (none,none) one first with "
-              f"`python vqvae.py --data {data_path} --out {Path(cfg.vq).parent} --preset {cfg.preset} "
-              f"--norm none,none` (pass --vq PATH to use another)", flush=True)
-        vqvae.main(["--data", str(data_path), "--out", str(Path(cfg.vq).parent), "--preset", cfg.preset,
-                    "--norm", "none,none"], mode="train")
+              f"`python vqvae.py {' '.join(flags)}` (pass --vq PATH to use another)", flush=True)
+        vqvae.main(flags, mode="train")
+    have = vqvae.load_checkpoint(cfg.vq)["config"]
+    where = lambda c: Path(data.resolve_data(c["data"], "listener", c["preset"])).resolve()
+    if training and (have["preset"] != cfg.preset or where(have) != Path(data_path).resolve()):
+        raise data.UserError(f"--vq {cfg.vq} was trained with preset {have['preset']} on {where(have)}, this run is "
+                             f"preset {cfg.preset} on {data_path}: pass --vq with a VQ-VAE of this preset and data")
     vq = vqvae.load_vqvae(cfg.vq, device="cpu")
-    for p in vq.parameters():
-        p.requires_grad_(False)
+    vq.requires_grad_(False)
     return vq
 
 
 def build(cfg, meta, device):
-    return DiffListener(cfg, meta["K"], meta["n_feat"], meta["n_words"], meta["L"], D_id=meta.get("D_id", 100)).to(device)
+    return DiffListener(cfg, meta["K"], meta["n_feat"], meta["n_words"], meta["L"], D_id=meta["D_id"]).to(device)
 
 
 def lr_at(cfg, step):
@@ -625,14 +748,6 @@ def lr_at(cfg, step):
         return cfg.lr * (step + 1) / cfg.warmup
     u = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(u, 1.0))))
-
-
-def save_ckpt(path, obj):
-    """Atomic save: temporary file, then rename."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path) + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -644,8 +759,7 @@ def generate(model, vq, d, seg, crop, steps, r, seed, bs=128):
     toks, xs = [], []
     for i in range(0, len(seg), bs):
         b = get_batch(d, seg[i:i + bs], crop[i:i + bs])
-        kv = model.condition(b["spk"].to(dev), b["feat"].to(dev), b["wid"].to(dev), b["wend"].to(dev),
-                             b["beta"].to(dev))
+        kv = model.condition(*(b[k].to(dev) for k in INPUTS[1:]))
         L = b["tok"].shape[1]
         tok = model.sample(kv, L, [0], L, steps, r, gen, batch=len(b["spk"])).cpu()
         toks.append(tok)
@@ -654,283 +768,156 @@ def generate(model, vq, d, seg, crop, steps, r, seed, bs=128):
     return torch.cat(toks), torch.cat(xs).numpy()
 
 
-def valence_fn():
-    face = data.FaceModel()
-    return lambda x: np.asarray(face.valence(np.asarray(x)), dtype=np.float64)
+def validate(model, vq, va, cfg, step, hist):
+    """Validation L2 / FD / P-FD of sampled windows (rank 0), logged into hist."""
+    vs, vc = [v[:cfg.n_eval] for v in all_windows(va)]
+    _, pred = generate(model, vq, va, vs, vc, min(cfg.sample_steps, model.T) or None, cfg.truncation, cfg.seed)
+    b = get_batch(va, vs, vc)
+    m = metrics.listener_metrics(list(pred), list(b["lis"].numpy()), list(b["spk"].numpy()),
+                                 valence_fn=data.FaceModel().valence)
+    hist["val"].append(dict(step=step, **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")}))
+    tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-cfg.eval_every:]):.4f} | val L2 {m['mse/all']:.4f} "
+               f"FD {m['fd/all']:.3f} P-FD {m['pfd/all']:.3f}")
 
 
-def score(preds, d, seg, crop, vfn):
-    """metrics.listener_metrics of predicted windows against the GT windows they cover."""
-    b = get_batch(d, seg, crop)
-    return metrics.listener_metrics(list(preds), list(b["lis"].numpy()), list(b["spk"].numpy()), valence_fn=vfn)
-
-
-def train(cfg):
-    device, ctx = setup(cfg)
-    t_start = time.time()
+def prepare(cfg, device):
+    """Data, VQ tokens and a fresh model with the train split's conditioning statistics."""
+    t0 = time.time()
     cfg.data = str(data.resolve_data(cfg.data, "listener", cfg.preset))
-    vq = get_vq(cfg, cfg.data, device)
-    assert cfg.clip_frames % vq.r == 0, f"--clip-frames must be a multiple of the VQ's r = {vq.r}"
-    print(f"[discrete_diffusion] device {device}; config:\n{json.dumps(dataclasses.asdict(cfg), indent=1)}")
+    vq = get_vq(cfg, cfg.data)
+    if cfg.clip_frames % vq.r:
+        raise data.UserError(f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ's r = {vq.r} ({cfg.vq})")
     tr = load_windows(cfg.data, "train", vq, cfg.clip_frames, cfg.crop_stride, cfg.n_mfcc)
     va = load_windows(cfg.data, "val", vq, cfg.clip_frames, cfg.clip_frames, cfg.n_mfcc)
     meta = dict(K=vq.K, r=vq.r, n_feat=tr["feat"].shape[-1], n_words=len(data.VOCAB) + 3, L=cfg.clip_frames // vq.r,
                 D_id=tr["beta"].shape[-1])
     assert int(tr["tok"].max()) < vq.K
-    print(f"[discrete_diffusion] {tr['tok'].shape[0]} train segments x {tr['tok'].shape[1]} crops of "
-          f"{cfg.clip_frames} frames -> {meta['L']} tokens (K = {vq.K}); prepared in {time.time() - t_start:.1f} s")
     model = build(cfg, meta, device)
     set_stats(model, tr)
-    print(f"[discrete_diffusion] {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    if is_main():
+        print(f"[discrete_diffusion] {tr['tok'].shape[0]} train segments x {tr['tok'].shape[1]} crops of "
+              f"{cfg.clip_frames} frames -> {meta['L']} tokens (K = {vq.K}); prepared in {time.time() - t0:.1f} s; "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
+    return vq, tr, va, meta, model
+
+
+def mean_over_ranks(loss):  # the loss of the whole global batch, for the log (DDP already averages the gradient)
+    v = loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(v)
+        v /= dist.get_world_size()
+    return v.item()
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    rank, world = ddp_setup(device)
+    seed_all(cfg.seed)
+    vq, tr, va, meta, model = prepare(cfg, device)
+    out, step, hist = Path(cfg.out), 0, dict(loss=[], val=[])
+    if is_main():
+        print(f"[discrete_diffusion] device {device} x {world}; config {json.dumps(dataclasses.asdict(cfg))}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and cfg.dtype == "float16")
-    out, step, hist, prior = Path(cfg.out), 0, dict(loss=[], val=[]), 0.0
-    out.mkdir(parents=True, exist_ok=True)
+    scaler = grad_scaler(device, cfg.dtype)
+    gen = torch.Generator().manual_seed(cfg.seed)                     # batches, t and q_sample noise (all ranks)
     if cfg.resume and (out / "ckpt.pt").exists():
-        ck = torch.load(out / "ckpt.pt", map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
+        ck = load_checkpoint(out / "ckpt.pt", "cpu")                   # random states must stay on the CPU
+        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
         step, hist = ck["step"], ck["metrics"]
-        prior = hist.get("train_seconds", 0.0)
-        print(f"[discrete_diffusion] resumed at step {step}")
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    gen = torch.Generator().manual_seed(cfg.seed + step)               # batches, t and q_sample noise
-    vs, vc = [v[:cfg.n_eval] for v in all_windows(va)]
-    vfn, sched = valence_fn(), model.sched
-    S, C = tr["tok"].shape[:2]
-    bar = tqdm(total=cfg.steps, initial=step, desc="discrete_diffusion", dynamic_ncols=True, mininterval=2)
-    t_loop = time.time()
+        set_rng_state(ck["rng"], [gen])
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = torch.compile(net) if cfg.compile else net
+    S, C, sched, t0 = *tr["tok"].shape[:2], model.sched, time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="discrete_diffusion", dynamic_ncols=True, mininterval=2,
+               disable=not is_main())
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        seg, crop = torch.randint(S, (cfg.batch_size,), generator=gen), torch.randint(C, (cfg.batch_size,), generator=gen)
-        b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in get_batch(tr, seg, crop).items()}
+        seg = torch.randint(S, (cfg.batch_size,), generator=gen)      # the global batch, drawn alike on every rank
+        b = get_batch(tr, seg, torch.randint(C, (cfg.batch_size,), generator=gen))
         t = torch.randint(1, model.T + 1, (cfg.batch_size,), generator=gen)  # t ~ U{1..T}
-        x_t = q_sample(sched, b["tok"].cpu(), t, gen).to(device)       # (D2)
-        t = t.to(device)
-        with ctx:
-            kv = model.condition(b["spk"], b["feat"], b["wid"], b["wend"], b["beta"])
-            logits = model(x_t, t, kv)                                 # (B, L, K)
-        loss, parts = diffusion_loss(logits.float(), b["tok"], x_t, t, sched, cfg.aux_weight)
+        x_t = q_sample(sched, b["tok"], t, gen)                        # x_t ~ q(x_t | x0)
+        x_t, t, x0, *cond = (shard(v).to(device) for v in (x_t, t, *(b[k] for k in INPUTS)))  # this rank's rows
+        with autocast(device, cfg.dtype):
+            logits = net(x_t, t, *cond)                                # (B, L, K)
+        loss, parts = diffusion_loss(logits.float(), x0, x_t, t, sched, cfg.aux_weight)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(opt), scaler.update()
-        masked = x_t == model.K
-        acc = (logits.argmax(-1) == b["tok"])[masked].float().mean().item() if masked.any() else float("nan")
         step += 1
-        hist["loss"].append(loss.item())
+        hist["loss"].append(mean_over_ranks(loss))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", vlb=f"{parts['vlb']:.3f}", ce=f"{parts['ce']:.3f}",
-                        acc=f"{acc:.2f}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            _, pred = generate(model, vq, va, vs, vc, min(cfg.sample_steps, model.T) or None, cfg.truncation,
-                               cfg.seed)
-            m = score(pred, va, vs, vc, vfn)
-            hist["val"].append(dict(step=step, **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")}))
-            tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-cfg.eval_every:]):.4f} | val L2 {m['mse/all']:.4f} "
-                       f"FD {m['fd/all']:.3f} P-FD {m['pfd/all']:.3f}")
-            hist["train_seconds"] = prior + time.time() - t_loop
-            save_ckpt(out / "ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                                             config=dataclasses.asdict(cfg), metrics=hist, meta=meta))
+        bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", vlb=f"{parts['vlb']:.3f}", ce=f"{parts['ce']:.3f}")
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and is_main():
+            validate(model, vq, va, cfg, step, hist)
+            save_checkpoint(out / "ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                                                  scaler=scaler.state_dict(), rng=rng_state([gen]),
+                                                  config=dataclasses.asdict(cfg), metrics=hist, meta=meta))
     bar.close()
-    print(f"[discrete_diffusion] trained {step} steps in {time.time() - t_loop:.1f} s "
-          f"(total with data/tokens {time.time() - t_start:.1f} s); checkpoint {out / 'ckpt.pt'}")
-    if cfg.ablations:
-        train_ablations(cfg, vq)
+    check_in_sync(model)
+    if is_main():
+        print(f"[discrete_diffusion] trained to step {step} in {time.time() - t0:.1f} s; checkpoint {out / 'ckpt.pt'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return out / "ckpt.pt"
 
 
-def train_ablations(cfg, vq):
-    """Ablation models under <out>/ablations/<name>/: no_identity, no_diff, no_text and K in {128, 256, 512} (each K
-    needs a naive VQ with that codebook, trained with vqvae.py --codebook-size K if missing; the main K is the model
-    row)."""
-    import vqvae
-    runs = [("no_identity", dict(identity=False)), ("no_diff", dict(no_diff=True)), ("no_text", dict(no_text=True))]
-    for K in (128, 256, 512):
-        if K == vq.K:
-            continue
-        vq_path = Path(cfg.out) / "ablations" / f"vq_K{K}" / "ckpt.pt" if cfg.preset == "smoke" else \
-            Path(f"runs/vqvae_naive_K{K}/ckpt.pt")
-        if not vq_path.exists():
-            print(f"[discrete_diffusion] training a naive VQ with K = {K} into {vq_path.parent}")
-            vqvae.main(["--data", cfg.data, "--out", str(vq_path.parent), "--preset", cfg.preset, "--norm",
-                        "none,none", "--codebook-size", str(K)], mode="train")
-        runs.append((f"K{K}", dict(vq=str(vq_path))))
-    for name, over in runs:
-        sub = dataclasses.replace(cfg, out=str(Path(cfg.out) / "ablations" / name), ablations=False, resume=False,
-                                  **over)
-        print(f"[discrete_diffusion] ablation {name}")
-        train(sub)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling, long conversations, evaluation
-# ----------------------------------------------------------------------------------------------------------------
-def load_model(path, device):
-    ck = torch.load(path, map_location=device, weights_only=False)
-    cfg = Config(**ck["config"])
-    model = build(cfg, ck["meta"], device)
-    model.load_state_dict(ck["model"])
-    return model.eval(), cfg, ck
-
-
-@torch.no_grad()
-def sample_long(model, vq, spk, feat, words, beta, T_win, fps, steps=None, r=0.86, gen=None, hop=None):
-    """Listener for speaker streams longer than the training window: windows of T_win frames every `hop` tokens
-    (default half a window) are denoised jointly (Model.sample averages p(x0) over the windows covering a token),
-    then the whole token sequence is decoded at once. spk (B, Tall, D) raw, feat (B, 4 Tall, F), words: B lists of
-    (text, end_s). -> tokens (B, N), motion (B, N r, D) raw."""
-    dev, (B, Tall, _) = model.pos.weight.device, spk.shape
-    N, L, vocab = Tall // vq.r, T_win // vq.r, word_ids()
-    starts = window_starts(N, L, hop or max(1, L // 2))
-    c0 = [s * vq.r for s in starts]                                    # window starts in frames
-    spk_w = torch.stack([spk[b, c:c + T_win] for b in range(B) for c in c0])            # (B*W, T_win, D)
-    feat_w = torch.stack([feat[b, 4 * c:4 * (c + T_win)] for b in range(B) for c in c0])  # (B*W, 4 T_win, F)
-    wid, wend = pad_words([window_words(words[b], c, T_win, fps, vocab) for b in range(B) for c in c0])
-    kv = model.condition(spk_w.to(dev), feat_w.to(dev), wid.to(dev), wend.to(dev),
-                         beta.repeat_interleave(len(c0), 0).to(dev))      # (B*W, D_id), sample-major like spk_w
-    tok = model.sample(kv, N, starts, L, steps, r, gen, batch=B).cpu()
-    return tok, vq.denormalize(vq.decode(tok, beta))
-
-
-def concat_segments(d, n_seg, i0=0):
-    """A long speaker stream from consecutive segments of a split: speaker (1, n Ts, D), audio rows, words shifted
-    in time (history words of later segments dropped), GT listener and beta of the first segment."""
-    Ts, fps = d["spk"].shape[1], d["fps"]
-    sel = [(i0 + j) % d["spk"].shape[0] for j in range(n_seg)]
-    words = [(w, e + j * Ts / fps) for j, i in enumerate(sel) for w, e in d["words"][i] if e >= 0 or j == 0]
-    return (d["spk"][sel].flatten(0, 1)[None], d["feat"][sel].flatten(0, 1)[None], [words],
-            d["beta"][sel[:1]], d["lis"][sel].flatten(0, 1)[None])
-
-
-def seam_ratio(x, every):
-    """Mean |x_{t+1} - x_t| across frames t+1 = k * every (window boundaries) / the same over all frames."""
-    step = np.abs(np.diff(x, axis=0)).mean(-1)                        # (T-1,)
-    b = np.arange(every, len(x), every) - 1
-    return float(step[b].mean() / step.mean())
-
-
-def timed(fn, n=3):
-    """Median wall time of fn() over n runs (after one warm-up run)."""
-    fn()
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling and evaluation (the evaluation protocol itself is metrics.evaluate_listener)
+# ----------------------------------------------------------------------------------------------------------------------
+def windows_of(d, seg, crop):
+    """What the evaluation needs of windows (seg, crop): GT listener, speaker, audio, text, alt-GT, VQ tokens."""
+    b, T, fps = get_batch(d, seg, crop), d["T"], d["fps"]
+    text = [metrics.window_text(d["words"][i], c / fps, (c + T) / fps)
+            for i, c in zip(seg.tolist(), d["starts"][crop].tolist())]
+    return dict(listener=b["lis"].numpy(), speaker=b["spk"].numpy(), audio=b["feat"].numpy(), beta=b["beta"],
+                text=text, codes=b["tok"], alt=None if b["alt"] is None else b["alt"].numpy())
 
 
 def sample(cfg):
-    """Generate, render, evaluate (GT, alt-GT, baselines, model, ablations), time, write metrics.json."""
-    device, _ = setup(cfg)
-    out = Path(cfg.out)
-    model, mcfg, ck = load_model(cfg.ckpt or out / "ckpt.pt", device)
-    path = str(data.resolve_data(cfg.data, "listener", cfg.preset)) if cfg.data else mcfg.data
-    vq = get_vq(mcfg, path, device)
+    """Load the checkpoint, sample every test window (n_samples seeds) and a long conversation, evaluate against
+    GT, alt-GT and the baselines, time the sampler, render, write metrics.json."""
+    device = pick_device(cfg.device)
+    seed_all(cfg.seed)
+    out, path = Path(cfg.out), Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
+    ck = load_checkpoint(path, device)
+    mcfg = Config(**ck["config"])
+    model = build(mcfg, ck["meta"], device)
+    model.load_state_dict(ck["model"])
+    model.eval()
+    data_path = str(data.resolve_data(cfg.data, "listener", cfg.preset)) if cfg.data else mcfg.data
+    vq = get_vq(mcfg, data_path, training=False)
     T, steps, r = mcfg.clip_frames, min(cfg.sample_steps, model.T) or None, cfg.truncation
-    print(f"[discrete_diffusion] {cfg.ckpt or out / 'ckpt.pt'} (step {ck['step']}), data {path}, split {cfg.split}, "
-          f"K = {vq.K}, window {T} frames, truncation r = {r}, steps {steps or model.T}")
-    te = load_windows(path, cfg.split, vq, T, T, mcfg.n_mfcc)
-    tr = load_windows(path, "train", vq, T, T, mcfg.n_mfcc)
-    seg, crop = all_windows(te)
-    if cfg.max_test:
-        seg, crop = seg[:cfg.max_test], crop[:cfg.max_test]
-    n, L, vfn = len(seg), T // vq.r, valence_fn()
-    b = get_batch(te, seg, crop)
-    gt, spk = b["lis"].numpy(), b["spk"].numpy()
-    print(f"[discrete_diffusion] {n} {cfg.split} windows of {T} frames ({T / te['fps']:.2f} s), raw 3DMM units")
-    rows = {"GT": score(gt, te, seg, crop, vfn)}
-    if b["alt"] is not None:
-        rows["alt-GT"] = score(b["alt"].numpy(), te, seg, crop, vfn)
-    # Baselines (metrics.py) on a bank of non-overlapping training windows
-    bs, bc = all_windows(tr)
-    bank = get_batch(tr, bs, bc)
-    bl, bsp, bfe = bank["lis"].numpy(), bank["spk"].numpy(), bank["feat"].numpy()
-    btexts = [tr["texts"][i][j] for i, j in zip(bs.tolist(), bc.tolist())]
-    texts = [te["texts"][i][j] for i, j in zip(seg.tolist(), crop.tolist())]
-    walk = torch.as_tensor(metrics.baseline_random_walk_codes(bank["tok"].numpy(), n, L, vq.K, seed=cfg.seed))
-    base = {"random": metrics.baseline_random(bl, n, T, seed=cfg.seed),
-            "nn_motion": metrics.baseline_nn_motion(spk, bsp, bl),
-            "nn_audio": metrics.baseline_nn_audio(b["feat"].numpy(), bfe, bl, T=T),
-            "nn_text": metrics.baseline_nn_text(texts, btexts, bl, T=T, seed=cfg.seed),
-            "random_walk": vq.denormalize(vq.decode(walk, b["beta"])).numpy(),
-            "vq_floor": vq.denormalize(vq.decode(b["tok"], b["beta"])).numpy()}
-    for k, v in base.items():
-        rows[f"baseline:{k}"] = score(v, te, seg, crop, vfn)
-    # The model: n_samples seeds, mean (and std printed)
-    t0 = time.time()
+    print(f"[discrete_diffusion] {path} (step {ck['step']}), data {data_path}, split {cfg.split}, K = {vq.K}, "
+          f"window {T} frames, truncation r = {r}, steps {steps or model.T}")
+    te = load_windows(data_path, cfg.split, vq, T, T, mcfg.n_mfcc)
+    tr = load_windows(data_path, "train", vq, T, T, mcfg.n_mfcc)
+    seg, crop = [v[:cfg.max_test or None] for v in all_windows(te)]
+    test, bank = windows_of(te, seg, crop), windows_of(tr, *all_windows(tr))
     runs = [generate(model, vq, te, seg, crop, steps, r, cfg.seed + s) for s in range(cfg.n_samples)]
-    per = [score(x, te, seg, crop, vfn) for _, x in runs]
-    rows["model"] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-    std = {k: float(np.std([p[k] for p in per])) for k in ("mse/all", "fd/all", "pfd/all")}
-    print(f"[discrete_diffusion] model: {cfg.n_samples} seeds in {time.time() - t0:.1f} s; std over seeds: "
-          + ", ".join(f"{k} {v:.4f}" for k, v in std.items()))
-    # Ablations: faster samplers on this model, and every model trained under <out>/ablations/
-    for S in sorted({model.T, 25, 10} - {steps or model.T}, reverse=True):  # the full T-step chain and faster jumps
-        rows[f"ablation:steps{S}"] = score(generate(model, vq, te, seg, crop, S, r, cfg.seed)[1], te, seg, crop, vfn)
-    rows["ablation:no_truncation"] = score(generate(model, vq, te, seg, crop, steps, 1.0, cfg.seed)[1], te, seg,
-                                           crop, vfn)
-    for p in sorted(Path(cfg.ckpt or out / "ckpt.pt").parent.glob("ablations/*/ckpt.pt")):
-        am, acfg, _ = load_model(p, device)
-        avq = get_vq(acfg, path, device)
-        ate = load_windows(path, cfg.split, avq, T, T, acfg.n_mfcc) if avq.K != vq.K else te
-        rows[f"ablation:{p.parent.name}"] = score(generate(am, avq, ate, seg, crop, steps, r, cfg.seed)[1], te, seg,
-                                                  crop, vfn)
-    # FD target: close at least half the gap between the best baseline and alt-GT
-    bfd = min(v["fd/all"] for k, v in rows.items() if k.startswith("baseline:") and k != "baseline:vq_floor")
-    if "alt-GT" in rows:
-        closed = (bfd - rows["model"]["fd/all"]) / max(bfd - rows["alt-GT"]["fd/all"], 1e-12)
-        print(f"[discrete_diffusion] FD: best baseline {bfd:.3f}, model {rows['model']['fd/all']:.3f}, alt-GT "
-              f"{rows['alt-GT']['fd/all']:.3f} -> {100 * closed:.0f}% of the gap closed (target >= 50%)")
-    # Outputs: npy, GIF (speaker | DiffListener | GT), PNG of channels
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    np.save(out / "samples" / "pred.npy", runs[0][1]), np.save(out / "samples" / "tokens.npy", runs[0][0].numpy())
-    np.save(out / "samples" / "gt.npy", gt), np.save(out / "samples" / "speaker.npy", spk)
-    for i in range(min(2, n)):
-        sb = te["beta"][seg[i]].numpy()
-        data.render_gif(out / "samples" / f"window{i}.gif", [spk[i], runs[0][1][i], gt[i]], [sb, sb, sb],
-                        ["speaker", "DiffListener", "listener GT"], fps=te["fps"])
-        data.plot_channels(out / "samples" / f"window{i}.png", {"DiffListener": runs[0][1][i], "GT": gt[i]},
-                           channels=[0, 1, 2, 50, 53], fps=te["fps"])
-    # Long conversation: a ~long_seconds speaker stream from consecutive test segments, joint vs independent windows
-    Ts = te["spk"].shape[1]
-    ls, lf, lw, lb, lg = concat_segments(te, max(1, math.ceil(cfg.long_seconds * te["fps"] / Ts)))
-    lg_len = int(min(ls.shape[1], cfg.long_seconds * te["fps"])) // vq.r * vq.r
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    _, xl = sample_long(model, vq, ls[:, :lg_len], lf[:, :4 * lg_len], lw, lb, T, te["fps"], steps, r, gen)
-    _, xi = sample_long(model, vq, ls[:, :lg_len], lf[:, :4 * lg_len], lw, lb, T, te["fps"], steps, r, gen, hop=L)
-    np.save(out / "samples" / "long_listener.npy", xl[0].numpy()), np.save(out / "samples" / "long_speaker.npy", ls[0])
-    data.plot_channels(out / "samples" / "long.png", {"joint windows": xl[0].numpy(), "independent windows":
-                       xi[0].numpy()}, channels=[0, 50, 53], fps=te["fps"])
-    print(f"[discrete_diffusion] long: {lg_len / te['fps']:.1f} s listener; frame-step at window boundaries / mean: "
-          f"joint {seam_ratio(xl[0].numpy(), T):.2f}, independent windows {seam_ratio(xi[0].numpy(), T):.2f}, "
-          f"GT {seam_ratio(lg[0, :lg_len].numpy(), T):.2f}")
-    # Timings: one 8-s listener (batch 1, default sampler) and batch throughput
-    ls8, lf8, lw8, lb8, _ = concat_segments(te, max(1, math.ceil(8 * te["fps"] / Ts)))
-    n8 = (8 * te["fps"]) // vq.r * vq.r
-    one = lambda S, B=1: sample_long(model, vq, ls8[:, :n8].expand(B, -1, -1), lf8[:, :4 * n8].expand(B, -1, -1),
-                                     lw8 * B, lb8.expand(B, -1), T, te["fps"], S, r, gen)
-    nb = cfg.time_batch
-    t1, tf = timed(lambda: one(steps), cfg.time_runs), timed(lambda: one(10), cfg.time_runs)
-    tb = timed(lambda: one(steps, nb), n=1)
-    print(f"[discrete_diffusion] timing on {device} ({torch.get_num_threads()} threads): one 8-s listener "
-          f"{t1:.3f} s ({steps or model.T} steps; target <= 0.25 s), fast sampler 10 steps {tf:.3f} s, "
-          f"batch {nb}: {tb:.2f} s = {nb / tb:.1f} 8-s listeners/s")
-    rows["model"].update({"sec_per_8s_sample": t1, "sec_per_8s_sample_fast10": tf, f"samples_per_s_batch{nb}": nb / tb})
+
+    def listen(st, hop=None, S=steps, B=1):  # a stream's listener, windows every hop tokens (None: half a window)
+        return sample_long(model, vq, st["speaker"].expand(B, -1, -1), st["audio"].expand(B, -1, -1), st["words"] * B,
+                           st["beta"].expand(B, -1), T, te["fps"], S, r, gen, hop)[1][0].numpy()
+    long = metrics.long_conversation(te, cfg.long_seconds, vq.r, listen, every=T)
+    timing = metrics.time_sampler(te, vq.r, listen, steps or model.T, cfg.time_runs, cfg.time_batch, device)
+    decode = lambda codes: vq.denormalize(vq.decode(torch.as_tensor(codes), test["beta"])).numpy()
+    rows = metrics.evaluate_listener(test, bank, {"model": [x for _, x in runs]}, codec=dict(K=vq.K, decode=decode),
+                                       long=long, timing=timing, seed=cfg.seed)
+    metrics.render_listener(out / "samples", test, runs[0][1], long, "DiffListener", tokens=runs[0][0].numpy())
     metrics.write_metrics_json(rows, out / "metrics.json")
-    print(metrics.format_table(rows, ["mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all", "affect_l2"]))
     return rows
 
 
 def main(argv=None, mode="train"):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["sample"], ["train"]):
-        mode, argv = argv[0], argv[1:]
-    cfg = parse_config(argv)
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv), mode)
     return train(cfg) if mode == "train" else sample(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

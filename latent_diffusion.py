@@ -1,169 +1,298 @@
-"""latent_diffusion.py: Latent Behavior Diffusion (LBD) for diverse listener reactions, REACT setting.
+"""latent_diffusion.py: Latent Behavior Diffusion (LBD), several different listener reactions to one speaker.
 
 Two stages. (1) A context-aware autoencoder: a Transformer E_r compresses each w-frame window of 25-d REACT
-attributes (15 AUs | valence, arousal | 8 emotion probabilities) into a latent z of v dims; a Transformer
-decoder D_r turns the latents of a whole segment back into frames, and a vector-quantised branch D_f turns
-them into 3DMM coefficients (our 56-d motion; 58-d on REACT). (2) A conditional latent diffusion model: an
-MLP with the noisy input concatenated into every layer (Diff-AE's MLPSkipNet) denoises the *whole segment's*
-latents at once, conditioned on the speaker's semantic code E_r(speaker); PLMS (orders 1-4, 1 = DDIM)
-samples it, and each initial noise gives a different reaction (10 per speaker).
+attributes (15 AUs | valence, arousal | 8 emotion probabilities) into a latent of v dims; a decoder D_r turns the
+latents of a segment back into frames, and a vector-quantised branch D_f turns them into 3DMM coefficients (56-d
+synthetic motion, 58-d on REACT). (2) Conditional latent diffusion: Diff-AE's MLPSkipNet (the noisy input
+concatenated into every layer) denoises latents conditioned on the speaker's code E_r(speaker); PLMS (order 1 =
+DDIM) samples it, and each initial noise gives another reaction (the REACT protocol asks for 10).
+Papers: LBD arXiv 2505.07901; Diff-AE arXiv 2111.15640; PLMS arXiv 2202.09778; DDIM arXiv 2010.02502; LDM arXiv
+2112.10752; REACT 2024 arXiv 2401.05166. Nothing pretrained is needed: LBD reads the dataset's features.
+Ours [said again where it happens]: the n window latents of a segment are denoised jointly (no seams; longer
+sequences by latent outpainting with a cross-fade); E_r, trained on listener windows, is reused frozen on the
+speaker's; the MLPSkipNet predicts x0 (`--param eps`: the paper's ε, whose implied x0 near t = T is amplified
+1/√ᾱ_T ≈ 15 times); the denoiser also sees the listener's shape β (zeros on REACT).
+Shapes: B batch, K samples per speaker, T frames, n windows per chunk, w frames per window, L = n*w frames, v latent
+dims per window, D attribute dims (25), F 3DMM dims.
 
-Papers: LBD, arXiv 2505.07901 (ICPR 2024); Diff-AE / MLPSkipNet arXiv 2111.15640; PLMS (PNDM) arXiv
-2202.09778; DDIM arXiv 2010.02502; LDM arXiv 2112.10752; BeLFusion arXiv 2211.14304; REACT arXiv 2401.05166.
-Nothing pretrained is needed: the features are the dataset's (the synthetic world's attribute readouts).
-
-Deviations [ours], each said again where it happens:
-  * Whole-sequence generation (issue 6): the denoiser works on the n = L/w window latents of a segment jointly
-    (flattened, n*v dims) and D_r decodes all n latents together, so there are no independently sampled
-    windows and no seams. Longer sequences: latent outpainting. Chunks of n windows overlap by o windows; the
-    overlap latents of chunk j are already known and are imposed during sampling (replacement inpainting,
-    noised to the current level), then the chunks are decoded and cross-faded over the overlap frames.
-  * E_r is trained on listener windows only (as the paper) and reused, frozen, on the speaker's windows.
-  * The MLPSkipNet predicts x0, not ε (`--param eps` is the paper's); the samplers use the ε it implies. With ε the
-    implied x0 at t ~ T was 12x worse than the latent variance (measured) and the samples were noise: test FRCorr
-    4.09, FRDist 114, FRDiv 0.132 (13x alt-GT). With x0: FRCorr 5.80, FRDist 39.5, FRDiv 0.0096 (alt-GT 0.0106).
-  * The denoiser also sees the listener's shape beta (Linear, added to the speaker code): the synthetic world's
-    appropriate reactions are the same listener's. Alone (with ε) it changed little (FRCorr 4.07 -> 4.09);
-    x0 without it was not measured. On REACT beta is zero and this is a constant.
-Shapes: B batch, K samples per speaker, T frames, L = n*w frames of a chunk, n windows, w frames per window,
-  v latent dims per window, D attribute dims (25), F 3DMM dims (56 synthetic, 58 REACT).
-
-    python latent_diffusion.py --preset smoke            # ~30 s on a CPU, tiny world
-    python train.py --model latent_diffusion             # default: synthetic world, 3.5 min on 2 CPU cores
-                                                         # (evaluation with the PLMS grid: ~9 min)
-    python sample.py --model latent_diffusion            # 10 samples per test speaker, REACT table + PLMS grid
+    python latent_diffusion.py --preset smoke         # seconds on a CPU: tiny world -> runs/latent_diffusion-smoke
+    python latent_diffusion.py sample --preset smoke  # its REACT table, samples and pictures
+    python train.py --model latent_diffusion          # default preset (the synthetic world) -> runs/latent_diffusion
+    python sample.py --model latent_diffusion         # 10 reactions per test speaker: the REACT table, pictures
+    python sample.py --model latent_diffusion --plms-order 1 --sample-steps 10 --model-only --eval-speakers 25 \
+        --ckpt runs/latent_diffusion/ckpt.pt --out runs/latent_diffusion_plms1_s10  # one cell of LBD Tab. 3
+    torchrun --standalone --nproc_per_node 2 latent_diffusion.py --preset smoke    # DDP (gloo on CPU, NCCL on GPU)
 """
 import argparse
+import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
+import random
+import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
 import metrics
 
+METHOD = "latent_diffusion"
 
-# ----------------------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Config
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    data: str = ""                 # data folder ("" = synthetic world, generated on first use)
-    out: str = "runs/latent_diffusion"  # run folder (checkpoint, config, samples, metrics)
-    preset: str = "default"        # smoke | default | full
-    steps: int = 0                 # if > 0: diffusion steps; AE steps = steps, D_f steps = steps // 5
-    ae_steps: int = 600            # stage 1a: E_r + D_r optimiser steps
-    df_steps: int = 150            # stage 1b: codebook + D_f steps (E_r frozen)
-    diff_steps: int = 2000         # stage 2: MLPSkipNet steps (E_r, D_r frozen)
-    window: int = 30               # w, frames per latent window (30 = 1 s at 30 fps; paper 50 at 25 fps)
-    seq_windows: int = 0           # n, windows generated jointly (0 = training segment length / w)
-    d_model: int = 64              # Transformer width of E_r, D_r, D_f
-    layers: int = 2                # Transformer layers (paper: 2)
+    data: str = ""                 # data folder ("" = the preset's synthetic world, generated on first use)
+    out: str = "runs/latent_diffusion"  # run folder: checkpoint, config.json, samples, metrics.json, pictures
+    preset: str = "default"        # smoke | default | full (the paper's sizes)
+    steps: int = 0                 # if > 0: AE and diffusion steps = steps, D_f steps = steps // 5
+    ae_steps: int = 600            # stage 1a: E_r + D_r optimiser steps (paper: 1000 epochs)
+    df_steps: int = 150            # stage 1b: codebook + D_f steps, E_r frozen (paper: 200 epochs)
+    diff_steps: int = 2000         # stage 2: MLPSkipNet steps, E_r and D_r frozen (paper: 200 epochs)
+    window: int = 30               # w, frames per latent window (1 s at 30 fps; paper: 50 frames at 25 fps)
+    seq_windows: int = 0           # n, windows denoised jointly [ours] (0 = training segment length // w)
+    overlap: int = 0               # windows shared by consecutive chunks of a longer sequence (0 = n // 2)
+    d_model: int = 64              # Transformer width of E_r, D_r, D_f (paper: not stated)
+    layers: int = 2                # Transformer layers of E_r, D_r, D_f (paper: 2)
     heads: int = 4                 # attention heads (paper: 4)
-    latent: int = 32               # v, latent dims per window
-    n_z: int = 4                   # sub-vectors per window latent (D_r tokens, D_f VQ codes)
-    codebook: int = 256            # K_f, D_f codebook size
-    beta_vq: float = 0.25          # commitment weight, Eq. 4
-    mlp_layers: int = 10           # MLPSkipNet depth (paper 10)
-    mlp_hidden: int = 512          # MLPSkipNet width (paper 1024)
+    latent: int = 32               # v, latent dims per window (paper: 256)
+    n_z: int = 4                   # sub-vectors per window latent: D_r / D_f tokens and VQ codes [ours]
+    codebook: int = 256            # K_f, D_f codebook size [ours]
+    beta_vq: float = 0.25          # commitment weight β of Eq. 4 of arXiv 2505.07901 (VQ-VAE: 0.25)
+    mlp_layers: int = 10           # MLPSkipNet depth (paper: 10)
+    mlp_hidden: int = 512          # MLPSkipNet width (paper: 1024)
     dropout: float = 0.1           # MLPSkipNet dropout
-    skip: str = "concat"           # concat (MLPSkipNet) | none (plain MLP ablation)
-    cond: str = "speaker"          # speaker | none (unconditional sanity ablation)
-    identity: bool = True          # [ours] also condition on the listener's shape beta (zeros on REACT: no-op)
-    param: str = "x0"              # [ours] what the MLPSkipNet predicts: x0 (default) | eps (the paper's)
-    t_train: int = 1000            # diffusion steps T
-    beta_start: float = 8.5e-4     # scaled-linear schedule start (LDM)
-    beta_end: float = 1.2e-2       # scaled-linear schedule end
-    plms_order: int = 4            # PLMS order k (1 = DDIM)
-    sample_steps: int = 50         # sampling steps S
+    param: str = "x0"              # what the MLPSkipNet predicts: x0 [ours] | eps (the paper's)
+    t_train: int = 1000            # diffusion steps T (LDM: 1000)
+    beta_start: float = 8.5e-4     # scaled-linear noise schedule, first beta (LDM)
+    beta_end: float = 1.2e-2       # scaled-linear noise schedule, last beta (LDM)
+    plms_order: int = 4            # PLMS order k, 1 = DDIM (paper: 4); also a sample-mode flag
+    sample_steps: int = 50         # sampling steps S (paper: 50); also a sample-mode flag
     n_samples: int = 10            # reactions per speaker (REACT protocol: 10)
-    overlap: int = 0               # windows shared by consecutive chunks of a long sequence (0 = n // 2)
-    grid_orders: str = "1,2,3,4"   # PLMS orders of the Table-3 ablation ("" = no grid)
-    grid_steps: str = "10,25,50,100"  # sampling steps of the Table-3 ablation
-    grid_speakers: int = 25        # speakers of each Table-3 cell (evenly spaced over those scored; 0 = all)
-    batch: int = 32                # batch size (segments)
-    lr: float = 1e-3               # AdamW learning rate (all stages), cosine-decayed
-    eval_every: int = 500          # stage 2: sample val speakers and print FRCorr / FRDiv every N steps
-    eval_speakers: int = 100       # speakers scored in sample mode (evenly spaced over the split; 0 = all)
-    device: str = "auto"           # auto | cpu | cuda | mps
-    dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast on GPU)
+    batch: int = 32                # segments per optimiser step (global batch under torchrun)
+    lr: float = 1e-3               # AdamW learning rate of every stage, cosine-decayed per stage
+    eval_every: int = 500          # checkpoint every N steps of a stage (and at its end); stage 2 also scores val
+    eval_speakers: int = 100       # sample mode: speakers scored (evenly spaced over the split; 0 = all)
+    model_only: bool = False       # sample mode: only the model row, no FRDist (the Tab. 3 cells)
+    split: str = "test"            # sample mode: split to evaluate (train | val | test)
+    ckpt: str = ""                 # sample mode: checkpoint (default <out>/ckpt.pt)
+    resume: bool = False           # continue from <out>/ckpt.pt: weights, optimiser, step, random state
+    device: str = "auto"           # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast; float16 with a grad scaler)
+    compile: bool = False          # torch.compile the training forward (checkpoints come from the plain module)
     seed: int = 0                  # seeds everything
     threads: int = 0               # CPU threads for torch (0 = torch's default)
-    resume: bool = False           # continue from <out>/ckpt.pt
-    ckpt: str = ""                 # sample mode: checkpoint (default <out>/ckpt.pt)
-    split: str = "test"            # sample mode: split to evaluate
 
 
 PRESETS = {
-    "smoke": dict(ae_steps=40, df_steps=20, diff_steps=60, d_model=32, latent=16, n_z=2, mlp_layers=4,
-                  mlp_hidden=128, batch=8, eval_every=60, eval_speakers=2, grid_orders="1,4",
-                  grid_steps="10", n_samples=3, sample_steps=20),
+    "smoke": dict(out="runs/latent_diffusion-smoke", ae_steps=40, df_steps=20, diff_steps=60, d_model=32, latent=16,
+                  n_z=2, mlp_layers=4, mlp_hidden=128, batch=8, eval_every=60, eval_speakers=2, n_samples=3,
+                  sample_steps=20),
     "default": dict(),
     "full": dict(window=50, d_model=256, latent=256, n_z=8, mlp_layers=10, mlp_hidden=1024, ae_steps=20000,
                  df_steps=4000, diff_steps=20000, lr=1e-4, batch=64),
 }
 
 
-def parse_args(argv, mode):
-    """Config fields -> kebab-case flags; the preset fills every flag that was not given."""
-    p = argparse.ArgumentParser(prog=f"latent_diffusion.py ({mode})", description=__doc__.split("\n")[0])
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"(default: {f.default})")
-        else:
-            p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=f"(default: {f.default!r})")
-    given = vars(p.parse_args(argv))
-    preset = given.get("preset", "default")
+def check_config(cfg, mode):
+    """Values a user can get wrong -> one-line data.UserError (sizes that depend on the data are checked later)."""
+    flag = lambda name: f"--{name.replace('_', '-')} {getattr(cfg, name)!r}"
+    for name in ["ae_steps", "df_steps", "diff_steps", "window", "d_model", "layers", "heads", "latent", "n_z",
+                 "codebook", "mlp_hidden", "t_train", "sample_steps", "n_samples", "batch", "eval_every"]:
+        if getattr(cfg, name) <= 0:
+            raise data.UserError(f"{flag(name)}: expected a positive number")
+    for name in ["steps", "seq_windows", "overlap", "eval_speakers", "threads"]:
+        if getattr(cfg, name) < 0:
+            raise data.UserError(f"{flag(name)}: expected 0 or more")
+    for name, allowed in dict(param=("x0", "eps"), dtype=("float32", "bfloat16", "float16"), plms_order=(1, 2, 3, 4),
+                              split=("train", "val", "test")).items():
+        if getattr(cfg, name) not in allowed:
+            raise data.UserError(f"{flag(name)}: expected one of {', '.join(map(str, allowed))}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for ok, message in [
+            (cfg.d_model % cfg.heads == 0, f"--d-model {cfg.d_model}: expected a multiple of --heads {cfg.heads}"),
+            (cfg.latent % cfg.n_z == 0, f"--latent {cfg.latent}: expected a multiple of --n-z {cfg.n_z}"),
+            (cfg.mlp_layers >= 2, f"--mlp-layers {cfg.mlp_layers}: expected 2 or more"),
+            (cfg.sample_steps <= cfg.t_train, f"--sample-steps {cfg.sample_steps}: expected at most --t-train"),
+            (0 < cfg.beta_start < cfg.beta_end < 1, "--beta-start, --beta-end: expected 0 < start < end < 1"),
+            (0 <= cfg.dropout < 1 and cfg.lr > 0, "--dropout: expected 0 <= dropout < 1; --lr: expected > 0"),
+            (mode != "train" or cfg.batch % world == 0, f"--batch {cfg.batch}: expected a multiple of the {world} "
+                                                         "processes that torchrun started (each trains on a share)")]:
+        if not ok:
+            raise data.UserError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
+# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
+# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+
+
+def parse_config(argv, mode="train"):
+    """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    preset = given.get("preset", Config.preset)
     if preset not in PRESETS:
-        p.error(f"--preset must be one of {list(PRESETS)}")
+        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     cfg = Config(**{**PRESETS[preset], **given})
-    if cfg.steps > 0:
-        cfg.ae_steps, cfg.df_steps, cfg.diff_steps = cfg.steps, max(1, cfg.steps // 5), cfg.steps
+    check_config(cfg, mode)
     return cfg
 
 
-# ----------------------------------------------------------------------------------------------------------
+def cli(argv=None, mode="train"):
+    """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["sample"]):
+        mode, argv = argv[0], argv[1:]
+    try:
+        return main(argv, mode)
+    except data.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if not ok.get(name.split(":")[0], False):
+        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
+                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+
+
+def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
+def seed_all(seed):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def rng_state(gens=()):
+    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
+    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
+
+
+def set_rng_state(state, gens=()):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(gens, state["gens"]):
+        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
+
+
+def save_checkpoint(path, obj):
+    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
+    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
+    if is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or ck.get("method") != METHOD:
+        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
+        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
+    return ck
+
+
+def ddp_setup(device):
+    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_in_sync(module):
+    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
+    an EMA codebook, must be all-reduced by the method); raises if not."""
+    if dist.is_initialized():
+        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
+
+
+def shard(x):
+    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
+    ranks then equals the single-process gradient of the whole batch."""
+    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+
+
+# End of the shared setup.
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 
 
 def sinusoid(pos, dim):
-    """(...,) positions or times -> (..., dim) embedding, cos half then sin half (Diff-AE timestep_embedding)."""
+    """(...,) positions or times -> (..., dim) embedding, cos half then sin half (Diff-AE's timestep_embedding)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=pos.device) / half)
     args = pos.float()[..., None] * freqs                                       # (..., dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)                # (..., dim)
 
 
-def split_windows(x, w):
-    """(B, n*w, D) -> (B, n, w, D): the identity-preserving window split (join_windows undoes it)."""
-    B, L, D = x.shape
-    return x.reshape(B, L // w, w, D)
-
-
-def join_windows(x):
-    """(B, n, w, D) -> (B, n*w, D)."""
-    B, n, w, D = x.shape
-    return x.reshape(B, n * w, D)
-
-
 class WindowEncoder(nn.Module):
-    """E_r: Linear + sinusoidal PE -> pre-LN Transformer encoder -> mean-pool -> Linear, one latent per window."""
+    """E_r: Linear + sinusoidal PE -> pre-LN Transformer encoder -> mean-pool over time -> Linear: one latent per
+    window, each window encoded on its own."""
 
     def __init__(self, d_in, cfg):
         super().__init__()
-        self.w, self.v = cfg.window, cfg.latent
+        self.w = cfg.window
         self.inp = nn.Linear(d_in, cfg.d_model)
         self.register_buffer("pe", sinusoid(torch.arange(cfg.window), cfg.d_model), persistent=False)
         layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, 2 * cfg.d_model, dropout=0.0,
@@ -173,11 +302,9 @@ class WindowEncoder(nn.Module):
         self.out = nn.Linear(cfg.d_model, cfg.latent)
 
     def forward(self, x):                                                       # (B, n*w, D)
-        B, L, D = x.shape
-        n = L // self.w
-        h = self.inp(split_windows(x, self.w).reshape(B * n, self.w, D)) + self.pe  # (B*n, w, d_m)
+        h = self.inp(rearrange(x, "b (n w) d -> (b n) w d", w=self.w)) + self.pe  # (B*n, w, d_m)
         h = self.tf(h).mean(dim=1)                                              # (B*n, d_m): pool over time
-        return self.out(self.norm(h)).view(B, n, self.v)                        # (B, n, v)
+        return rearrange(self.out(self.norm(h)), "(b n) v -> b n v", b=x.shape[0])  # (B, n, v)
 
 
 class CrossBlock(nn.Module):
@@ -195,10 +322,10 @@ class CrossBlock(nn.Module):
 
 
 class SequenceDecoder(nn.Module):
-    """D_r / D_f [ours; Trans-VAE-like]: the n*n_z latent tokens of a chunk (each with the sinusoid of its window's
-    centre frame) pass a Transformer encoder, then all L = n*w frame queries cross-attend to them. A query is the
-    sinusoid of its *absolute* frame index (no per-window reset), so every frame sees every window and the decoded
-    curve has no seam at window borders. No frame-to-frame self-attention: cost O(L * n * n_z), not O(L^2)."""
+    """D_r / D_f [ours; like Trans-VAE's decoder]: the n*n_z latent tokens of a chunk (each with the sinusoid of its
+    window's centre frame) pass a Transformer encoder, then all L = n*w frame queries cross-attend to them. A query
+    is the sinusoid of its *absolute* frame index (no per-window reset), so every frame sees every window and the
+    decoded curve has no seam at window borders. No frame-to-frame self-attention: cost O(L*n*n_z), not O(L^2)."""
 
     def __init__(self, d_out, cfg):
         super().__init__()
@@ -220,8 +347,9 @@ class SequenceDecoder(nn.Module):
         B, n, v = z.shape
         d = self.sub.shape[1]
         centre = (torch.arange(n, device=z.device) + 0.5) * self.w             # (n,) window centres in frames
-        mem = self.tok(z.view(B, n, self.n_z, v // self.n_z)) + self.sub + self.pe(centre, d)[:, None]
-        mem = self.mix(mem.reshape(B, n * self.n_z, d))                         # (B, n*n_z, d)
+        tokens = rearrange(z, "b n (s c) -> b n s c", s=self.n_z)               # (B, n, n_z, v/n_z)
+        mem = self.tok(tokens) + self.sub + self.pe(centre, d)[:, None]         # (B, n, n_z, d)
+        mem = self.mix(rearrange(mem, "b n s d -> b (n s) d"))                  # (B, n*n_z, d)
         q = self.qproj(self.pe(torch.arange(n * self.w, device=z.device).float(), d))  # (L, d)
         q = q[None].expand(B, -1, -1)                                           # (B, L, d)
         for blk in self.blocks:
@@ -230,7 +358,8 @@ class SequenceDecoder(nn.Module):
 
 
 class Codebook(nn.Module):
-    """The D_f branch's grad-trained codebook over the n_z sub-vectors of z (Eq. 4, VQ-VAE arXiv 1711.00937)."""
+    """The D_f branch's codebook over the n_z sub-vectors of z, trained by gradient (Eq. 4 of arXiv 2505.07901,
+    the VQ-VAE loss of arXiv 1711.00937)."""
 
     def __init__(self, K, dim, beta):
         super().__init__()
@@ -246,38 +375,37 @@ class Codebook(nn.Module):
 
 
 class MLPSkipNet(nn.Module):
-    """ε_θ(x_t, t, c): Diff-AE's MLPSkipNet (arXiv 2111.15640, diffae/model/latentnet.py). The noisy input is
-    *concatenated* to every layer ℓ ≥ 1 (not added); conditioning is scale-only, h ⊙ (1 + s)."""
+    """The denoiser: Diff-AE's MLPSkipNet (arXiv 2111.15640, diffae/model/latentnet.py). The noisy input is
+    *concatenated* to every layer after the first (not added); conditioning is scale-only, h ⊙ (1 + s)."""
 
-    def __init__(self, dim, hidden, n_layers, skip="concat", dropout=0.1, t_dim=64):
+    def __init__(self, dim, hidden, n_layers, dropout=0.1, t_dim=64):
         super().__init__()
-        self.skip, self.t_dim = skip, t_dim
+        self.t_dim = t_dim
         self.time = nn.Sequential(nn.Linear(t_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.cond = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        extra = dim if skip == "concat" else 0
-        ins = [dim] + [hidden + extra] * (n_layers - 2)
+        ins = [dim] + [hidden + dim] * (n_layers - 2)
         self.lin = nn.ModuleList(nn.Linear(i, hidden) for i in ins)
         self.emb = nn.ModuleList(nn.Linear(2 * dim, hidden) for _ in ins)      # e -> per-layer scale s
         self.norm = nn.ModuleList(nn.LayerNorm(hidden) for _ in ins)
-        self.last = nn.Linear(hidden + extra, dim)                              # no norm, no condition
+        self.last = nn.Linear(hidden + dim, dim)                                # no norm, no condition
         self.drop = nn.Dropout(dropout)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.kaiming_normal_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.zeros_(self.last.weight)                                        # [ours] ε̂ = 0 at init: loss starts at 1
+        nn.init.zeros_(self.last.weight)                                        # [ours] output 0 at init
 
     def forward(self, x, t, c):                                                 # (B, dim), (B,), (B, dim)
         e = F.silu(torch.cat([self.time(sinusoid(t, self.t_dim)), self.cond(c)], dim=-1))  # (B, 2*dim)
         h = x
         for l, (lin, emb, norm) in enumerate(zip(self.lin, self.emb, self.norm)):
-            inp = x if l == 0 else (torch.cat([h, x], -1) if self.skip == "concat" else h)  # (B, H + dim)
+            inp = x if l == 0 else torch.cat([h, x], -1)                        # (B, H + dim)
             h = self.drop(F.silu(norm(lin(inp) * (1 + emb(e)))))                # (B, H)
-        return self.last(torch.cat([h, x], -1) if self.skip == "concat" else h)  # (B, dim)
+        return self.last(torch.cat([h, x], -1))                                 # (B, dim)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Diffusion: schedule, forward process, DDIM transfer, PLMS (Eq. 8)
+# ----------------------------------------------------------------------------------------------------------------------
+# Diffusion: schedule, forward process, the DDIM step, PLMS (Eq. 8 of arXiv 2505.07901)
 
 
 def alphas_cumprod(T=1000, beta_start=8.5e-4, beta_end=1.2e-2):
@@ -297,22 +425,21 @@ def predict_x0(x, eps, a_t):
 
 
 def transfer(x, eps, a_t, a_s):
-    """φ(x, ε, t → s): the DDIM η = 0 step (arXiv 2010.02502 Eq. 12)."""
+    """φ(x, ε, t → s): the DDIM η = 0 step (Eq. 12 of arXiv 2010.02502)."""
     return a_s ** 0.5 * predict_x0(x, eps, a_t) + (1 - a_s) ** 0.5 * eps
 
 
 def timestep_grid(T, S):
     """τ_i = (i − 1)·c + 1 with c = T // S, i = 1..S (ascending; sampling visits it in reverse)."""
-    c = T // S
-    return [(i - 1) * c + 1 for i in range(1, S + 1)]
+    return [(i - 1) * (T // S) + 1 for i in range(1, S + 1)]
 
 
 AB_COEFFS = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
 def plms_sample(eps_fn, x, abar, S, order, known=None):
-    """PLMS (PNDM arXiv 2202.09778, CompVis form; LBD Eq. 8) from x = x_T at the grid's top time to x̂0.
-    eps_fn(x, t:int) -> ε. Order 1 is DDIM η = 0; order ≥ 2 warm-starts with one pseudo improved Euler step
+    """PLMS (arXiv 2202.09778 in the CompVis form; Eq. 8 of arXiv 2505.07901) from x = x_T at the grid's top time to
+    x̂0. eps_fn(x, t:int) -> ε. Order 1 is DDIM η = 0; order ≥ 2 warm-starts with one pseudo improved Euler step
     (S + 1 network calls). The last step goes to ᾱ_0 = 1 (no residual noise, ControlNet PR #587).
     known = (mask, x0_known, noise): replacement inpainting, the masked entries are set to q(x0_known, t)."""
     ts = timestep_grid(len(abar) - 1, S)[::-1]                                  # descending τ_S .. τ_1
@@ -325,8 +452,7 @@ def plms_sample(eps_fn, x, abar, S, order, known=None):
             x = torch.where(mask, a_t ** 0.5 * x0k + (1 - a_t) ** 0.5 * nk, x)
         e_t = eps_fn(x, t)
         if n == 0 and order > 1:                                                # warm start: improved Euler
-            e2 = eps_fn(transfer(x, e_t, a_t, a_s), s)
-            e_prime = (e_t + e2) / 2
+            e_prime = (e_t + eps_fn(transfer(x, e_t, a_t, a_s), s)) / 2
         else:                                                                   # Adams-Bashforth, m = min(k, n)
             m = min(order, len(hist) + 1)
             e_prime = sum(c * e for c, e in zip(AB_COEFFS[m], [e_t] + hist))
@@ -337,11 +463,14 @@ def plms_sample(eps_fn, x, abar, S, order, known=None):
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The method: autoencoder + latent normaliser + denoiser in one module
+# ----------------------------------------------------------------------------------------------------------------------
+# The model: autoencoder, latent normaliser and denoiser in one module
 
 
 class LBD(nn.Module):
+    """E_r, D_r, the D_f branch (codebook + decoder) and the MLPSkipNet over the n*v latents of a chunk, with the
+    normalisers of attributes, motion, latents and β as buffers (a checkpoint rebuilds everything)."""
+
     def __init__(self, cfg, d_attr, d_mot, n_win, d_id=100):
         super().__init__()
         self.cfg, self.n = cfg, n_win
@@ -349,39 +478,50 @@ class LBD(nn.Module):
         self.dec = SequenceDecoder(d_attr, cfg)                                 # D_r
         self.vq = Codebook(cfg.codebook, cfg.latent // cfg.n_z, cfg.beta_vq)
         self.dec_f = SequenceDecoder(d_mot, cfg)                                # D_f
-        self.den = MLPSkipNet(n_win * cfg.latent, cfg.mlp_hidden, cfg.mlp_layers, cfg.skip, cfg.dropout)
-        self.ident = nn.Linear(d_id, n_win * cfg.latent) if cfg.identity else None  # [ours] beta -> added to c
-        for name, dim in [("attr", d_attr), ("mot", d_mot), ("z", cfg.latent), ("beta", d_id)]:  # normalisers
-            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+        self.den = MLPSkipNet(n_win * cfg.latent, cfg.mlp_hidden, cfg.mlp_layers, cfg.dropout)
+        # [ours] the listener's β, added to c. No stage optimises it: a fixed random projection the denoiser reads.
+        self.ident = nn.Linear(d_id, n_win * cfg.latent).requires_grad_(False)
+        for name, dim in [("attr", d_attr), ("mot", d_mot), ("z", cfg.latent), ("beta", d_id)]:
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))              # normalisers: (x - mean) / std
             self.register_buffer(f"{name}_std", torch.ones(dim))
         self.register_buffer("abar", alphas_cumprod(cfg.t_train, cfg.beta_start, cfg.beta_end))
 
-    def znorm(self, z):                                                         # latent normaliser (diffae)
+    def znorm(self, z):                                                         # latent normaliser (Diff-AE)
         return (z - self.z_mean) / self.z_std
 
     def zdenorm(self, z):
         return z * self.z_std + self.z_mean
 
     def decode_f(self, z):
-        """z (B, n, v) -> 3DMM (B, L, F), normalised: quantise the n_z sub-vectors, then D_f."""
-        B, n, v = z.shape
-        zq, _, _ = self.vq(z.view(B, n, self.cfg.n_z, v // self.cfg.n_z))
-        return self.dec_f(zq.view(B, n, v))
+        """z (B, n, v) -> normalised 3DMM (B, L, F) and the VQ loss: quantise the n_z sub-vectors, then D_f."""
+        zq, _, vq_loss = self.vq(rearrange(z, "b n (s c) -> b n s c", s=self.cfg.n_z))  # (B, n, n_z, v/n_z)
+        return self.dec_f(rearrange(zq, "b n s c -> b n (s c)")), vq_loss
 
-    def net(self, x, t, c, beta=None):
-        """The MLPSkipNet's raw output (x̂0 or ε̂, cfg.param), c zeroed for the unconditional ablation; [ours] +
-        Linear(beta_norm) for who is listening (the synthetic world's appropriate set is the same listener's)."""
-        c = torch.zeros_like(c) if self.cfg.cond == "none" else c
-        if self.ident is not None:
-            assert beta is not None, "this model is conditioned on the listener identity: pass beta"
-            c = c + self.ident((beta.to(c) - self.beta_mean) / self.beta_std)  # (B, n*v)
+    def forward(self, stage, *batch):
+        """The training loss of one stage (a forward, so that DistributedDataParallel can wrap the model)."""
+        if stage == "ae":                                                       # ‖D_r(E_r(Y)) − Y‖²
+            y, = batch
+            return F.mse_loss(self.dec(self.enc(y)), y)
+        if stage == "df":                                          # Eq. 4 of arXiv 2505.07901, E_r frozen
+            y, m = batch
+            with torch.no_grad():
+                z = self.enc(y)                                                 # (B, n, v)
+            m_hat, vq_loss = self.decode_f(z)                                   # (B, L, F)
+            return F.mse_loss(m_hat, m) + vq_loss
+        z0, c, beta, t, eps = batch                     # Eq. 7 of arXiv 2505.07901 in x0 form [ours]: ‖z0 − x̂0‖²
+        out = self.net(q_sample(z0, eps, self.abar[t].float()[:, None]), t.float(), c, beta)
+        return F.mse_loss(out, z0 if self.cfg.param == "x0" else eps)
+
+    def net(self, x, t, c, beta):
+        """The MLPSkipNet's raw output (x̂0 or ε̂, cfg.param). [ours] c + Linear(normalised β): who is listening
+        (the synthetic world's appropriate set is the same listener's; on REACT β = 0 and this is a constant)."""
+        c = c + self.ident((beta.to(c) - self.beta_mean) / self.beta_std)      # (B, n*v)
         return self.den(x, t, c)
 
-    def eps(self, x, t, c, beta=None):
-        """ε_θ(z̃_t, t, c) for the samplers. [ours] With param = x0 the net predicts x̂0 and ε is the one it implies,
-        ε = (z̃_t − √ᾱ_t x̂0) / √(1 − ᾱ_t): an ε-net's implied x̂0 at t ≈ T is (z̃_T − √(1 − ᾱ) ε̂) / √ᾱ with
-        1/√ᾱ_T ≈ 15, and the one we trained had x̂0 errors 12x the latent variance there (measured), so every
-        sample started from noise-like latents."""
+    def eps(self, x, t, c, beta):
+        """ε_θ(z̃_t, t, c) for the samplers. [ours] With param = x0 the net predicts x̂0, and ε is the one it implies,
+        ε = (z̃_t − √ᾱ_t x̂0) / √(1 − ᾱ_t). An ε-net's own x̂0 near t = T is (z̃_T − √(1 − ᾱ) ε̂) / √ᾱ, which
+        multiplies its errors by 1/√ᾱ_T ≈ 15 exactly where sampling starts."""
         out = self.net(x, t, c, beta)
         if self.cfg.param == "eps":
             return out
@@ -389,29 +529,31 @@ class LBD(nn.Module):
         return (x - a.sqrt() * out) / (1 - a).sqrt()
 
     @torch.no_grad()
-    def generate(self, speaker, K, order=4, S=50, generator=None, beta=None):
-        """speaker (B, T, D) normalised attrs, beta (B, D_id) raw -> latents (B, K, N, v) normalised-free and
-        reactions (B, K, T, D) normalised, N = ceil(T / w). T > n*w: overlapping chunks with latent outpainting."""
+    def generate(self, speaker, K, order, S, generator, beta):
+        """speaker (B, T, D) normalised attributes, beta (B, D_id) raw -> latents (B, K, N, v) de-normalised and
+        reactions (B, K, T, D) normalised, N = ceil(T / w). T > n*w: overlapping chunks, latent outpainting [ours]:
+        the overlap latents of a chunk are already known and are imposed while sampling (replacement inpainting,
+        noised to the current level); the chunks are decoded and cross-faded over the overlap frames."""
         B, T, D = speaker.shape
         w, n, v = self.cfg.window, self.n, self.cfg.latent
         N = max(n, -(-T // w))                                                  # windows to generate
         pad = speaker[:, -1:].expand(B, N * w - T, D)                           # repeat the last frame
         c = self.znorm(self.enc(torch.cat([speaker, pad], 1)))                  # (B, N, v)
         c = c.repeat_interleave(K, 0)                                           # (B*K, N, v)
-        beta = None if beta is None else beta.repeat_interleave(K, 0)          # (B*K, D_id)
+        beta = beta.repeat_interleave(K, 0)                                     # (B*K, D_id)
         starts = chunk_starts(N, n, self.cfg.overlap or n // 2)
         z = torch.zeros(B * K, N, v, device=speaker.device)
         done = torch.zeros(N, dtype=torch.bool, device=speaker.device)
         for a in starts:
             x = torch.randn(B * K, n * v, generator=generator, device="cpu").to(speaker.device)  # z̃_T
-            cc = c[:, a:a + n].reshape(B * K, n * v)                            # (B*K, n*v)
+            cc = rearrange(c[:, a:a + n], "bk n v -> bk (n v)")                # (B*K, n*v)
             known = None
-            if done[a:a + n].any():                                             # outpaint: impose overlap
+            if done[a:a + n].any():                                             # outpaint: impose the overlap
                 mask = done[a:a + n].repeat_interleave(v)[None]                 # (1, n*v)
                 noise = torch.randn(B * K, n * v, generator=generator, device="cpu").to(speaker.device)
-                known = (mask, z[:, a:a + n].reshape(B * K, n * v), noise)
+                known = (mask, rearrange(z[:, a:a + n], "bk n v -> bk (n v)"), noise)
             tt = lambda x, t: self.eps(x, torch.full((x.shape[0],), float(t), device=x.device), cc, beta)
-            z[:, a:a + n] = plms_sample(tt, x, self.abar, S, order, known).view(B * K, n, v)
+            z[:, a:a + n] = rearrange(plms_sample(tt, x, self.abar, S, order, known), "bk (n v) -> bk n v", v=v)
             done[a:a + n] = True
         z = self.zdenorm(z)                                                     # (B*K, N, v)
         y = decode_chunks(self.dec, z, n, starts, w)[:, :T]                     # (B*K, T, D)
@@ -419,7 +561,7 @@ class LBD(nn.Module):
 
 
 def to_attributes(y):
-    """De-normalised D_r output -> valid REACT attributes (25-d layout only): AU occurrences are binary (>= 0.5),
+    """De-normalised D_r output -> valid REACT attributes (25-d layout only): AU occurrences binary (>= 0.5),
     valence/arousal in [-1, 1], emotion probabilities non-negative and summing to 1 [ours: the REACT features are
     binary AUs, and the sensible CCC scores a never-firing AU predicted as exactly 0 with 1, as 0.01 with 0]."""
     if y.shape[-1] != data.ATTR_DIM:
@@ -430,7 +572,7 @@ def to_attributes(y):
 
 
 def chunk_starts(N, n, overlap):
-    """Window offsets of chunks of n windows covering N windows with the given overlap (last one flush)."""
+    """Window offsets of chunks of n windows covering N windows with the given overlap (the last one flush)."""
     if N <= n:
         return [0]
     stride = max(1, n - overlap)
@@ -455,359 +597,272 @@ def decode_chunks(decoder, z, n, starts, w):
     return out / weight
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Data helpers
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: stage 1a (E_r, D_r), stage 1b (codebook, D_f), stage 2 (MLPSkipNet), one AdamW each
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def say(message):  # rank 0 prints; tqdm.write keeps the progress bar readable
+    if is_main():
+        tqdm.write(message)
 
 
 def load_items(path, split):
     items = data.load_listener(path, split)
     if not items:
-        sys.exit(f"error: no {split} items in {path}")
+        raise data.UserError(f"{path}: no {split} segments (expected a listener dataset with a {split} split)")
     return items
 
 
-def stack(items, key, T):
-    """Items' (T_i, D) arrays cropped (or edge-padded) to T frames -> (M, T, D) float32 tensor."""
-    out = []
-    for it in items:
-        a = np.asarray(it[key], np.float32)[:T]
-        out.append(np.concatenate([a, np.repeat(a[-1:], T - len(a), 0)]) if len(a) < T else a)
-    return torch.from_numpy(np.stack(out))
-
-
-def autocast(device, dtype):
-    if device.type == "cpu" or dtype == "float32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
-
-
-def save_ckpt(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)                                                       # atomic
-
-
-def seed_all(cfg):
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training: stage 1a (E_r, D_r), stage 1b (codebook, D_f), stage 2 (MLPSkipNet)
-
-
-def train(cfg):
-    seed_all(cfg)
-    device = pick_device(cfg.device)
-    path = Path(data.resolve_data(cfg.data, "listener", cfg.preset))
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    items = load_items(path, "train")
-    T_seg = min(len(it["listener_attr"]) for it in items)
-    w = cfg.window
-    n = cfg.seq_windows or max(1, T_seg // w)
-    L = n * w
-    Nw = max(n, T_seg // w)                                                     # windows kept per train segment
-    ya, ca = stack(items, "listener_attr", Nw * w), stack(items, "speaker_attr", Nw * w)  # (M, Nw*w, D)
-    ym = stack(items, "listener", Nw * w)                                       # (M, Nw*w, F)
-    betas = betas_of(items)                                                     # (M, D_id)
-    D, Fd, fps = ya.shape[-1], ym.shape[-1], int(items[0]["fps"])
-    print(f"device {device} | data {path} | {len(items)} train segments, T={T_seg}, fps={fps}, D={D}, F={Fd}")
-    print(f"chunk: n={n} windows x w={w} frames = {L} frames; latent {n}x{cfg.latent}={n * cfg.latent} dims")
-    print(json.dumps(asdict(cfg)))
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-
-    model = LBD(cfg, D, Fd, n, betas.shape[-1]).to(device)
-    model.beta_mean.copy_(betas.mean(0)), model.beta_std.copy_(betas.std(0).clamp_min(1e-4))
-    betas = betas.to(device)
-    both = torch.cat([ya, ca]).flatten(0, 1)
-    model.attr_mean.copy_(both.mean(0)), model.attr_std.copy_(both.std(0).clamp_min(0.05))
-    model.mot_mean.copy_(ym.flatten(0, 1).mean(0)), model.mot_std.copy_(ym.flatten(0, 1).std(0).clamp_min(1e-3))
-    ya = ((ya.to(device) - model.attr_mean) / model.attr_std)
-    ca = ((ca.to(device) - model.attr_mean) / model.attr_std)
-    ym = ((ym.to(device) - model.mot_mean) / model.mot_std)
-    print(f"parameters: E_r+D_r {sum(p.numel() for m in (model.enc, model.dec) for p in m.parameters()):,} | "
-          f"D_f {sum(p.numel() for m in (model.vq, model.dec_f) for p in m.parameters()):,} | "
-          f"MLPSkipNet {sum(p.numel() for p in model.den.parameters()):,}")
-
-    stages = [("ae", cfg.ae_steps), ("df", cfg.df_steps), ("diff", cfg.diff_steps)]
-    total = sum(s for _, s in stages)
-    step, hist, log = 0, {}, {"ae": [], "df": [], "diff": []}
-    ckpt_path = out / "ckpt.pt"
-    ck = None
-    if cfg.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(ck["model"])
-        step, log = ck["step"], ck["metrics"].get("log", log)
-        print(f"resumed from {ckpt_path} at step {step}")
-    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + step)
-
-    def crop(*xs):                                                              # uniform offsets over the clip
-        idx = torch.randint(len(xs[0]), (cfg.batch,), generator=gen)
-        off = torch.randint(xs[0].shape[1] - L + 1, (cfg.batch,), generator=gen)
-        ar = (off[:, None] + torch.arange(L)).to(device)
-        return [x[idx.to(device)[:, None], ar] for x in xs]                     # each (B, L, ·)
-
-    pbar = tqdm(total=total, initial=step, desc="LBD", dynamic_ncols=True, mininterval=2)
-    t0 = time.time()
-    start = 0
-    for name, n_steps in stages:
-        lo, hi = start, start + n_steps
-        start = hi
-        if step >= hi:
-            continue
-        params = {"ae": [*model.enc.parameters(), *model.dec.parameters()],
-                  "df": [*model.vq.parameters(), *model.dec_f.parameters()],
-                  "diff": list(model.den.parameters())}[name]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-        if ck is not None and ck.get("stage") == name:
-            opt.load_state_dict(ck["optimizer"])
-        model.train()
-        if name == "df" and step == lo:                                         # codebook init from data
-            with torch.no_grad():
-                z = model.enc(crop(ya)[0]).reshape(-1, cfg.latent // cfg.n_z)
-                model.vq.codes.copy_(z[torch.randint(len(z), (cfg.codebook,), generator=gen).to(device)])
-        if name == "diff":                                                      # freeze E_r, precompute latents
-            with torch.no_grad():
-                zl = torch.cat([model.enc(b) for b in ya.split(256)])           # (M, Nw, v)
-                zc = torch.cat([model.enc(b) for b in ca.split(256)])
-                if step == lo:
-                    model.z_mean.copy_(zl.flatten(0, 1).mean(0)), model.z_std.copy_(zl.flatten(0, 1).std(0) + 1e-4)
-                zl, zc = model.znorm(zl), model.znorm(zc)
-            tqdm.write(f"latents: |mu| {zl.mean().abs():.3f}, std {zl.std():.3f} (normalised); "
-                       f"raw std {model.z_std.mean():.3f}")
-        while step < hi:
-            lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - lo) / n_steps))  # cosine decay per stage
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with autocast(device, cfg.dtype):
-                if name == "ae":                                                # L1: ‖D_r(E_r(Y)) − Y‖²
-                    y, = crop(ya)
-                    loss = F.mse_loss(model.dec(model.enc(y)), y)
-                elif name == "df":                                              # Eq. 4 with E_r frozen
-                    y, m = crop(ya, ym)
-                    with torch.no_grad():
-                        z = model.enc(y)                                        # (B, n, v)
-                    B_ = z.shape[0]
-                    zq, _, vq_loss = model.vq(z.view(B_, n, cfg.n_z, -1))
-                    loss = F.mse_loss(model.dec_f(zq.view(B_, n, -1)), m) + vq_loss
-                else:                                                           # Eq. 7 (x0 form: ‖z0 − x̂0‖²)
-                    idx = torch.randint(len(zl), (cfg.batch,), generator=gen).to(device)
-                    off = torch.randint(zl.shape[1] - n + 1, (cfg.batch,), generator=gen).to(device)
-                    ar = off[:, None] + torch.arange(n, device=device)
-                    z0 = zl[idx[:, None], ar].flatten(1)                        # (B, n*v)
-                    c = zc[idx[:, None], ar].flatten(1)
-                    t = torch.randint(1, cfg.t_train + 1, (cfg.batch,), generator=gen).to(device)
-                    eps = torch.randn(z0.shape, generator=gen).to(device)
-                    a_t = model.abar[t].float()[:, None]
-                    out = model.net(q_sample(z0, eps, a_t), t.float(), c, betas[idx])
-                    loss = F.mse_loss(out, z0 if cfg.param == "x0" else eps)   # [ours] x0 target by default
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            log[name].append(loss.item())
-            pbar.update(1)
-            pbar.set_postfix(stage=name, loss=f"{loss.item():.4f}", refresh=False)
-            last = step == hi
-            if name == "diff" and (step - lo) % cfg.eval_every == 0 or last:
-                if name == "diff":
-                    hist.update(quick_eval(model, cfg, path, device))
-                    tqdm.write(f"step {step}: val FRCorr(mean) {hist['frcorr_mean']:.3f} FRDiv {hist['frdiv']:.4f}")
-                tqdm.write(f"step {step} [{name}] loss {np.mean(log[name][-50:]):.4f} "
-                           f"(first 50: {np.mean(log[name][:50]):.4f}) {time.time() - t0:.0f}s")
-                save_ckpt(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                      "stage": name, "config": asdict(cfg),
-                                      "dims": dict(d_attr=D, d_mot=Fd, n_win=n, d_id=betas.shape[-1]),
-                                      "data_path": str(path),
-                                      "metrics": {**hist, "log": log, "train_seconds": time.time() - t0}})
-    pbar.close()
-    print(f"training done in {time.time() - t0:.1f}s, checkpoint {ckpt_path}")
-    return model
-
-
-@torch.no_grad()
-def quick_eval(model, cfg, path, device, n_speakers=8):
-    """Val check during stage 2: FRCorr (own GT + alternatives) and FRDiv of PLMS samples, no DTW."""
-    model.eval()
-    items = load_items(path, "val")[:n_speakers]
-    T = min(len(it["speaker_attr"]) for it in items)
-    spk = (stack(items, "speaker_attr", T).to(device) - model.attr_mean) / model.attr_std
-    _, y = model.generate(spk, cfg.n_samples, cfg.plms_order, cfg.sample_steps,
-                          torch.Generator().manual_seed(cfg.seed), betas_of(items).to(device))
-    preds = to_attributes(y * model.attr_std + model.attr_mean).cpu().numpy()
-    pool, A, _ = appropriate_pool(items, T)
-    model.train()
-    return {"frcorr_mean": metrics.fr_corr(preds, pool, A)["mean"], "frdiv": metrics.fr_div(preds)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling and evaluation
-
-
 def betas_of(items):
-    """Listener shape beta of each item -> (N, D_id) float32 (zeros where the data has none)."""
+    """Listener shape β of each item -> (N, D_id) float32 (zeros where the data has none)."""
     return torch.stack([torch.as_tensor(np.asarray(it["listener_beta"]), dtype=torch.float32) for it in items])
 
 
-def appropriate_pool(items, T):
-    """Pool = each segment's GT reaction then its K alternatives; A marks a speaker's own block (DATA.md §3).
-    Returns pool (M, T, D), A (N, M) bool and first (N,): the pool index of each speaker's own GT."""
-    pool, owner = [], []
-    for k, it in enumerate(items):
-        alts = it.get("alt_listener_attr")
-        block = [np.asarray(it["listener_attr"])[:T]] + ([a[:T] for a in np.asarray(alts)] if alts is not None else [])
-        pool += block
-        owner += [k] * len(block)
-    A = np.asarray(owner)[None, :] == np.arange(len(items))[:, None]           # (N, M)
-    return np.stack(pool).astype(np.float64), A, A.argmax(1)
+def stages(cfg):
+    """[(name, first step, end step)] of the three stages on one step counter (--steps S: S, S // 5, S steps)."""
+    n = [cfg.steps, max(1, cfg.steps // 5), cfg.steps] if cfg.steps else [cfg.ae_steps, cfg.df_steps, cfg.diff_steps]
+    ends = np.cumsum(n).tolist()
+    return [(name, end - k, end) for name, k, end in zip(["ae", "df", "diff"], n, ends)]
 
 
-def alt_gt_metrics(items, T, spk, fps):
-    """alt-GT with leave-one-out (METRICS.md §6b): sample i = alternative i, scored against the pool without it."""
-    alts = np.stack([np.asarray(it["alt_listener_attr"])[:, :T] for it in items]).astype(np.float64)  # (N, K, T, D)
-    pool, A, first = appropriate_pool(items, T)
-    row = metrics.react_metrics(alts, pool, spk, A, fps=fps)                    # FRDiv/FRVar/FRDvs/FRSyn
-    corr, dist = [], []
-    for i in range(alts.shape[1]):
-        Ai = A.copy()
-        Ai[np.arange(len(items)), first + 1 + i] = False                        # leave alternative i out
-        corr.append(metrics.fr_corr(alts[:, i:i + 1], pool, Ai)["mean"])
-        dist.append(metrics.fr_dist(alts[:, i:i + 1], pool, Ai)["mean"])
-    K = alts.shape[1]
-    row.update(frcorr_mean=float(np.mean(corr)), frcorr_sum=float(np.mean(corr) * K),
-               frdist_mean=float(np.mean(dist)), frdist_sum=float(np.mean(dist) * K))
-    return row
+def build(cfg, device):
+    """The train segments as normalised tensors of whole windows, and the model with its normalisers fitted."""
+    if not is_main():                                                           # rank 0 makes the world first
+        dist.barrier()
+    path = Path(data.resolve_data(cfg.data, "listener", cfg.preset))
+    if is_main() and dist.is_initialized():
+        dist.barrier()
+    items = load_items(path, "train")
+    T_seg = min(len(it["listener_attr"]) for it in items)
+    n = cfg.seq_windows or max(1, T_seg // cfg.window)
+    if cfg.overlap >= n:
+        raise data.UserError(f"--overlap {cfg.overlap}: expected fewer than the {n} windows of a chunk")
+    L = max(n, T_seg // cfg.window) * cfg.window                                # whole windows kept per segment
+    ya, ca, ym = (torch.from_numpy(metrics.frames(items, key, L))            # (M, L, D), (M, L, D), (M, L, F)
+                  for key in ("listener_attr", "speaker_attr", "listener"))
+    betas = betas_of(items)                                                     # (M, D_id)
+    dims = dict(d_attr=ya.shape[-1], d_mot=ym.shape[-1], n_win=n, d_id=betas.shape[-1])
+    model = LBD(cfg, **dims).to(device)
+    model.beta_mean.copy_(betas.mean(0)), model.beta_std.copy_(betas.std(0).clamp_min(1e-4))
+    both = torch.cat([ya, ca]).flatten(0, 1)                                    # E_r reads both people
+    model.attr_mean.copy_(both.mean(0)), model.attr_std.copy_(both.std(0).clamp_min(0.05))
+    model.mot_mean.copy_(ym.flatten(0, 1).mean(0)), model.mot_std.copy_(ym.flatten(0, 1).std(0).clamp_min(1e-3))
+    if is_main():
+        print(f"device {device} | data {path} | {len(items)} train segments, T={T_seg}, fps={items[0]['fps']}, "
+              f"D={dims['d_attr']}, F={dims['d_mot']}\nchunk: n={n} windows x w={cfg.window} frames; latent "
+              f"{n}x{cfg.latent}={n * cfg.latent} dims\n{json.dumps(dataclasses.asdict(cfg))}")
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+        count = lambda *ms: f"{sum(p.numel() for m in ms for p in m.parameters()):,}"
+        print(f"parameters: E_r+D_r {count(model.enc, model.dec)} | D_f {count(model.vq, model.dec_f)} | "
+              f"MLPSkipNet {count(model.den)}")
+    norm = lambda x, mean, std: (x.to(device) - mean) / std
+    x = dict(ya=norm(ya, model.attr_mean, model.attr_std), ca=norm(ca, model.attr_mean, model.attr_std),
+             ym=norm(ym, model.mot_mean, model.mot_std), betas=betas.to(device))
+    return model, x, path, dims
 
 
-REACT_COLS = ["frcorr_sum", "frcorr_mean", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs", "frsyn", "K"]
-MOTION_COLS = ["mse/all", "mse/exp", "mse/pose", "fd/all", "fd/exp", "fd/pose", "pfd/all", "var_pred/all",
-               "div_pred/all"]
+def crop(gen, B, L, *xs):
+    """B random rows of L consecutive frames (or window latents) at offsets uniform over the clip, the same for
+    every x -> the rows (B,) and each x's crop (B, L, ·)."""
+    idx = torch.randint(len(xs[0]), (B,), generator=gen)
+    off = torch.randint(xs[0].shape[1] - L + 1, (B,), generator=gen)
+    ar = (off[:, None] + torch.arange(L)).to(xs[0].device)                     # (B, L) frame indices
+    return idx, [x[idx.to(x.device)[:, None], ar] for x in xs]
 
 
-def evaluate(cfg):
-    ckpt_path = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
-    if not ckpt_path.exists():
-        sys.exit(f"error: no checkpoint at {ckpt_path}; train first (python train.py --model latent_diffusion)")
-    seed_all(cfg)
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    tcfg = Config(**{**ck["config"], "plms_order": cfg.plms_order, "sample_steps": cfg.sample_steps})
+def start_stage(name, first, model, x, gen, cfg, n):
+    """A stage's parameters, the only ones left trainable, and its batch function (global batches; each rank trains
+    on its shard). At the stage's first step: the codebook starts from encoded data (D_f), or the latent
+    statistics are fitted (MLPSkipNet)."""
+    L, B = n * cfg.window, cfg.batch
+    model.requires_grad_(False)
+    parts = dict(ae=[model.enc, model.dec], df=[model.vq, model.dec_f], diff=[model.den])[name]
+    params = [p for part in parts for p in part.requires_grad_(True).parameters()]
+    if name == "ae":
+        return params, lambda: crop(gen, B, L, x["ya"])[1]
+    if name == "df":
+        if first:
+            with torch.no_grad():
+                _, (y,) = crop(gen, B, L, x["ya"])                              # (B, L, D)
+                z = model.enc(y).reshape(-1, cfg.latent // cfg.n_z)             # (B*n*n_z, v/n_z)
+                model.vq.codes.copy_(z[torch.randint(len(z), (cfg.codebook,), generator=gen).to(z.device)])
+        return params, lambda: crop(gen, B, L, x["ya"], x["ym"])[1]
+    with torch.no_grad():                                                       # E_r is frozen: encode once
+        zl = torch.cat([model.enc(b) for b in x["ya"].split(256)])              # (M, Nw, v)
+        zc = torch.cat([model.enc(b) for b in x["ca"].split(256)])
+        if first:
+            model.z_mean.copy_(zl.flatten(0, 1).mean(0)), model.z_std.copy_(zl.flatten(0, 1).std(0) + 1e-4)
+        zl, zc = model.znorm(zl), model.znorm(zc)
+    say(f"latents: |mu| {zl.mean().abs():.3f}, std {zl.std():.3f} (normalised); raw std {model.z_std.mean():.3f}")
+
+    def batch():  # n consecutive window latents of listener (z0) and speaker (c), their β, t ~ U{1..T}, ε ~ N(0, I)
+        rows, (z0, c) = crop(gen, B, n, zl, zc)                                 # (B, n, v) each
+        t = torch.randint(1, cfg.t_train + 1, (B,), generator=gen).to(zl.device)
+        eps = torch.randn(B, n * zl.shape[-1], generator=gen).to(zl.device)    # (B, n*v)
+        return z0.flatten(1), c.flatten(1), x["betas"][rows.to(zl.device)], t, eps
+    return params, batch
+
+
+def resume(cfg, model, gen):
+    """A fresh run's state, or with --resume the checkpoint's: weights, step, the stage's optimiser and grad scaler,
+    logs, and every random stream (so the continuation draws what the uninterrupted run would have drawn)."""
+    run = dict(step=0, stage=None, log={"ae": [], "df": [], "diff": []}, hist={}, seconds=0.0)
+    path = Path(cfg.out) / "ckpt.pt"
+    if not cfg.resume or not path.exists():
+        if cfg.resume:
+            say(f"--resume: no checkpoint at {path} yet, starting at step 0")
+        return run
+    ck = load_checkpoint(path)                                                  # on the CPU: random states stay there
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise data.UserError(f"{path} holds a model of other sizes ({str(e).splitlines()[1].strip()[:120]})")
+    set_rng_state(ck["rng"], [gen])
+    m = ck["metrics"]
+    run.update(step=ck["step"], stage=ck["stage"], opt=ck["optimizer"], scaler=ck["scaler"], log=m["log"],
+               seconds=m["train_seconds"], hist={k: v for k, v in m.items() if k not in ("log", "train_seconds")})
+    say(f"resumed from {path} at step {run['step']}")
+    return run
+
+
+def quick_eval(model, cfg, path, n_speakers=8):
+    """Val check during stage 2: FRCorr (mean over samples) and FRDiv of PLMS samples, without FRDist."""
+    items = load_items(path, "val")[:n_speakers]
+    T = min(len(it["speaker_attr"]) for it in items)
+    model.eval()
+    _, preds = generate_all(model, items, T, cfg.n_samples, cfg.plms_order, cfg.sample_steps, cfg.seed)
+    model.train()
+    return metrics.quick_react(items, preds)
+
+
+def train(cfg):
+    """The three stages on one step counter. Every eval_every steps of a stage and at its end: (stage 2) score val
+    samples, then checkpoint everything --resume needs. Under torchrun every rank draws the same global batch from
+    the same generator and trains on its shard; DDP averages the gradients."""
     device = pick_device(cfg.device)
+    _, world = ddp_setup(device)
+    seed_all(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    model, x, path, dims = build(cfg, device)
+    gen = torch.Generator().manual_seed(cfg.seed)                               # rows, offsets, t, ε, codebook init
+    run = resume(cfg, model, gen)
+    pbar = tqdm(total=stages(cfg)[-1][2], initial=run["step"], desc="LBD", dynamic_ncols=True, mininterval=2,
+                disable=not is_main())
+    t0 = time.time() - run["seconds"]
+    for name, lo, hi in stages(cfg):
+        if run["step"] >= hi:
+            continue
+        model.train()
+        params, batch = start_stage(name, run["step"] == lo, model, x, gen, cfg, dims["n_win"])
+        opt, scaler = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), grad_scaler(device, cfg.dtype)
+        if run["stage"] == name:                                                # resumed inside this stage
+            opt.load_state_dict(run["opt"]), scaler.load_state_dict(run["scaler"])
+        ids = [device] if device.type == "cuda" else None
+        fwd = model if world == 1 else DistributedDataParallel(model, device_ids=ids)  # syncs this stage's params
+        fwd = torch.compile(fwd) if cfg.compile else fwd
+        while run["step"] < hi:
+            for g in opt.param_groups:                                          # cosine decay within the stage
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (run["step"] - lo) / (hi - lo)))
+            with autocast(device, cfg.dtype):
+                loss = fwd(name, *[shard(b) for b in batch()])
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            run["step"] += 1
+            run["log"][name].append(loss.item())                                # rank 0's shard under torchrun
+            pbar.update(1), pbar.set_postfix(stage=name, loss=f"{loss.item():.4f}", refresh=False)
+            if (run["step"] - lo) % cfg.eval_every and run["step"] < hi:
+                continue
+            if name == "diff" and is_main():
+                run["hist"].update(quick_eval(model, cfg, path))
+                say(f"step {run['step']}: val FRCorr(mean) {run['hist']['frcorr_mean']:.3f} "
+                    f"FRDiv {run['hist']['frdiv']:.4f}")
+            lg = run["log"][name]
+            say(f"step {run['step']} [{name}] loss {np.mean(lg[-50:]):.4f} (first 50: {np.mean(lg[:50]):.4f}) "
+                f"{time.time() - t0:.0f}s")
+            save_checkpoint(Path(cfg.out) / "ckpt.pt", {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "step": run["step"], "stage": name, "config": dataclasses.asdict(cfg), "dims": dims,
+                "data_path": str(path), "rng": rng_state([gen]),
+                "metrics": {**run["hist"], "log": run["log"], "train_seconds": time.time() - t0}})
+    pbar.close()
+    say(f"training done in {time.time() - t0:.1f}s, checkpoint {Path(cfg.out) / 'ckpt.pt'}")
+    check_in_sync(model)
+    if world > 1:
+        dist.destroy_process_group()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling and evaluation
+
+
+@torch.no_grad()
+def generate_all(model, items, T, K, order, S, seed):
+    """K reactions to the speaker of each item (its first T frames) -> latents (N, K, N_w, v) and attributes
+    (N, K, T, D) as float64 numpy; 16 speakers at a time, all noise from one generator."""
+    dev, g, zs, ys = model.abar.device, torch.Generator().manual_seed(seed), [], []
+    spk = (torch.from_numpy(metrics.frames(items, "speaker_attr", T)).to(dev) - model.attr_mean) / model.attr_std
+    for b, beta in zip(spk.split(16), betas_of(items).to(dev).split(16)):     # (≤16, T, D), (≤16, D_id)
+        z, y = model.generate(b, K, order, S, g, beta)
+        zs.append(z), ys.append(to_attributes(y * model.attr_std + model.attr_mean))
+    return torch.cat(zs), torch.cat(ys).cpu().double().numpy()
+
+
+@torch.no_grad()
+def motion_of(model, z, T):
+    """The 3DMM branch: latents (N, K, N_w, v) -> quantise, D_f, de-normalise -> (N, K, T, F) float32 numpy."""
+    N, K = z.shape[:2]
+    mot = torch.cat([model.decode_f(zb.flatten(0, 1))[0] for zb in z.split(8)])  # (N*K, N_w*w, F)
+    return (mot * model.mot_std + model.mot_mean).view(N, K, -1, mot.shape[-1])[:, :, :T].cpu().numpy()
+
+
+@torch.no_grad()
+def sample(cfg):
+    """Load a checkpoint, sample K reactions per scored speaker, score them (metrics.evaluate_react: GT, alt-GT,
+    baselines, model), write metrics.json and the samples, render two pictures."""
+    device = pick_device(cfg.device)
+    seed_all(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    ck = load_checkpoint(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
+    tcfg = Config(**{**ck["config"], "plms_order": cfg.plms_order, "sample_steps": cfg.sample_steps})
     model = LBD(tcfg, **ck["dims"]).to(device).eval()
     model.load_state_dict(ck["model"])
     path = Path(data.resolve_data(cfg.data, "listener", cfg.preset)) if cfg.data else Path(ck["data_path"])
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    items = load_items(path, cfg.split)
-    if cfg.eval_speakers and len(items) > cfg.eval_speakers:                   # evenly spaced subset
-        items = [items[i] for i in np.linspace(0, len(items) - 1, cfg.eval_speakers).round().astype(int)]
+    items = metrics.evenly_spaced(load_items(path, cfg.split), cfg.eval_speakers)
     T, fps, K = min(len(it["speaker_attr"]) for it in items), int(items[0]["fps"]), cfg.n_samples
     print(f"device {device} | {len(items)} {cfg.split} speakers from {path}, T={T}, fps={fps}, K={K}")
-    spk = stack(items, "speaker_attr", T).numpy().astype(np.float64)           # (N, T, D)
-    gt = stack(items, "listener_attr", T).numpy().astype(np.float64)
-    spk_n = (torch.from_numpy(spk).float().to(device) - model.attr_mean) / model.attr_std
-    beta_all = betas_of(items).to(device)                                       # (N, D_id)
-
-    def run(order, S, seed=cfg.seed, idx=None):                                 # -> (N, K, T, D) attrs, latents
-        zs, ys = [], []
-        g = torch.Generator().manual_seed(seed)
-        bs = beta_all if idx is None else beta_all[idx]
-        for b, bb in zip((spk_n if idx is None else spk_n[idx]).split(16), bs.split(16)):
-            z, y = model.generate(b, K, order, S, g, bb)
-            zs.append(z), ys.append(to_attributes(y * model.attr_std + model.attr_mean))
-        return torch.cat(zs), torch.cat(ys).cpu().double().numpy()
-
-    pool, A, _ = appropriate_pool(items, T)
-    rows = {}
-    react = lambda p: metrics.react_metrics(p, pool, spk, A, fps=fps)
-    rows["GT"] = react(np.repeat(gt[:, None], K, 1))
-    if items[0].get("alt_listener_attr") is not None:
-        rows["alt-GT"] = alt_gt_metrics(items, T, spk, fps)
-    train_items = load_items(path, "train")
-    Tb = min(T, min(len(it["listener_attr"]) for it in train_items))
-    bank_l, bank_s = stack(train_items, "listener_attr", Tb).numpy(), stack(train_items, "speaker_attr", Tb).numpy()
-    bank_sm = stack(train_items, "speaker", Tb).numpy()
-    N = len(items)
-    rows["baseline:random"] = react(metrics.baseline_random(bank_l, N * K, T, seed=cfg.seed).reshape(N, K, T, -1))
-    rows["baseline:mime"] = react(np.repeat(spk[:, None], K, 1))
-    mean_fr = metrics.baseline_mean_frame(np.concatenate([bank_l, bank_s]), T)
-    rows["baseline:mean_frame"] = react(np.repeat(np.asarray(mean_fr)[None, None], N, 0).repeat(K, 1))
-    nn_m = metrics.baseline_nn_motion(stack(items, "speaker", T).numpy(), bank_sm, bank_l)
-    rows["baseline:nn_motion"] = react(np.repeat(np.asarray(nn_m)[:, None], K, 1))
-
-    run(cfg.plms_order, cfg.sample_steps)                                       # warm-up, then time one speaker
-    times = []                                                                  # best of 3 (shared machines)
-    for r in range(3):
-        t0 = time.perf_counter()
-        model.generate(spk_n[:1], K, cfg.plms_order, cfg.sample_steps, torch.Generator().manual_seed(r), beta_all[:1])
-        times.append(time.perf_counter() - t0)
-    sec = min(times)
-    z, preds = run(cfg.plms_order, cfg.sample_steps)
-    rows["model"] = {**react(preds), "sec_per_speaker": sec}
+    react = lambda its, seed: generate_all(model, its, T, K, cfg.plms_order, cfg.sample_steps, seed)
+    sec = metrics.best_time(lambda r: react(items[:1], r))
     print(f"sampling {K} reactions of {T / fps:.1f} s for one speaker (PLMS-{cfg.plms_order}, "
           f"{cfg.sample_steps} steps, {device}): {sec:.3f} s")
-
-    # The 3DMM branch: quantise the sampled latents, D_f, de-normalise; L2/FD of sample 0 against the GT motion.
-    with torch.no_grad():
-        mot = torch.cat([model.decode_f(zb.flatten(0, 1)) for zb in z.split(8)])   # (N*K, L', F)
-        mot = (mot * model.mot_std + model.mot_mean).view(N, K, -1, mot.shape[-1])[:, :, :T].cpu().numpy()
-    gt_m, spk_m = stack(items, "listener", T).numpy(), stack(items, "speaker", T).numpy()
-    rows["model"].update(metrics.listener_metrics(list(mot[:, 0]), list(gt_m), list(spk_m)))
-    rows["GT"].update(metrics.listener_metrics(list(gt_m), list(gt_m), list(spk_m)))
-    if items[0].get("alt_listener") is not None:
-        alt_m = [np.asarray(it["alt_listener"])[0, :T] for it in items]
-        rows["alt-GT"].update(metrics.listener_metrics(alt_m, list(gt_m), list(spk_m)))
-
-    orders = [int(o) for o in cfg.grid_orders.split(",") if o]
-    gi = np.arange(N) if not cfg.grid_speakers or cfg.grid_speakers >= N else \
-        np.linspace(0, N - 1, cfg.grid_speakers).round().astype(int)           # Table-3 cells: a speaker subset
-    for o in orders:                                                            # Table 3: same denoiser, FRCorr/
-        for S in [int(s) for s in cfg.grid_steps.split(",") if s]:             # FRDiv/FRSyn as Tab. 3 (no FRDist:
-            p = run(o, S, idx=torch.as_tensor(gi))[1]                           # its DTWs take ~1 min a row)
-            rows[f"ablation:plms{o}_s{S}"] = {**metrics.react_metrics(p, pool, spk[gi], A[gi], fps=fps,
-                                                                      with_dist=False), "speakers": len(gi)}
-            tqdm.write(f"plms{o}_s{S}: FRCorr {rows[f'ablation:plms{o}_s{S}']['frcorr_sum']:.3f}")
-
-    np.save(out / f"{cfg.split}_reactions.npy", preds.astype(np.float32))      # (N, K, T, D)
-    np.save(out / f"{cfg.split}_3dmm.npy", mot.astype(np.float32))             # (N, K, T, F)
+    z, preds = react(items, cfg.seed)                                           # (N, K, N_w, v), (N, K, T, D)
+    mot = motion_of(model, z, T)                                                # (N, K, T, F)
+    rows, table = metrics.evaluate_react(items, None if cfg.model_only else load_items(path, "train"), preds, mot,
+                                           sec_per_speaker=sec, seed=cfg.seed, model_only=cfg.model_only)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / f"{cfg.split}_reactions.npy", preds.astype(np.float32))
+    np.save(out / f"{cfg.split}_3dmm.npy", mot.astype(np.float32))
     metrics.write_metrics_json(rows, out / "metrics.json")
-    print(f"REACT metrics, {cfg.split} split, {N} speakers, K={K}, T={T} at {fps} fps; appropriate set = GT + "
-          f"alternatives; model PLMS-{cfg.plms_order} S={cfg.sample_steps}; FRCorr/FRDist sum over K (mean)")
-    print(metrics.format_table(rows, REACT_COLS))
-    print(f"\n3DMM branch (D_f on sample 0, raw {mot.shape[-1]}-d motion units, per {T}-frame window):")
-    print(metrics.format_table({k: r for k, r in rows.items() if "mse/all" in r}, MOTION_COLS))
-    it = items[0]
-    data.plot_channels(out / "channels.png", {"speaker": spk[0], "GT": gt[0], **{f"sample {k}": preds[0, k]
-                                                                            for k in range(min(3, K))}},
-                       channels=[15, 16, 17, 18], fps=fps)
-    if mot.shape[-1] == data.MOTION_DIM:                                        # the tiny face renders 56-d only
-        data.render_gif(out / "reactions.gif", [spk_m[0]] + [mot[0, k] for k in range(min(3, K))],
-                        [it["speaker_beta"]] + [it["listener_beta"]] * min(3, K),
-                        ["speaker"] + [f"reaction {k}" for k in range(min(3, K))], fps=fps)
+    print(f"REACT metrics, {cfg.split} split, {len(items)} speakers, K={K}, T={T} at {fps} fps; appropriate set = "
+          f"GT + alternatives; model PLMS-{cfg.plms_order} S={cfg.sample_steps}; FRCorr/FRDist sum over K (mean)\n"
+          + table)
+    metrics.render_react(out, items, preds, mot, fps)
     print(f"wrote {out}/metrics.json, {cfg.split}_reactions.npy, {cfg.split}_3dmm.npy, channels.png, reactions.gif")
     return rows
 
 
 def main(argv=None, mode="train"):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["sample"], ["train"]):
-        mode, argv = argv[0], argv[1:]
-    cfg = parse_args(argv, mode)
-    return train(cfg) if mode == "train" else evaluate(cfg)
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, mode)
+    return train(cfg) if mode == "train" else sample(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

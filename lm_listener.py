@@ -1,155 +1,292 @@
-"""lm_listener.py: the multimodal, multi-identity language-model listener.
+"""lm_listener.py: a multimodal, multi-identity language-model listener.
 
-A decoder-only GPT reads the speaker's time-aligned tokens (words W, speech-acoustic tokens SA, emotion tokens
-emo) interleaved with the listener's VQ-VAE motion tokens LR, one per r = 8 frames (Eq. 1), and predicts each LR
+A decoder-only GPT reads the speaker's time-aligned tokens (words W, speech-acoustic tokens SA, emotion tokens emo)
+interleaved with the listener's VQ-VAE motion tokens LR, one per r = 8 frames (Eq. 1 of MMLM), and predicts each LR
 token from everything before it, so the listener never sees speaker input from its own future. Stage 1 pre-trains
-on speaker-only sequences (Eq. 2-3); stage 2 fine-tunes with the loss on the LR tokens only (Eq. 4). LR tokens
-are decoded by the identity-disentangled VQ-VAE with the listener's shape beta, so one model serves many faces.
+on speaker-only sequences (Eq. 2-3); stage 2 fine-tunes with the loss on the LR tokens only (Eq. 4). The identity
+VQ-VAE decodes the LR tokens with the listener's shape beta, so one model serves many faces.
 
-Papers: "LLM-driven Multimodal and Multi-Identity Listening Head Generation" (CVPR 2025, DOI
-10.1109/CVPR52734.2025.00996); LM-Listener "Can Language Models Learn to Listen?" (arXiv 2308.10897).
-Substitutes: a from-scratch GPT for GPT-2; word ids from data.py timings for Whisper + BPE; a 2-stage residual
-k-means over MFCC+delta (layer 1 = iSC, layer 2 on the residual = SA) for SpeechTokenizer's RVQ; the speaker's
-emotion readout (attr[:, 17:25]) for EMOCA. For exact causality the MFCC use train-set CMVN (not per utterance),
-causal deltas, and each SA token is placed in the group where its audio support *ends* (not its centre).
-Depends on vqvae.py (load_vqvae) for the LR tokens and their decoder.
+Papers: MMLM, "LLM-driven Multimodal and Multi-Identity Listening Head Generation" (CVPR 2025, DOI
+10.1109/CVPR52734.2025.00996, no arXiv version); LM-Listener, "Can Language Models Learn to Listen?" (arXiv 2308.10897).
+Substitutes, because the pretrained parts are too large for a CPU or need data we do not have: a from-scratch GPT
+for GPT-2; word ids from data.py's timings for Whisper + BPE; a 2-stage residual k-means over MFCC + delta (layer 1 =
+iSC, layer 2 on the residual = SA) for SpeechTokenizer's RVQ; the speaker's emotion readout (attr[:, 17:25]) for
+EMOCA. For exact causality the MFCC deltas are causal and each SA token sits in the group where its audio support
+*ends* (not its centre). Depends on vqvae.py (load_vqvae) for the LR tokens and their decoder.
 
 Shapes: B batch, T frames (30 fps), G = T/r groups, N sequence length, D model width, K codebook size (V_LR).
 
-    python lm_listener.py --preset smoke            # seconds: tiny world, tiny GPT
-    python train.py --model lm_listener             # default: 4x128 GPT, 1000 + 1200 steps (11.7 min on 2 idle
-                                                    # cores; test FD 0.467 greedy, 0.444 nucleus p = 0.9, vs
-                                                    # identity random walk 0.462, alt-GT 0.229)
-    python sample.py --model lm_listener [--stream] # Table 1 rows (+ nucleus, + ablations), GIF/PNG, latency
-    python train.py --model lm_listener --ablations # also trains the Tab. 3/4 ablations (30 min) into
-                                                    # runs/lm_listener/ablations; sample mode scores them
+    python lm_listener.py --preset smoke               # seconds: tiny world, tiny GPT, its own tiny VQ-VAEs
+    python train.py --model lm_listener                # default: 4 x 128 GPT, 1000 + 1200 steps
+    python sample.py --model lm_listener [--stream]    # Table 1 rows (greedy + nucleus), GIF/PNG; --stream: decode as
+                                                       # the speech arrives, time each token, compare with offline
+    python lm_listener.py --modalities W --out runs/lm_listener_W    # one Tab. 3 row: ablations are runs with flags
+    torchrun --nproc_per_node 2 lm_listener.py ...     # data-parallel training (DDP), one shard of each batch per rank
 """
 import argparse
+import collections
 import dataclasses
+import inspect
 import json
 import math
 import os
+import pickle
+import random
+import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import metrics
 
-# -----------------------------------------------------------------------------------------------------------------
+METHOD = "lm_listener"
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Config
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    data: str = ""                    # listener data path ("" = the synthetic world)
-    out: str = "runs/lm_listener"     # run folder (ckpt.pt, config.json, metrics.json, samples/)
+    data: str = ""                    # listener data folder or world root ("" = the synthetic world)
+    out: str = "runs/lm_listener"     # run folder: ckpt.pt, config.json, metrics.json, samples/
     preset: str = "default"           # smoke | default | full
-    vq: str = "runs/vqvae/ckpt.pt"    # VQ-VAE checkpoint giving LR tokens (identity IN,AdaIN by default)
-    vq_naive: str = "runs/vqvae_naive/ckpt.pt"  # naive (none,none) VQ-VAE: Tab. 4 ablations, naive random walk
-    modalities: str = "W+SA+emo"      # speaker modalities: W, W+SA, W+emo, W+SA+emo, W+iSC, W+iSC+emo (Tab. 3)
-    speaker_lag: int = 0              # shift speaker blocks this many groups later (1 = strictly causal variant)
-    clip_frames: int = 64             # frames T of one training / evaluation window (G = T / r)
-    n_hist: int = 8                   # N': history words W^h kept before the window
-    v_sa: int = 64                    # k-means size of each acoustic stage (V_SA)
-    max_words: int = 512              # cap of the word vocabulary (most frequent train words)
-    n_layer: int = 4                  # transformer blocks
-    d_model: int = 128                # width D
-    n_head: int = 4                   # attention heads
-    ctx: int = 256                    # context length (tokens)
-    dropout: float = 0.1              # dropout in attention/MLP/embeddings
-    steps: int = 0                    # if > 0: stage1_steps = stage2_steps = steps // 2
-    stage1_steps: int = 1000          # Eq. 3 speaker pre-training steps (0 = no stage 1)
-    stage2_steps: int = 1200          # Eq. 4 listener fine-tuning steps (val FD of 1500 + 1500 was best at 1000)
-    batch_size: int = 32              # windows per step
-    lr: float = 1e-3                  # peak AdamW learning rate
-    warmup: int = 50                  # linear warm-up steps per stage, then cosine to 0.1 * lr
-    weight_decay: float = 0.1         # AdamW weight decay on matrices
-    grad_clip: float = 1.0            # gradient norm clip
-    eval_every: int = 500             # steps between val evaluations / checkpoints
-    n_eval_decode: int = 64           # val windows decoded greedily at each evaluation
-    top_p: float = 0.0                # > 0: nucleus sampling of LR tokens instead of greedy
-    nucleus: float = 0.9              # sample mode: also score nucleus decoding at this top-p (rows *:nucleus_P; 0 = off)
-    max_eval: int = 0                 # cap on test windows in sample mode (0 = all)
-    ablations: bool = False           # train mode: also train the Tab. 3/4 ablation models
-    stream: bool = False              # sample mode: streaming decode, frame by frame, with latency per token
-    n_stream: int = 8                 # windows used for the streaming measurement
-    cache: str = ""                   # folder of cached acoustic features and k-means (default: out)
+    vq: str = "runs/vqvae/ckpt.pt"    # VQ-VAE of the LR tokens: IN,AdaIN (MMLM) or none,none (Tab. 4); "" = <out>/vq
+    vq_naive: str = "runs/vqvae_naive/ckpt.pt"  # none,none VQ-VAE of the naive random walk; "" = <out>/vq_naive
+    modalities: str = "W+SA+emo"      # speaker modalities (Tab. 3): W, W+SA, W+emo, W+SA+emo, W+iSC, W+iSC+emo
+    clip_frames: int = 64             # frames T of a training / evaluation window, a multiple of r (paper 240)
+    n_hist: int = 8                   # N': history words W^h kept before the window (paper 32)
+    v_sa: int = 64                    # V_SA: centroids of each acoustic k-means stage (SpeechTokenizer 1024)
+    max_words: int = 512              # word vocabulary cap, most frequent train words first (paper: GPT-2 BPE)
+    n_layer: int = 4                  # transformer blocks (GPT-2-medium 24)
+    d_model: int = 128                # width D (GPT-2-medium 1024)
+    n_head: int = 4                   # attention heads (GPT-2-medium 16)
+    ctx: int = 256                    # context length in tokens (GPT-2 1024)
+    dropout: float = 0.1              # dropout in attention, MLP and embeddings (GPT-2 0.1)
+    steps: int = 2200                 # optimiser steps of both stages together
+    stage1_steps: int = 1000          # of which Eq. 3 speaker pre-training, at most steps // 2 (0 = no stage 1)
+    batch_size: int = 32              # windows per optimiser step (paper 32)
+    lr: float = 1e-3                  # peak AdamW learning rate (paper 3e-4)
+    warmup: int = 50                  # linear warm-up steps in each stage, then cosine to 0.1 * lr (paper 500)
+    weight_decay: float = 0.1         # AdamW weight decay on matrices (paper 0.1)
+    grad_clip: float = 1.0            # gradient-norm clip
+    eval_every: int = 500             # steps between checkpoints (and, in stage 2, validation decodes)
+    n_eval_decode: int = 64           # val windows decoded greedily at each validation
+    nucleus: float = 0.9              # sample mode: also score nucleus sampling at this top-p (LM-Listener's; 0 = off)
+    max_eval: int = 0                 # sample mode: cap on evaluated windows (0 = all)
+    stream: bool = False              # sample mode: also decode frame by frame as the speech arrives, timing each token
+    n_stream: int = 8                 # sample mode: windows of the streaming measurement
+    cache: str = ""                   # folder of cached acoustic features and k-means ("" = out; runs may share one)
     ckpt: str = ""                    # sample mode: checkpoint (default <out>/ckpt.pt)
     split: str = "test"               # sample mode: split to evaluate
-    device: str = "auto"              # auto | cpu | cuda | mps
-    dtype: str = "float32"            # float32 | bfloat16 | float16 (autocast on GPU only)
-    seed: int = 0                     # seeds everything
+    device: str = "auto"              # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"            # float32 | bfloat16 | float16 (autocast; float16 adds a gradient scaler)
+    compile: bool = False             # torch.compile the model for training (checkpoints hold the plain module)
+    seed: int = 0                     # seeds python, numpy and torch; the batch of step s depends on (seed, s) only
     resume: bool = False              # continue from <out>/ckpt.pt
 
 
 PRESETS = {
-    "smoke": dict(n_layer=2, d_model=32, n_head=2, stage1_steps=30, stage2_steps=60, batch_size=8, warmup=5,
-                  eval_every=45, v_sa=16, n_eval_decode=4, max_eval=12, n_stream=2, dropout=0.0),
+    "smoke": dict(out="runs/lm_listener-smoke", n_layer=2, d_model=32, n_head=2, steps=90, stage1_steps=30,
+                  batch_size=8, warmup=5, eval_every=45, v_sa=16, n_eval_decode=4, max_eval=12, n_stream=2, dropout=0.0,
+                  vq="", vq_naive=""),                            # a smoke run trains its own tiny VQ-VAEs
     "default": {},
-    "full": dict(n_layer=12, d_model=768, n_head=12, ctx=1024, clip_frames=240, n_hist=32, v_sa=1024,
-                 max_words=4096, stage1_steps=20000, stage2_steps=50000, lr=3e-4, warmup=500, eval_every=2000),
+    "full": dict(n_layer=12, d_model=768, n_head=12, ctx=1024, clip_frames=240, n_hist=32, v_sa=1024, max_words=4096,
+                 steps=70000, stage1_steps=20000, lr=3e-4, warmup=500, eval_every=2000),
 }
-ABLATIONS = {  # name: (modalities, which VQ) -- Tab. 3 rows with the identity VQ, Tab. 4 rows with the naive VQ
-    "W": ("W", "identity"), "W+SA": ("W+SA", "identity"), "W+emo": ("W+emo", "identity"),
-    "naive_W": ("W", "naive"), "naive_W+SA+emo": ("W+SA+emo", "naive")}
 R, E_EMO, HOP = 8, 8, 320             # frames per LR token, emotion classes, MFCC hop at 50 Hz (samples)
 BOUND = ["<sa>", "</sa>", "<isc>", "</isc>", "<emo>", "</emo>", "<lr>", "</lr>"]
+MODALITIES = ["W", "W+SA", "W+emo", "W+SA+emo", "W+iSC", "W+iSC+emo"]
 
 
-def parse_config(argv, mode):
-    p = argparse.ArgumentParser(prog=f"lm_listener.py ({mode})", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def check_config(cfg, mode):
+    """A user's mistake in the flags -> data.UserError. Fills the VQ-VAE paths that a smoke run keeps under --out."""
+    flag, world = lambda k: f"--{k.replace('_', '-')} {getattr(cfg, k)}", int(os.environ.get("WORLD_SIZE", "1"))
+    rules = [(getattr(cfg, k) <= 0, f"{flag(k)}: expected a positive number") for k in (
+        "steps", "batch_size", "clip_frames", "n_layer", "d_model", "n_head", "ctx", "v_sa", "max_words", "eval_every",
+        "n_eval_decode", "lr")]
+    rules += [(getattr(cfg, k) < 0, f"{flag(k)}: expected a number >= 0") for k in (
+        "stage1_steps", "n_hist", "warmup", "max_eval", "n_stream", "weight_decay", "grad_clip")]
+    rules += [  # (broken, what the user is told), checked in this order
+        (cfg.clip_frames % R, f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ-VAE's r = {R}"),
+        (cfg.n_head > 0 and cfg.d_model % cfg.n_head,  # all rules are computed before one is raised
+         f"--d-model {cfg.d_model}: expected a multiple of --n-head {cfg.n_head}"),
+        (cfg.modalities not in MODALITIES, f"--modalities {cfg.modalities!r}: expected one of {', '.join(MODALITIES)}"),
+        (cfg.dtype not in ("float32", "bfloat16", "float16"),
+         f"--dtype {cfg.dtype}: expected float32|bfloat16|float16"),
+        (not 0 <= cfg.nucleus <= 1, f"--nucleus {cfg.nucleus}: expected a top-p in (0, 1], or 0 for none"),
+        (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: expected a probability in [0, 1)"),
+        (cfg.data and not Path(cfg.data).exists(), f"--data {cfg.data}: no such folder (world root or listener data)"),
+        (mode == "train" and cfg.batch_size % world, f"--batch-size {cfg.batch_size}: not a multiple of {world} ranks")]
+    for broken, what in rules:
+        if broken:
+            raise data.UserError(what)
+    cfg.vq = cfg.vq or str(Path(cfg.out) / "vq" / "ckpt.pt")
+    cfg.vq_naive = cfg.vq_naive or str(Path(cfg.out) / "vq_naive" / "ckpt.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
+# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
+# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+
+
+def parse_config(argv, mode="train"):
+    """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        names = [flag] + ([f"--{f.name}"] if "_" in f.name else [])
-        if f.type in ("bool", bool):
-            p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        else:
-            p.add_argument(*names, dest=f.name, type=type(f.default), default=None, help=f"(default {f.default!r})")
-    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    cfg = Config(**{**PRESETS[given.get("preset", "default")], **given})
-    if cfg.preset == "smoke":  # a smoke run never reads or writes the default runs/ VQ-VAEs
-        cfg.vq = given.get("vq", str(Path(cfg.out) / "vq" / "ckpt.pt"))
-        cfg.vq_naive = given.get("vq_naive", str(Path(cfg.out) / "vq_naive" / "ckpt.pt"))
-    if cfg.steps > 0 and "stage1_steps" not in given and "stage2_steps" not in given:
-        cfg.stage1_steps = cfg.stage2_steps = cfg.steps // 2
-    return cfg, given
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], **given})
+    check_config(cfg, mode)
+    return cfg
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Tokenisers: vocabulary blocks, words, residual k-means acoustics, emotion
+def cli(argv=None, mode="train"):
+    """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["sample"]):
+        mode, argv = argv[0], argv[1:]
+    try:
+        return main(argv, mode)
+    except data.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if not ok.get(name.split(":")[0], False):
+        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
+                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+
+
+def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
+def seed_all(seed):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def rng_state(gens=()):
+    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
+    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
+
+
+def set_rng_state(state, gens=()):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(gens, state["gens"]):
+        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
+
+
+def save_checkpoint(path, obj):
+    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
+    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
+    if is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or ck.get("method") != METHOD:
+        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
+        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
+    return ck
+
+
+def ddp_setup(device):
+    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_in_sync(module):
+    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
+    an EMA codebook, must be all-reduced by the method); raises if not."""
+    if dist.is_initialized():
+        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
+
+
+def shard(x):
+    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
+    ranks then equals the single-process gradient of the whole batch."""
+    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+
+
+# End of the shared setup.
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenisers: vocabulary blocks, residual k-means acoustics, emotion
 
 
 class Vocab:
-    """Contiguous id blocks: words [0, V_W) (<pad>=0, <unk>, <bos>), SA, iSC (if used), emo, LR, boundaries."""
+    """Contiguous id blocks: words [0, V_W) (<pad>=0, <unk>=1, <bos>=2), SA, iSC (if used), emo, LR, boundaries."""
 
     def __init__(self, words, v_sa, v_lr, isc=False):
         self.words = ["<pad>", "<unk>", "<bos>"] + [w for w in words if w not in ("<pad>", "<unk>", "<bos>")]
         self.w2i = {w: i for i, w in enumerate(self.words)}
         self.V_W, self.v_sa, self.v_lr = len(self.words), v_sa, v_lr
-        self.sa0 = self.V_W
-        self.isc0 = self.sa0 + v_sa
+        self.sa0, self.isc0 = self.V_W, self.V_W + v_sa
         self.emo0 = self.isc0 + (v_sa if isc else 0)
         self.lr0 = self.emo0 + E_EMO
         self.b = {name: self.lr0 + v_lr + k for k, name in enumerate(BOUND)}
         self.size = self.lr0 + v_lr + len(BOUND)
-
-    def word(self, text):
-        return self.w2i.get(text.lower(), 1)
-
-
-def build_words(items, max_words):
-    counts = {}
-    for it in items:
-        for text, _ in it["words"]:
-            counts[text.lower()] = counts.get(text.lower(), 0) + 1
-    return sorted(sorted(counts), key=lambda w: -counts[w])[:max_words - 3]
 
 
 def kmeans(x, k, iters=20, seed=0):
@@ -183,15 +320,8 @@ def sa_features(audio, n_rows=None):
     return f.float(), end.float()
 
 
-def sa_tokens(f, km):
-    """Residual k-means: layer 1 = iSC (content), layer 2 on the residual = SA (acoustics). f (n, 80) -> 2 x (n,)."""
-    z = (f - km["mean"]) / km["std"]
-    isc = torch.cdist(z, km["c1"]).argmin(1)
-    sa = torch.cdist(z - km["c1"][isc], km["c2"]).argmin(1)
-    return sa, isc
-
-
 def fit_sa_kmeans(feats, v_sa, seed, max_frames=20000):
+    """Both stages on (at most max_frames of) the train features, standardised with train statistics."""
     fs = torch.cat([f for f, _ in feats])                                                 # (M, 80)
     fs = fs[torch.randperm(len(fs), generator=torch.Generator().manual_seed(seed))[:max_frames]]
     mean, std = fs.mean(0), fs.std(0) + 1e-5
@@ -201,15 +331,23 @@ def fit_sa_kmeans(feats, v_sa, seed, max_frames=20000):
     return dict(mean=mean, std=std, c1=c1, c2=c2)
 
 
+def sa_tokens(f, km):
+    """Residual k-means: layer 1 = iSC (content), layer 2 on the residual = SA (acoustics). f (n, 80) -> 2 x (n,)."""
+    z = (f - km["mean"]) / km["std"]
+    isc = torch.cdist(z, km["c1"]).argmin(1)
+    sa = torch.cdist(z - km["c1"][isc], km["c2"]).argmin(1)
+    return sa, isc
+
+
 def emo_tokens(probs, r=R):
-    """Paper procedure: average the per-frame emotion probabilities over each group of r frames, then argmax.
+    """MMLM's procedure: average the per-frame emotion probabilities over each group of r frames, then argmax.
     probs (T, E) -> (T // r,)."""
     T, E = probs.shape
     return torch.as_tensor(probs[: T - T % r]).reshape(T // r, r, E).mean(1).argmax(-1)
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# The interleaved sequence (Eq. 1) and its speaker-only version (Eq. 2)
+# ----------------------------------------------------------------------------------------------------------------------
+# The interleaved sequence (Eq. 1 of MMLM) and its speaker-only version (Eq. 2)
 
 
 def group_of(end_frame, f0=0, r=R):
@@ -229,21 +367,19 @@ def speaker_block(words, sa, isc, emo, V, mods):
     return ids
 
 
-def build_sequence(clip, f0, G, V, mods, n_hist, lag=0, with_lr=True, ctx=None):
+def build_sequence(clip, f0, G, V, mods, n_hist, with_lr=True, ctx=None):
     """Eq. 1: [<bos>, W^h, for i = 1..G: W_i, <sa> SA_i </sa>, <emo> emo_i </emo>, <lr> LR_i </lr>] for the window
     of G groups starting at frame f0 of `clip` (words [(id, end_frame)], sa/isc/sa_end (n,), emo/lr (G_clip,)).
     with_lr=False gives Eq. 2's S'. Returns ids (N,) and kind (N,): 0 input only, 1 speaker content (stage-1
-    target, after W^h), 2 LR content (stage-2 target)."""
-    g0 = f0 // R
-    words = [[] for _ in range(G + 1)]
-    hist = []
+    target, after W^h), 2 LR content (stage-2 target). LR_i sees group i's speaker block, as Eq. 1 orders it."""
+    g0, hist = f0 // R, []
+    words, sa, isc = ([[] for _ in range(G + 1)] for _ in range(3))                  # index 1..G = group
     for w, end in clip["words"]:
         g = group_of(end, f0)
         if g <= 0:
             hist.append(w)
         elif g <= G:
             words[g].append(w)
-    sa, isc = [[] for _ in range(G + 1)], [[] for _ in range(G + 1)]
     for s, c, end in zip(clip["sa"].tolist(), clip["isc"].tolist(), clip["sa_end"].tolist()):
         g = group_of(end, f0)
         if 1 <= g <= G:
@@ -253,14 +389,11 @@ def build_sequence(clip, f0, G, V, mods, n_hist, lag=0, with_lr=True, ctx=None):
     if ctx is not None:  # only W^h is ever truncated (from the left) to fit the context
         body = sum(len(speaker_block(words[i], sa[i], isc[i], 0, V, mods)) + 3 for i in range(1, G + 1))
         hist = hist[max(0, len(hist) - max(0, ctx - 1 - body)):]
-    ids, kind = [V.w2i["<bos>"]] + hist, [0] * (1 + len(hist))
-    bset = set(V.b.values())
+    ids, kind, bset = [V.w2i["<bos>"]] + hist, [0] * (1 + len(hist)), set(V.b.values())
     for i in range(1, G + 1):
-        j = i - lag  # the speaker group visible at LR_i (lag > 0: strictly causal variant)
-        if j >= 1:
-            blk = speaker_block(words[j], sa[j], isc[j], int(clip["emo"][g0 + j - 1]), V, mods)
-            ids += blk
-            kind += [0 if t in bset else 1 for t in blk]
+        blk = speaker_block(words[i], sa[i], isc[i], int(clip["emo"][g0 + i - 1]), V, mods)
+        ids += blk
+        kind += [0 if t in bset else 1 for t in blk]
         if with_lr:
             ids += [V.b["<lr>"], V.lr0 + int(clip["lr"][g0 + i - 1]), V.b["</lr>"]]
             kind += [0, 2, 0]
@@ -271,12 +404,11 @@ def build_sequence(clip, f0, G, V, mods, n_hist, lag=0, with_lr=True, ctx=None):
 def split_chunks(ids, kind):
     """Cut a stage-2 sequence at its LR tokens: chunk i = everything after </lr>_{i-1} up to and including <lr>_i."""
     pos = [p for p, k in enumerate(kind) if k == 2]
-    starts = [0] + [p + 2 for p in pos[:-1]]
-    return [ids[s:p] for s, p in zip(starts, pos)]
+    return [ids[s:p] for s, p in zip([0] + [p + 2 for p in pos[:-1]], pos)]
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# GPT with a KV cache (nanoGPT-style, pre-LN)
+# ----------------------------------------------------------------------------------------------------------------------
+# GPT with a KV cache (nanoGPT-style, pre-LN), decoding, the two losses
 
 
 class Block(nn.Module):
@@ -289,27 +421,25 @@ class Block(nn.Module):
         self.drop = nn.Dropout(p)
 
     def forward(self, x, cache=None):
-        B, N, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).reshape(B, N, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)  # 3x (B,H,N,Dh)
+        q, k, v = rearrange(self.qkv(self.ln1(x)), "b n (three h dh) -> three b h n dh", three=3, h=self.h)
         if cache is not None:  # append this chunk's keys/values; queries attend to the past + causally within
             if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)              # (B, H, P+N, Dh)
             cache["k"], cache["v"] = k, v
-        P = k.shape[2] - N
+        N, P = x.shape[1], k.shape[2] - x.shape[1]
         mask = None if P == 0 else torch.ones(N, P + N, dtype=torch.bool, device=x.device).tril(P)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=P == 0,
                                            dropout_p=self.p if self.training else 0.0)           # (B, H, N, Dh)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, N, D)))
+        x = x + self.drop(self.proj(rearrange(y, "b h n dh -> b n (h dh)")))                     # (B, N, D)
         return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
     """Token + learned position embeddings -> pre-LN blocks -> LN. LM head tied to the embedding (stage 1);
-    a separate LR head Linear(D -> V_LR), the paper's additional affine projection (stage 2, inference)."""
+    a separate LR head Linear(D -> V_LR), MMLM's additional affine projection (stage 2, inference)."""
 
     def __init__(self, vocab_size, v_lr, cfg):
         super().__init__()
-        self.ctx = cfg.ctx
         self.wte, self.wpe = nn.Embedding(vocab_size, cfg.d_model), nn.Embedding(cfg.ctx, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
@@ -317,24 +447,25 @@ class GPT(nn.Module):
         self.lr_head = nn.Linear(cfg.d_model, v_lr)
         self.apply(lambda m: nn.init.normal_(m.weight, std=0.02) if isinstance(m, (nn.Linear, nn.Embedding)) else None)
 
-    def forward(self, idx, cache=None):
-        """idx (B, N) -> hidden (B, N, D). With a cache (list of dicts, one per block) positions continue from it."""
+    def forward(self, idx, cache=None, stage=0, at=None):
+        """idx (B, N) -> hidden (B, N, D); with a cache (one dict per block) positions continue from it. With
+        stage 1 or 2 and at (B, N) bool: the logits at those positions from the stage's head instead, so that the
+        whole training graph runs inside forward (as DistributedDataParallel wants)."""
         P = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
-        pos = torch.arange(P, P + idx.shape[1], device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                                    # (B, N, D)
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(P, P + idx.shape[1], device=idx.device)))  # (B, N, D)
         for i, blk in enumerate(self.blocks):
             x = blk(x, None if cache is None else cache[i])
-        return self.ln_f(x)
-
-    def lm_logits(self, h):
-        return h @ self.wte.weight.T                                                    # (..., V)
+        h = self.ln_f(x)
+        if stage == 0:
+            return h
+        return h[at] @ self.wte.weight.T if stage == 1 else self.lr_head(h[at])         # (n_targets, V or V_LR)
 
     def new_cache(self):
         return [{} for _ in self.blocks]
 
 
 def pick(logits, top_p=0.0, gen=None):
-    """Greedy (default) or nucleus sampling over the LR head's logits (V_LR,)."""
+    """Greedy (top_p = 0) or nucleus sampling over the LR head's logits (V_LR,)."""
     if top_p <= 0:
         return int(logits.argmax())
     p, order = torch.softmax(logits.float(), -1).sort(descending=True)
@@ -344,45 +475,64 @@ def pick(logits, top_p=0.0, gen=None):
 
 @torch.no_grad()
 def decode_cached(model, chunks, V, top_p=0.0, gen=None):
-    """Greedy decoding with a KV cache: each token is processed once, so decoding is linear in length.
+    """Decoding with a KV cache: each token is processed once, so decoding is linear in length.
     chunks from split_chunks; returns the G LR tokens (ids in [0, V_LR))."""
     cache, out, pend = model.new_cache(), [], []
-    dev = model.wte.weight.device
     for ch in chunks:
-        h = model(torch.tensor([pend + ch], device=dev), cache)[0, -1]                  # (D,)
+        h = model(torch.tensor([pend + ch], device=model.wte.weight.device), cache)[0, -1]    # (D,)
         out.append(pick(model.lr_head(h), top_p, gen))
         pend = [V.lr0 + out[-1], V.b["</lr>"]]
     return out
 
 
-def batch_loss(model, seqs, stage, V):
+def batch_loss(model, seqs, stage, V, n_targets=None):
     """Right-padded batch of (ids, kind). Stage 1 (Eq. 3): LM head over the full vocabulary on speaker content
-    targets; stage 2 (Eq. 4): LR head on LR targets only. Mean over target positions. Returns (loss, acc)."""
-    N = max(len(s) for s, _ in seqs)
-    dev = model.wte.weight.device
+    targets; stage 2 (Eq. 4): LR head on LR targets only. Mean over the target positions, or their sum divided by
+    n_targets (a torchrun shard: the DDP average of the ranks' gradients is then the whole batch's). -> (loss, acc)"""
+    N, dev = max(len(s) for s, _ in seqs), next(model.parameters()).device
     ids = torch.tensor([s + [0] * (N - len(s)) for s, _ in seqs], device=dev)          # (B, N)
     kind = torch.tensor([k + [0] * (N - len(k)) for _, k in seqs], device=dev)         # (B, N); pads are 0
-    h = model(ids[:, :-1])                                                              # (B, N-1, D)
     tgt, m = ids[:, 1:], kind[:, 1:] == stage                                           # position p predicts p+1
-    if stage == 1:
-        logits, y = model.lm_logits(h[m]), tgt[m]
-    else:
-        logits, y = model.lr_head(h[m]), tgt[m] - V.lr0                                 # (n_targets, V_LR)
-    return F.cross_entropy(logits.float(), y), (logits.argmax(-1) == y).float().mean()
+    logits = model(ids[:, :-1], stage=stage, at=m)                                      # (n_targets, V or V_LR)
+    y = tgt[m] - (V.lr0 if stage == 2 else 0)
+    loss = F.cross_entropy(logits.float(), y, reduction="mean" if n_targets is None else "sum") / (n_targets or 1)
+    return loss, (logits.argmax(-1) == y).float().mean()
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Data: token streams of whole clips, windows
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: the VQ-VAE, token streams of whole clips
 
 
-def get_vq(path, cfg, naive=False):
-    """Load a VQ-VAE checkpoint; train it (same preset and data) with a clear message when it is missing."""
+def vq_mismatch(path, data_path, preset, norm=None):
+    """Why the VQ-VAE checkpoint at `path` does not fit this run (missing, other preset, data or norms), or None."""
+    if not Path(path).is_file():
+        return "is missing"
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except Exception as e:
+        raise data.UserError(f"--vq {path} is not a readable VQ-VAE checkpoint ({str(e).splitlines()[0][:100]})")
+    why = [(c.get("preset") != preset, f"was trained with --preset {c.get('preset')}, this run is --preset {preset}"),
+           (Path(c.get("data", "")).resolve() != Path(data_path).resolve(),
+            f"was trained on {c.get('data')}, this run reads {data_path}"),
+           (norm and c.get("norm") != norm, f"has norms {c.get('norm')}, expected {norm}"),
+           (c.get("r", R) != R, f"makes one token per {c.get('r')} frames, this method expects r = {R}")]
+    return next((what for broken, what in why if broken), None)
+
+
+def get_vq(path, cfg, data_path, naive=False):
+    """Load the VQ-VAE at `path`, reused only when it was trained on this run's data and preset. A smoke run
+    (re)trains a missing or mismatched one under its own --out, in one line; any other run stops with the reason."""
     import vqvae  # the stage this method depends on
-    if not Path(path).exists():
-        norm = "none,none" if naive else "IN,AdaIN"
-        print(f"[lm_listener] VQ-VAE checkpoint {path} is missing: training it now ({norm}, preset {cfg.preset})")
-        vqvae.main(["--data", cfg.data, "--out", str(Path(path).parent), "--preset", cfg.preset, "--norm", norm],
-                   mode="train")
+    norm = "none,none" if naive else "IN,AdaIN"
+    why = vq_mismatch(path, data_path, cfg.preset, norm if naive else None)
+    if why:
+        own = Path(cfg.out) / ("vq_naive" if naive else "vq") / "ckpt.pt"
+        if cfg.preset != "smoke" or dist.is_initialized():
+            raise data.UserError(f"VQ-VAE {path} {why}; train it first: python vqvae.py --preset {cfg.preset} "
+                                 f"--norm {norm} --data '{cfg.data}' --out {Path(path).parent}")
+        print(f"[lm_listener] VQ-VAE checkpoint {path} {why}: training it now ({norm}, preset smoke) into {own}")
+        vqvae.main(["--data", cfg.data, "--out", str(own.parent), "--preset", cfg.preset, "--norm", norm], "train")
+        path = own
     return vqvae.load_vqvae(path, device="cpu")
 
 
@@ -397,138 +547,161 @@ def vq_tokens(vq, items):
     return torch.cat(out)
 
 
+@torch.no_grad()
+def decode_motion(vq, toks, betas):
+    """LR tokens (n, G) -> de-normalised motion [(T, 56)], each decoded with its listener's beta."""
+    out = []
+    for i in range(0, len(toks), 64):
+        b = torch.stack([torch.as_tensor(x) for x in betas[i:i + 64]]).float()
+        out += list(vq.denormalize(vq.decode(toks[i:i + 64], b)).cpu().float().numpy())   # (B, T, 56)
+    return out
+
+
 def clip_features(items, cache):
-    """SA features of every clip (the slow part), cached in `cache` keyed by clip names."""
+    """SA features of every clip (the slow part), cached in the file `cache` keyed by clip names."""
     key = [it["name"] for it in items]
-    if cache and Path(cache).exists():
-        c = torch.load(cache)
+    if Path(cache).exists():
+        c = torch.load(cache, weights_only=True)
         if c["key"] == key:
             return c["feats"]
     feats = [sa_features(it["audio"], n_rows=len(it["listener"]) // R * R * data.SR // data.FPS // HOP) for it in items]
-    if cache:
-        save_atomic(dict(key=key, feats=feats), cache)
+    save_checkpoint(cache, dict(key=key, feats=feats))
     return feats
 
 
-def prepare(items, V, km, lr_tokens, feats):
+def prepare(items, V, km, vq, feats):
     """Per clip: word ids with end frames, SA/iSC tokens with support ends, emo (G,), LR (G,) and raw arrays."""
     clips = []
-    for it, lr, (f, end) in zip(items, lr_tokens, feats):
+    for it, lr, (f, end) in zip(items, vq_tokens(vq, items), feats):
         T = len(it["listener"]) // R * R
         sa, isc = sa_tokens(f, km)
-        clips.append(dict(words=[(V.word(t), e * data.FPS) for t, e in it["words"]], sa=sa, isc=isc, sa_end=end,
-                          emo=emo_tokens(it["speaker_attr"][:T, 17:25]), lr=lr, item=it, T=T))
+        clips.append(dict(words=[(V.w2i.get(t.lower(), 1), e * data.FPS) for t, e in it["words"]], sa=sa, isc=isc,
+                          sa_end=end, emo=emo_tokens(it["speaker_attr"][:T, 17:25]), lr=lr, item=it, T=T))
     return clips
 
 
-def windows(clips, T):
-    """Non-overlapping evaluation windows (clip index, start frame) of T frames."""
-    return [(c, f0) for c, cl in enumerate(clips) for f0 in range(0, cl["T"] - T + 1, T)]
+def load_streams(cfg, path):
+    """The VQ-VAE, the vocabulary (most frequent train words first), the acoustic k-means (fitted once per data,
+    v_sa and seed, then cached) and the train / val token streams of a training run."""
+    tr_items, va_items = data.load_listener(path, "train"), data.load_listener(path, "val")
+    vq, cache = get_vq(cfg.vq, cfg, path), Path(cfg.cache or cfg.out)
+    counts = collections.Counter(text.lower() for it in tr_items for text, _ in it["words"])
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:cfg.max_words - 3]
+    V = Vocab(words, cfg.v_sa, vq.K, isc="iSC" in cfg.modalities)
+    key = [str(path), cfg.v_sa, cfg.seed]
+    km = torch.load(cache / "sa_kmeans.pt", weights_only=True) if (cache / "sa_kmeans.pt").exists() else {}
+    if km.get("key") != key:
+        km = {**fit_sa_kmeans(clip_features(tr_items, cache / "sa_feats_train.pt"), cfg.v_sa, cfg.seed), "key": key}
+        save_checkpoint(cache / "sa_kmeans.pt", km)
+        print(f"[lm_listener] acoustic k-means fitted ({cfg.v_sa}+{cfg.v_sa} centroids)")
+    km = {k: km[k] for k in ("mean", "std", "c1", "c2", "key")}
+    tr = prepare(tr_items, V, km, vq, clip_features(tr_items, cache / "sa_feats_train.pt"))
+    va = prepare(va_items, V, km, vq, clip_features(va_items, cache / "sa_feats_val.pt"))
+    return vq, V, km, tr, va
 
 
-def setup_tokens(cfg, path, train_items, vq, km=None, words=None):
-    mods = cfg.modalities.split("+")
-    words = build_words(train_items, cfg.max_words) if words is None else words
-    V = Vocab(words, cfg.v_sa, vq.K, isc="iSC" in mods)
-    kpath = Path(cfg.cache or cfg.out) / "sa_kmeans.pt"
-    if km is None and kpath.exists():
-        km = torch.load(kpath)
-        km = km if km.get("key") == [str(path), cfg.v_sa, cfg.seed] else None
-    if km is None:
-        t0 = time.time()
-        feats = clip_features(train_items, Path(cfg.cache or cfg.out) / "sa_feats_train.pt")
-        km = {**fit_sa_kmeans(feats, cfg.v_sa, cfg.seed), "key": [str(path), cfg.v_sa, cfg.seed]}
-        torch.save(km, kpath)
-        print(f"[lm_listener] acoustic k-means fitted ({cfg.v_sa}+{cfg.v_sa} centroids) in {time.time() - t0:.1f}s")
-    return V, km, mods
+@torch.no_grad()
+def predict(model, V, clips, wins, vq, cfg, top_p=0.0):
+    """Greedy (or nucleus) LR tokens for each window -> de-normalised motion list [(T, 56)] and tokens (n, G)."""
+    gen, toks = torch.Generator().manual_seed(cfg.seed), []
+    for c, f0 in wins:
+        ids, kind = build_sequence(clips[c], f0, cfg.clip_frames // R, V, cfg.modalities.split("+"), cfg.n_hist,
+                                   ctx=cfg.ctx)
+        toks.append(decode_cached(model, split_chunks(ids, kind), V, top_p, gen))
+    toks = torch.tensor(toks)
+    return decode_motion(vq, toks, [clips[c]["item"]["listener_beta"] for c, _ in wins]), toks
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Training (stage 1 then stage 2)
-
-
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: stage 1 (Eq. 3) then stage 2 (Eq. 4)
 
 
 def lr_at(step, steps, cfg):
+    """Linear warm-up, then cosine to 0.1 * lr, within one stage."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def save_atomic(obj, path):
-    tmp = str(path) + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def draw_batch(tr, step, stage, V, cfg):
+    """The global batch of a step: a function of (seed, step) only, so a resumed run and every torchrun rank
+    draw the same windows. Stage 1 drops the LR blocks (Eq. 2)."""
+    rng, G = np.random.default_rng([cfg.seed, step]), cfg.clip_frames // R
+    seqs = []
+    for c in rng.integers(len(tr), size=cfg.batch_size):
+        f0 = R * int(rng.integers(tr[c]["T"] // R - G + 1))
+        seqs.append(build_sequence(tr[c], f0, G, V, cfg.modalities.split("+"), cfg.n_hist, stage == 2, cfg.ctx))
+    return seqs
 
 
-def train(cfg, given=None):
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+@torch.no_grad()
+def validate(model, V, va, wins, vq, cfg, step):
+    """Teacher-forced val CE and LR accuracy, then greedy decoding of `wins` scored by the listener metrics."""
+    model.eval()
+    G, mods = cfg.clip_frames // R, cfg.modalities.split("+")
+    vce, vacc = batch_loss(model, [build_sequence(va[c], f0, G, V, mods, cfg.n_hist, ctx=cfg.ctx) for c, f0 in wins],
+                           2, V)
+    test = metrics.listener_windows([c["item"] for c in va], wins, cfg.clip_frames)
+    m = metrics.listener_metrics(predict(model, V, va, wins, vq, cfg)[0], test["listener"], test["speaker"],
+                                 valence_fn=data.FaceModel().valence)
+    model.train()
+    tqdm.write(f"step {step}: val CE {vce:.3f} | LR acc {vacc:.3f} | greedy L2 {m['mse/all']:.4f} FD {m['fd/all']:.3f} "
+               f"P-FD {m['pfd/all']:.3f} ({len(wins)} val windows)")
+    return dict(val_ce=float(vce), val_acc=float(vacc), **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")})
+
+
+def start_run(cfg, dev, world):
+    """Print and save the config; load the data, VQ-VAE and tokenisers (rank 0 first: it may generate the world
+    and write the caches that the other ranks then read)."""
+    if not is_main():
+        dist.barrier()
+    out, path = Path(cfg.out), data.resolve_data(cfg.data, "listener", cfg.preset)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[lm_listener] device {dev}; data {path}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
+        (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data": str(path)}, indent=1))
+    run = load_streams(cfg, path)
+    if is_main() and world > 1:
+        dist.barrier()
+    return out, path, run
+
+
+def train(cfg):
+    seed_all(cfg.seed)
     dev = pick_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = data.resolve_data(cfg.data, "listener", cfg.preset)
-    print(f"[lm_listener] device {dev}; data {path}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
-    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data": str(path)}, indent=1))
-    tr_items, va_items = data.load_listener(path, "train"), data.load_listener(path, "val")
-    vq = get_vq(cfg.vq, cfg)
-    V, km, mods = setup_tokens(cfg, path, tr_items, vq)
-    cache = Path(cfg.cache or cfg.out)
-    tr = prepare(tr_items, V, km, vq_tokens(vq, tr_items), clip_features(tr_items, cache / "sa_feats_train.pt"))
-    va = prepare(va_items, V, km, vq_tokens(vq, va_items), clip_features(va_items, cache / "sa_feats_val.pt"))
-    G = cfg.clip_frames // R
-    model = GPT(V.size, V.v_lr, cfg).to(dev)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    nodecay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": nodecay, "weight_decay": 0}],
+    world = ddp_setup(dev)[1]
+    out, path, (vq, V, km, tr, va) = start_run(cfg, dev, world)
+    n1 = min(cfg.stage1_steps, cfg.steps // 2)
+    torch.manual_seed(cfg.seed)     # the initial weights must not depend on a VQ-VAE trained in this process or not
+    n2, model = cfg.steps - n1, GPT(V.size, V.v_lr, cfg).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]       # AdamW decays matrices only (nanoGPT's split)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    start, S1, S2, hist = 0, cfg.stage1_steps, cfg.stage2_steps, {}
-    if cfg.resume and (out / "ckpt.pt").exists():
-        ck = torch.load(out / "ckpt.pt", weights_only=False)
+    scaler, start, hist = grad_scaler(dev, cfg.dtype), 0, {}
+    if cfg.resume:  # everything the next step depends on: weights, AdamW moments, loss scale, random streams
+        ck = load_checkpoint(out / "ckpt.pt", dev)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        start, hist = ck["step"], ck.get("metrics", {})
-        print(f"[lm_listener] resumed at step {start}")
-    print(f"[lm_listener] GPT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {V.size} "
-          f"(words {V.V_W}, SA {V.v_sa}, LR {V.v_lr}); {len(tr)} train clips, modalities {cfg.modalities}")
-    amp = dict(device_type=dev.type, dtype=getattr(torch, cfg.dtype), enabled=dev.type == "cuda" and cfg.dtype != "float32")
-    scaler = torch.amp.GradScaler(enabled=amp["enabled"] and cfg.dtype == "float16")
-    va_win = windows(va, cfg.clip_frames)[: cfg.n_eval_decode]
-
-    def ckpt(step):
-        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, metrics=hist,
-                         config={**dataclasses.asdict(cfg), "data": str(path)}, words=V.words[3:], km=km, v_lr=V.v_lr), out / "ckpt.pt")
-
-    bar = tqdm(range(start, S1 + S2), desc="lm_listener", dynamic_ncols=True, mininterval=2)
-    t0 = time.time()
+        scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"])
+        start, hist = ck["step"], ck["metrics"]
+    net = torch.compile(model) if cfg.compile else model
+    net = DDP(net, find_unused_parameters=True) if world > 1 else net   # stage 1 leaves the LR head unused
+    if is_main():
+        print(f"[lm_listener] GPT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {V.size} "
+              f"(words {V.V_W}, SA {V.v_sa}, LR {V.v_lr}); {len(tr)} train clips; from step {start} of {n1 + n2}")
+    va_win = metrics.tiling([c["item"] for c in va], cfg.clip_frames, R)[: cfg.n_eval_decode]
+    bar = tqdm(range(start, n1 + n2), desc="lm_listener", dynamic_ncols=True, mininterval=2, disable=not is_main())
     for step in bar:
-        stage = 1 if step < S1 else 2
+        stage = 1 if step < n1 else 2
         for g in opt.param_groups:
-            g["lr"] = lr_at(step - (0 if stage == 1 else S1), S1 if stage == 1 else S2, cfg)
-        last = step == S1 + S2 - 1
-        if stage == 2 and ((step - S1 + 1) % cfg.eval_every == 0 or last):
-            model.eval()
-            with torch.no_grad():
-                vb = [build_sequence(va[c], f0, G, V, mods, cfg.n_hist, cfg.speaker_lag, ctx=cfg.ctx) for c, f0 in va_win]
-                vce, vacc = batch_loss(model, vb, 2, V)
-                m = evaluate_model(model, V, va, va_win, vq, cfg, mods)
-            model.train()
-            hist[step + 1] = dict(val_ce=float(vce), val_acc=float(vacc), **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")})
-            tqdm.write(f"step {step + 1}: val CE {vce:.3f} | LR acc {vacc:.3f} | greedy L2 {m['mse/all']:.4f} "
-                       f"FD {m['fd/all']:.3f} P-FD {m['pfd/all']:.3f} ({len(va_win)} val windows)")
-            ckpt(step + 1)
-        rng = np.random.default_rng([cfg.seed, step])  # batch depends only on (seed, step): --resume is exact
-        seqs = []
-        for c in rng.integers(len(tr), size=cfg.batch_size):
-            f0 = R * int(rng.integers(tr[c]["T"] // R - G + 1))
-            seqs.append(build_sequence(tr[c], f0, G, V, mods, cfg.n_hist, cfg.speaker_lag, with_lr=stage == 2, ctx=cfg.ctx))
-        with torch.autocast(**amp):
-            loss, acc = batch_loss(model, seqs, stage, V)
+            g["lr"] = lr_at(step - (0 if stage == 1 else n1), n1 if stage == 1 else n2, cfg)
+        seqs = draw_batch(tr, step, stage, V, cfg)                     # the same global batch on every rank
+        n = sum(k == stage for _, kd in seqs for k in kd[1:]) / world if world > 1 else None
+        with autocast(dev, cfg.dtype):
+            loss, acc = batch_loss(net, shard(seqs), stage, V, n)      # this rank's rows of it
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -537,28 +710,28 @@ def train(cfg, given=None):
         scaler.update()
         hist.setdefault("loss", {})[step + 1] = [stage, loss.item()]
         bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
-    if S1 + S2 > start and S2 == 0:
-        ckpt(S1 + S2)
-    print(f"[lm_listener] trained {S1 + S2 - start} steps in {(time.time() - t0) / 60:.1f} min -> {out / 'ckpt.pt'}")
-    if cfg.ablations:
-        for name, (mods_a, which) in ABLATIONS.items():
-            keep = {k: v for k, v in (given or {}).items() if k not in ("ablations", "out", "vq", "modalities", "resume")}
-            argv = [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}" for k, v in keep.items()]
-            vq_a = cfg.vq if which == "identity" else cfg.vq_naive
-            if which == "naive":
-                get_vq(vq_a, cfg, naive=True)
-            print(f"\n[lm_listener] ablation {name}: modalities {mods_a}, {which} VQ {vq_a}")
-            main(argv + ["--out", str(out / "ablations" / name), "--vq", vq_a, "--modalities", mods_a, "--cache", str(cache)],
-                 mode="train")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == n1 + n2:   # after the step: the checkpoint holds it
+            if is_main() and stage == 2:
+                hist[step + 1] = validate(model, V, va, va_win, vq, cfg, step + 1)
+            save_checkpoint(out / "ckpt.pt", dict(
+                model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step + 1,
+                metrics=hist, config={**dataclasses.asdict(cfg), "data": str(path)}, words=V.words[3:], km=km,
+                v_lr=V.v_lr, rng=rng_state()))
+    check_in_sync(model)                                               # every rank ends with rank 0's weights
+    if is_main():
+        print(f"[lm_listener] trained {n1 + n2 - start} steps -> {out}/ckpt.pt")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return out / "ckpt.pt"
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Sampling, evaluation, streaming
+# ----------------------------------------------------------------------------------------------------------------------
+# Sampling: load, decode (offline and streaming), evaluate, render
 
 
 def load_model(ckpt_path, device="cpu"):
-    ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    """Rebuild the GPT, vocabulary, k-means and training config from a checkpoint alone."""
+    ck = load_checkpoint(ckpt_path)
     fields = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ck["config"].items() if k in fields})
     V = Vocab(ck["words"], cfg.v_sa, ck["v_lr"], isc="iSC" in cfg.modalities)
@@ -568,170 +741,79 @@ def load_model(ckpt_path, device="cpu"):
 
 
 @torch.no_grad()
-def predict(model, V, clips, wins, vq, cfg, mods, top_p=0.0):
-    """Greedy (or nucleus) LR tokens for each window -> de-normalised motion list [(T, 56)] and tokens (n, G)."""
-    G, gen = cfg.clip_frames // R, torch.Generator().manual_seed(cfg.seed)
-    toks = []
-    for c, f0 in wins:
-        ids, kind = build_sequence(clips[c], f0, G, V, mods, cfg.n_hist, cfg.speaker_lag, ctx=cfg.ctx)
-        toks.append(decode_cached(model, split_chunks(ids, kind), V, top_p, gen))
-    return decode_motion(vq, torch.tensor(toks), [clips[c]["item"]["listener_beta"] for c, _ in wins]), torch.tensor(toks)
-
-
-@torch.no_grad()
-def decode_motion(vq, toks, betas):
-    out = []
-    for i in range(0, len(toks), 64):
-        b = torch.stack([torch.as_tensor(x) for x in betas[i:i + 64]]).float()
-        out += list(vq.denormalize(vq.decode(toks[i:i + 64], b)).cpu().float().numpy())   # (B, T, 56)
-    return out
-
-
-def evaluate_model(model, V, clips, wins, vq, cfg, mods):
-    import metrics
-    preds, _ = predict(model, V, clips, wins, vq, cfg, mods, cfg.top_p)
-    gts, spk = crop(clips, wins, "listener", cfg.clip_frames), crop(clips, wins, "speaker", cfg.clip_frames)
-    return metrics.listener_metrics(preds, gts, spk, valence_fn=data.FaceModel().valence)
-
-
-def crop(clips, wins, key, T):
-    return [np.asarray(clips[c]["item"][key][f0:f0 + T], np.float32) for c, f0 in wins]
-
-
-def stream(model, V, km, clip, cfg, mods):
-    """Consume one window's speaker input frame by frame (audio, emotion readout, finished words) and emit LR_i as
-    soon as group i's last frame has arrived. Returns tokens and per-token latency (ms) from that frame to LR_i."""
-    it, G, T = clip["item"], cfg.clip_frames // R, cfg.clip_frames
-    spf = data.SR / data.FPS
+def stream(model, V, km, clip, cfg):
+    """Consume one window's speaker input as it arrives (audio, emotion readout, finished words) and emit LR_i as soon
+    as group i's last frame is in. Returns the tokens and each one's latency (ms) from that frame to LR_i."""
+    it, mods = clip["item"], cfg.modalities.split("+")
     words = sorted(clip["words"], key=lambda w: w[1])
-    hist = [w for w, e in words if e <= 0][-cfg.n_hist:]
-    cache, pend, toks, lat, audio, attr, done_sa = model.new_cache(), [V.w2i["<bos>"]] + hist, [], [], [], [], 0
-    blocks = {}
-    for t in range(T):
-        audio.append(it["audio"][round(t * spf): round((t + 1) * spf)])   # one frame of speech arrives
-        attr.append(it["speaker_attr"][t, 17:25])
-        if (t + 1) % R:
-            continue
-        t_ready, i = time.perf_counter(), (t + 1) // R
-        wav = np.concatenate(audio)
-        a0 = max(0, (4 * done_sa - 4) * HOP)                                  # aligned audio start, 1 pooled frame of slack
+    cache, pend = model.new_cache(), [V.w2i["<bos>"]] + [w for w, e in words if e <= 0][-cfg.n_hist:]
+    toks, lat, blocks, done_sa = [], [], {}, 0                   # blocks: group -> its SA and iSC tokens so far
+    for i in range(1, cfg.clip_frames // R + 1):
+        t_ready, wav = time.perf_counter(), it["audio"][: round(i * R * data.SR / data.FPS)]   # the speech so far
+        a0 = max(0, (4 * done_sa - 4) * HOP)                     # aligned audio start, 1 pooled frame of slack
         f, end = sa_features(wav[a0:], n_rows=(len(wav) - a0) // HOP)
-        end = end + a0 * data.FPS / data.SR
-        j0 = a0 // (4 * HOP)
+        end, j0 = end + a0 * data.FPS / data.SR, a0 // (4 * HOP)
         sa, isc = sa_tokens(f, km)
-        for k in range(len(f)):
+        for k in range(len(f)):                                  # SA tokens whose support has ended
             if j0 + k >= done_sa and group_of(float(end[k])) <= i:
-                g = max(1, group_of(float(end[k])))
-                blocks.setdefault(g, ([], []))
-                blocks[g][0].append(int(sa[k]))
-                blocks[g][1].append(int(isc[k]))
+                g = blocks.setdefault(max(1, group_of(float(end[k]))), ([], []))
+                g[0].append(int(sa[k]))
+                g[1].append(int(isc[k]))
                 done_sa = j0 + k + 1
-        j = i - cfg.speaker_lag
-        ch = []
-        if j >= 1:
-            w_j = [w for w, e in words if group_of(e) == j]
-            emo = int(np.mean(np.stack(attr[(j - 1) * R: j * R]), 0).argmax())
-            ch = speaker_block(w_j, *blocks.get(j, ([], [])), emo, V, mods)
-        h = model(torch.tensor([pend + ch + [V.b["<lr>"]]]), cache)[0, -1]
-        toks.append(pick(model.lr_head(h), cfg.top_p))
+        emo = int(it["speaker_attr"][(i - 1) * R: i * R, 17:25].mean(0).argmax())   # emo_tokens of this group
+        ch = speaker_block([w for w, e in words if group_of(e) == i], *blocks.get(i, ([], [])), emo, V, mods)
+        h = model(torch.tensor([pend + ch + [V.b["<lr>"]]], device=model.wte.weight.device), cache)[0, -1]
+        toks.append(pick(model.lr_head(h)))
         pend = [V.lr0 + toks[-1], V.b["</lr>"]]
         lat.append((time.perf_counter() - t_ready) * 1e3)
     return toks, lat
 
 
-def sample(cfg, given):
-    import metrics
-    ckpt = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
-    if not ckpt.exists():
-        sys.exit(f"error: no checkpoint at {ckpt}; train first (python train.py --model lm_listener) or pass --ckpt")
-    model, V, km, tcfg = load_model(ckpt)
-    tcfg.top_p, tcfg.max_eval = given.get("top_p", tcfg.top_p), given.get("max_eval", tcfg.max_eval)
-    tcfg.n_stream, tcfg.seed = cfg.n_stream, cfg.seed
-    out = Path(cfg.out if "out" in given else ckpt.parent)
+def sample(cfg):
+    """Decode the split with the checkpoint's model (greedy, plus nucleus at --nucleus), score every row of the
+    listener table, render, and write <out>/metrics.json. The model's settings come from its checkpoint; the
+    evaluation flags (split, max_eval, nucleus, stream, seed, data) from this command line."""
+    ckpt, out = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt"), Path(cfg.out)
+    model, V, km, tcfg = load_model(ckpt, pick_device(cfg.device))
+    tcfg.seed = cfg.seed
     path = data.resolve_data(cfg.data, "listener", tcfg.preset) if cfg.data else tcfg.data
-    mods = tcfg.modalities.split("+")
-    torch.manual_seed(cfg.seed)
+    seed_all(cfg.seed)
     print(f"[lm_listener] sampling {ckpt} on {path} ({cfg.split}), modalities {tcfg.modalities}, vq {tcfg.vq}")
     tr_items, te_items = data.load_listener(path, "train"), data.load_listener(path, cfg.split)
-    vq = get_vq(tcfg.vq, tcfg)
+    vq, T, G = get_vq(tcfg.vq, tcfg, path), tcfg.clip_frames, tcfg.clip_frames // R
     feats = clip_features(te_items, Path(tcfg.cache or ckpt.parent) / f"sa_feats_{cfg.split}.pt")
-    te = prepare(te_items, V, km, vq_tokens(vq, te_items), feats)
-    T, G = tcfg.clip_frames, tcfg.clip_frames // R
-    wins = windows(te, T)
-    wins = wins[: tcfg.max_eval] if tcfg.max_eval > 0 else wins
-    t0 = time.time()
-    preds, toks = predict(model, V, te, wins, vq, tcfg, mods, tcfg.top_p)
-    print(f"[lm_listener] decoded {len(wins)} windows x {G} tokens in {time.time() - t0:.1f}s")
-    gts, spk = crop(te, wins, "listener", T), crop(te, wins, "speaker", T)
-    vfn = data.FaceModel().valence
-    score = lambda p: metrics.listener_metrics(p, gts, spk, valence_fn=vfn, seed=cfg.seed)
-    rows = {"GT": score(gts)}
-    if te[0]["item"].get("alt_listener") is not None:
-        rows["alt-GT"] = score([np.asarray(te[c]["item"]["alt_listener"][0][f0:f0 + T], np.float32) for c, f0 in wins])
-    # baselines: a bank of non-overlapping training windows
-    tr_clips = [dict(item=it, T=len(it["listener"]) // R * R) for it in tr_items]
-    bw = windows(tr_clips, T)
-    bank_l, bank_s = np.stack(crop(tr_clips, bw, "listener", T)), np.stack(crop(tr_clips, bw, "speaker", T))
-    text = lambda cl, f0: metrics.window_text(cl["item"]["words"], f0 / data.FPS, (f0 + T) / data.FPS)
-    rows["baseline:random"] = score(list(metrics.baseline_random(bank_l, len(wins), T, seed=cfg.seed)))
-    rows["baseline:nn_motion"] = score(list(metrics.baseline_nn_motion(np.stack(spk), bank_s, bank_l)))
-    rows["baseline:nn_speech"] = score(list(metrics.baseline_nn_text([text(te[c], f0) for c, f0 in wins],
-                                                                     [text(tr_clips[c], f0) for c, f0 in bw], bank_l, seed=cfg.seed)))
-    betas = [te[c]["item"]["listener_beta"] for c, _ in wins]
-    for name, vpath, naive in (("naive", given.get("vq_naive", tcfg.vq_naive), True),
-                               ("identity", tcfg.vq, False)):
-        vq_b = get_vq(vpath, tcfg, naive=naive) if name == "naive" else vq
-        codes = vq_tokens(vq_b, tr_items)[:, : (tr_clips[0]["T"] // R) // G * G].reshape(-1, G)   # (M', G)
-        walk = metrics.baseline_random_walk_codes(codes.numpy(), len(wins), G, vq_b.K, seed=cfg.seed)
-        rows[f"baseline:random_walk_{name}"] = score(decode_motion(vq_b, torch.as_tensor(walk), betas))
-    rows["model"] = score(preds)
-    extra = [cfg.nucleus] if cfg.nucleus > 0 and tcfg.top_p <= 0 else []  # greedy collapses variation: sample too
-    for p in extra:
-        rows[f"model:nucleus_{p:g}"] = score(predict(model, V, te, wins, vq, tcfg, mods, p)[0])
-    for ab in sorted((ckpt.parent / "ablations").glob("*/ckpt.pt")):
-        m_a, V_a, km_a, c_a = load_model(ab)
-        c_a.seed, vq_a = cfg.seed, get_vq(c_a.vq, c_a)
-        te_a = prepare(te_items, V_a, km_a, vq_tokens(vq_a, te_items), feats)
-        for p in [tcfg.top_p] + extra:  # each ablation decoded like the model rows
-            rows[f"ablation:{ab.parent.name}" + (f":nucleus_{p:g}" if p in extra else "")] = score(
-                predict(m_a, V_a, te_a, wins, vq_a, c_a, c_a.modalities.split("+"), p)[0])
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    np.save(out / "samples" / "pred.npy", np.stack(preds[:16]))
-    np.save(out / "samples" / "tokens.npy", toks.numpy())
-    k = min(2, len(wins))
-    b = [te[c]["item"]["listener_beta"] for c, _ in wins[:k]]
-    try:
-        data.render_gif(out / "samples" / "sample.gif", [x for i in range(k) for x in (gts[i], preds[i])],
-                        [x for i in range(k) for x in (b[i], b[i])], ["GT", "model"] * k)
-        data.plot_channels(out / "samples" / "channels.png", {"GT": gts[0], "model": preds[0], "speaker": spk[0]})
-    except AttributeError as e:  # data.py's renderer not available
-        print(f"(render skipped: {e})")
-    if cfg.stream:
-        lat, same = [], 0
-        for c, f0 in [(c, 0) for c in range(min(tcfg.n_stream, len(te)))]:
-            stoks, l = stream(model, V, km, te[c], tcfg, mods)
-            ids, kind = build_sequence(te[c], 0, G, V, mods, tcfg.n_hist, tcfg.speaker_lag, ctx=tcfg.ctx)
-            same += int(stoks == decode_cached(model, split_chunks(ids, kind), V))
-            lat += l
-        rows["model"]["stream_ms_median"] = float(np.median(lat))
-        rows["model"]["stream_ms_p95"] = float(np.percentile(lat, 95))
-        print(f"[lm_listener] streaming: {len(lat)} tokens, latency per 8-frame token median {np.median(lat):.2f} ms, "
-              f"p95 {np.percentile(lat, 95):.2f} ms; {same}/{min(tcfg.n_stream, len(te))} windows equal to offline decoding")
+    te = prepare(te_items, V, km, vq, feats)
+    wins = metrics.tiling(te_items, T, R)[: cfg.max_eval or None]
+    preds, toks = predict(model, V, te, wins, vq, tcfg)
+    rows = {"model": preds}
+    if cfg.nucleus > 0:  # greedy decoding collapses the variation: nucleus sampling is scored beside it
+        rows[f"model:nucleus_{cfg.nucleus:g}"] = predict(model, V, te, wins, vq, tcfg, cfg.nucleus)[0]
+    betas, walks = [te[c]["item"]["listener_beta"] for c, _ in wins], {}
+    codecs = [("naive", get_vq(tcfg.vq_naive, tcfg, path, naive=True))]
+    codecs += [("identity", vq)] if vq.cfg.norm != "none,none" else []   # a Tab. 4 run decodes with the naive one
+    for name, codec in codecs:   # the random-walk baselines: (M', G) training token windows of each codec
+        codes = vq_tokens(codec, tr_items)
+        walks[name] = (codes[:, : codes.shape[1] // G * G].reshape(-1, G).numpy(), codec.K,
+                       lambda z, codec=codec: decode_motion(codec, torch.as_tensor(z), betas))
+    extra = None
+    if cfg.stream:  # streaming must give the offline tokens: the listener never looks ahead
+        offline = lambda c: decode_cached(model, split_chunks(*build_sequence(
+            te[c], 0, G, V, tcfg.modalities.split("+"), tcfg.n_hist, ctx=tcfg.ctx)), V)
+        extra = {"model": metrics.stream_check(lambda c: stream(model, V, km, te[c], tcfg), offline,
+                                                 min(cfg.n_stream, len(te)))}
+    test = metrics.listener_windows(te_items, wins, T)
+    bank = metrics.listener_windows(tr_items, metrics.tiling(tr_items, T, R), T)
+    rows = metrics.evaluate_lm_listener(test, bank, rows, walks=walks, extra=extra, seed=cfg.seed)
+    metrics.render_lm_listener(out / "samples", test, preds, betas, toks.numpy())
     metrics.write_metrics_json(rows, out / "metrics.json")
-    print(metrics.format_table(rows))
-    print("\nTable 1 layout (L2 = mse/all, FD, Variation, Diversity, P-FD, L2-Affect; raw units, per window):")
-    print(metrics.format_table(rows, ["mse/all", "fd/all", "var_pred/all", "div_pred/all", "pfd/all", "affect_l2"]))
     print(f"[lm_listener] wrote {out / 'metrics.json'} and {out / 'samples'}")
     return rows
 
 
 def main(argv=None, mode="train"):
-    argv = list(argv or [])
-    if argv[:1] in (["sample"], ["train"]):
-        mode, argv = argv[0], argv[1:]
-    cfg, given = parse_config(argv, mode)
-    return train(cfg, given) if mode == "train" else sample(cfg, given)
+    cfg = parse_config(list(argv or []), mode)
+    return train(cfg) if mode == "train" else sample(cfg)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli()

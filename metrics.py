@@ -1,15 +1,19 @@
 """metrics.py: the metrics of the five papers' tables, the baselines they are compared with, and the writers.
 
 Not here: FID and FRRea (REACT's realism score). Both score rendered face images, so they need a photo-real face
-renderer, and this repository has none. The codebook statistics (perplexity, active codes) are computed by vqvae.py
-from its quantiser. Every other metric column of the papers' tables is here.
+renderer, and this repository has none. Every other metric column of the papers' tables is here.
 
 How the file reads:
     1. each metric's plain definition: a few lines of numpy, with the formula in the docstring;
     2. the batched fast paths that the tables run (tests/test_metrics.py checks each against its plain definition);
     3. the table functions that the method files call: listener_metrics, react_metrics, face_metrics;
-    4. the baselines; 5. the Markdown table and metrics.json writers; 6. `python metrics.py --bench`, which times FD
-       and FRDist against the reference code (numpy/scipy, tslearn) when it is installed.
+    4. the baselines; 5. the Markdown table and metrics.json writers;
+    6. the evaluation protocol of each method, the one function its sample() calls: evaluate_codec (vqvae.py),
+       evaluate_listener (discrete_diffusion.py), evaluate_lm_listener (lm_listener.py), evaluate_react
+       (latent_diffusion.py), evaluate_talking (diff_transformer.py): they build the GT / alt-GT / baseline /
+       oracle / model rows and the printed table; and rule_responses, which social rule a listener answers;
+    7. `python metrics.py --bench`, which times FD and FRDist against the reference code (numpy/scipy, tslearn)
+       when it is installed.
 
 Whose evaluation code we follow (a docstring that departs from it ends with a "Differs from original:" note):
     listener motion (L2, FD, P-FD, Var, Div, L2-Affect): LM-Listener (arXiv 2308.10897), Learning2Listen
@@ -27,12 +31,15 @@ import json
 import math
 import os
 import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+import data
 
 EXP = slice(0, 50)  # listener expression dims
 POSE = slice(50, 56)  # head rotation (3) + jaw (3)
@@ -915,9 +922,624 @@ def write_metrics_json(rows, path):
     os.replace(tmp, path)
     return path
 
+# ---------------------------------------------------------------------------------------------------------
+# 6a. Evaluation protocol: codec (vqvae.py): reconstruction, random walks over the codebook, MMLM Tab. 5
+# ---------------------------------------------------------------------------------------------------------
+
+# the Tab. 5 layout of MMLM (CVPR 2025): Rec., Commit., PPL; plus entropy, active codes and Rec. of unseen listeners
+TABLE5 = ["rec", "commit", "ppl", "entropy", "active", "rec_unseen"]
+
+
+def usage_stats(idx, K):
+    """Pooled code usage: (entropy H in nats, perplexity exp(H), active fraction) of an int tensor of indices."""
+    counts = torch.bincount(idx.reshape(-1), minlength=K).double()
+    p = counts / counts.sum()
+    H = float(-(p[p > 0] * p[p > 0].log()).sum())
+    return H, math.exp(H), float((counts > 0).double().mean())
+
+
+def by_length(clips, size=64):
+    """Batches of indices of clips of equal length (full clips at offset 0, no padding), at most `size` each."""
+    groups = {}
+    for i, c in enumerate(clips):
+        groups.setdefault(c[0].shape[0], []).append(i)
+    return [g[j:j + size] for g in groups.values() for j in range(0, len(g), size)]
+
+
+@torch.no_grad()
+def codec_stats(model, clips, device):
+    """MMLM's Tab. 5 numbers on full clips: Rec (L_rec) and Commit averaged over clips, PPL = exp(H) and H of the
+    pooled code usage, active fraction. -> (stats, reconstructions [x_hat (T, D)] in z-units, in clip order)"""
+    model.eval()
+    rec = commit = 0.0
+    idx, recons = [], [None] * len(clips)
+    for group in by_length(clips):
+        x = torch.stack([clips[i][0] for i in group]).to(device)  # (B, T, D)
+        beta = torch.stack([clips[i][1] for i in group]).to(device)  # (B, D_id)
+        out = model(x, beta)
+        rec += float(out["rec"]) * len(group)
+        commit += float(out["commit"]) * len(group)
+        idx.append(out["idx"].reshape(-1).cpu())
+        for i, x_hat in zip(group, out["x_hat"].cpu()):
+            recons[i] = x_hat
+    H, ppl, active = usage_stats(torch.cat(idx), model.K)
+    return dict(rec=rec / len(clips), commit=commit / len(clips), ppl=ppl, entropy=H, active=active), recons
+
+
+@torch.no_grad()
+def codec_tokens(model, clips, device):
+    """Full clips at offset 0 -> [idx (L,) int64], in clip order."""
+    tokens = [None] * len(clips)
+    for group in by_length(clips):
+        idx = model.encode(torch.stack([clips[i][0] for i in group]).to(device)).cpu()  # (B, T, D) -> (B, L)
+        for i, t in zip(group, idx):
+            tokens[i] = t
+    return tokens
+
+
+def random_walk_motion(train_codes, lengths, K, decode, seed=0):
+    """MMLM's "Random Walk" rows (Tab. 1/2; the paper does not define the walk): for clip i, L_i tokens of a
+    first-order Markov walk fitted on the training token sequences (baseline_random_walk_codes, seed + i),
+    decoded with clip i's identity. decode(i, codes (1, L_i)) -> (T_i, 56). -> [(T_i, 56)]"""
+    return [decode(i, baseline_random_walk_codes(train_codes, 1, L, K, seed=seed + i))
+            for i, L in enumerate(lengths)]
+
+
+@torch.no_grad()
+def evaluate_codec(model, clips, train_clips, device, *, seed=0):
+    """Every row of the codec's table, printed (all metrics, then the Tab. 5 layout).
+
+    clips: the evaluated clips (their items give the speaker motion and alternative listeners); train_clips: the
+    training clips (their tokens fit the random walk; their listeners are the seen ones). Rows: GT, model (with its
+    Tab. 5 numbers and the Rec of listeners unseen in training), baseline:random_walk, alt-GT (when the data has
+    alternatives); listener_metrics per row. -> (rows, gts, recons, walks), motions [(T_i, 56)] raw units"""
+    codec, recons = codec_stats(model, clips, device)
+    seen = {c[2]["listener_id"] for c in train_clips}
+    unseen = [c for c in clips if c[2]["listener_id"] not in seen]
+    if unseen:
+        codec["rec_unseen"] = codec_stats(model, unseen, device)[0]["rec"]
+    raw = lambda x: model.denormalize(x).cpu().numpy()  # z-units -> raw motion (T, 56)
+    gts, recons = [raw(c[0]) for c in clips], [raw(x) for x in recons]
+    train_codes = [t.numpy() for t in codec_tokens(model, train_clips, device)]
+
+    def decode(i, codes):  # codes (1, L) -> (T, 56) raw motion with clip i's identity
+        return raw(model.decode(torch.as_tensor(codes, device=device), clips[i][1][None].to(device))[0])
+    walk = random_walk_motion(train_codes, [g.shape[0] // model.r for g in gts], model.K, decode, seed)
+    spk = [np.asarray(c[2]["speaker"])[: g.shape[0]] for c, g in zip(clips, gts)]
+    rows = {"GT": listener_metrics(gts, gts, spk), "model": listener_metrics(recons, gts, spk),
+            "baseline:random_walk": listener_metrics(walk, gts, spk)}
+    alt = [(np.asarray(c[2]["alt_listener"][0])[: g.shape[0]], g, s) for c, g, s in zip(clips, gts, spk)
+           if c[2].get("alt_listener") is not None]
+    if alt:
+        rows["alt-GT"] = listener_metrics(*map(list, zip(*alt)))
+    rows["model"].update(codec)
+    print(format_table(rows))
+    print("\nTab. 5 layout (Rec = L_rec in z-units, Commit = mean |z_e - z_q|^2, PPL = exp of the code entropy):")
+    print(format_table({"model": rows["model"]}, TABLE5))
+    return rows, gts, recons, walk
+
 
 # ---------------------------------------------------------------------------------------------------------
-# 6. Benchmark: python metrics.py --bench (ours against the reference code, one thread each, same process)
+# 6b. Evaluation protocol: listening heads, DiffListener (discrete_diffusion.py)
+# ---------------------------------------------------------------------------------------------------------
+
+# the columns of the listening-head tables: L2, FD, P-FD, variation, diversity, L2 of the affect (valence)
+LISTENER_TABLE = ["mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all", "affect_l2"]
+
+
+def listener_baselines(test, bank, codec=None, seed=0):
+    """Baselines that see no model: a random training listener, the listener of the nearest speaker motion / audio /
+    words in a bank of training windows, and, given a codec, a first-order random walk over its training tokens and
+    its floor (the GT tokens decoded). test, bank: dicts of listener (n, T, D), speaker (n, T, D), audio (n, 4T, F),
+    text [n] and codes (n, L); codec: dict(K, decode(codes (n, L)) -> (n, T, D)). -> {name: predictions (n, T, D)}"""
+    bl, n, T = bank["listener"], len(test["listener"]), test["listener"].shape[1]
+    base = {"random": baseline_random(bl, n, T, seed=seed),
+            "nn_motion": baseline_nn_motion(test["speaker"], bank["speaker"], bl),
+            "nn_audio": baseline_nn_audio(test["audio"], bank["audio"], bl, T=T),
+            "nn_text": baseline_nn_text(test["text"], bank["text"], bl, T=T, seed=seed)}
+    if codec is not None:
+        L = test["codes"].shape[1]
+        walk = baseline_random_walk_codes(np.asarray(bank["codes"]), n, L, codec["K"], seed=seed)
+        base.update(random_walk=codec["decode"](walk), vq_floor=codec["decode"](test["codes"]))
+    return base
+
+
+def long_stream(segs, seconds, r):
+    """A speaker stream of about `seconds` from consecutive segments of a split, cut to n frames, a multiple of r.
+    segs: spk / lis (S, Ts, D), feat (S, 4 Ts, F), beta (S, D_id), words [S] lists of (text, end_s), fps. -> dict of
+    speaker (1, n, D), audio (1, 4n, F), words [[(text, end_s)]] shifted in time (history words of later segments
+    dropped), beta (1, D_id) and listener (1, n, D) (the GT) of the first segment's listener."""
+    Ts, fps = segs["spk"].shape[1], segs["fps"]
+    sel = [j % segs["spk"].shape[0] for j in range(max(1, math.ceil(seconds * fps / Ts)))]
+    words = [(w, e + j * Ts / fps) for j, i in enumerate(sel) for w, e in segs["words"][i] if e >= 0 or j == 0]
+    n = int(min(len(sel) * Ts, seconds * fps)) // r * r
+    return dict(speaker=segs["spk"][sel].flatten(0, 1)[None, :n], audio=segs["feat"][sel].flatten(0, 1)[None, :4 * n],
+                words=[words], beta=segs["beta"][sel[:1]], listener=segs["lis"][sel].flatten(0, 1)[None, :n])
+
+
+def long_conversation(segs, seconds, r, listen, every):
+    """The long-conversation protocol: listen(stream, hop) -> listener (n, D) of a long_stream, with windows every
+    hop tokens; jointly denoised half-overlapping windows (hop None) against independent windows (hop = a whole
+    window of `every` frames). -> the `long` entry of evaluate_listener."""
+    st = long_stream(segs, seconds, r)
+    joint, independent = listen(st), listen(st, every // r)
+    return dict(joint=joint, independent=independent, gt=st["listener"][0].numpy(), speaker=st["speaker"][0].numpy(),
+                every=every, fps=segs["fps"])
+
+
+def seam_ratio(x, every):
+    """Mean |x_{t+1} - x_t| across frames t+1 = k * every (window boundaries) / the same over all frames."""
+    step = np.abs(np.diff(x, axis=0)).mean(-1)                        # (T-1,)
+    b = np.arange(every, len(x), every) - 1
+    return float(step[b].mean() / step.mean())
+
+
+def best_of_times(fn, n=3):
+    """Median wall time of fn() over n runs (after one warm-up run)."""
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def time_sampler(segs, r, listen, steps, runs, batch, device):
+    """listen(stream, hop, S, B) samples B listeners of a long_stream with S steps; best_of_times on an 8-s stream of segs.
+    -> row entries: seconds per listener (S = steps and S = 10) and listeners per second at batch B."""
+    s8 = long_stream(segs, 8, r)
+    one = lambda S, B=1: listen(s8, None, S, B)
+    t1, tf = best_of_times(lambda: one(steps), runs), best_of_times(lambda: one(10), runs)
+    tb = best_of_times(lambda: one(steps, batch), n=1)
+    print(f"timing on {device} ({torch.get_num_threads()} threads): one 8-s listener {t1:.3f} s ({steps} steps), "
+          f"fast sampler 10 steps {tf:.3f} s, batch {batch}: {tb:.2f} s = {batch / tb:.1f} 8-s listeners/s")
+    return {"sec_per_8s_sample": t1, "sec_per_8s_sample_fast10": tf, f"samples_per_s_batch{batch}": batch / tb}
+
+
+def gap_report(rows, model="model"):
+    """How much of the FD gap between the best baseline (the codec floor aside) and alt-GT the model closes."""
+    bfd = min(v["fd/all"] for k, v in rows.items() if k.startswith("baseline:") and k != "baseline:vq_floor")
+    if "alt-GT" in rows:
+        closed = (bfd - rows[model]["fd/all"]) / max(bfd - rows["alt-GT"]["fd/all"], 1e-12)
+        print(f"FD: best baseline {bfd:.3f}, {model} {rows[model]['fd/all']:.3f}, alt-GT {rows['alt-GT']['fd/all']:.3f}"
+              f" -> {100 * closed:.0f}% of the gap closed")
+
+
+def evaluate_listener(test, bank, preds, *, codec=None, long=None, timing=None, valence_fn=None, seed=0):
+    """Every row of a listening-head table, printed and returned ({row: {metric: value}}, listener_metrics).
+
+    test / bank: the evaluated windows and a bank of training windows (see listener_baselines; test may hold alt,
+    an alternative listener (n, T, D) -> row alt-GT); preds: {row: [predictions (n, T, D) per seed]}, a row's
+    metrics are the mean over seeds; codec: adds baseline:random_walk and baseline:vq_floor; long: dict(joint,
+    independent, gt (T', D), every (frames)) -> seam ratios printed; timing: entries added to the "model" row.
+    Rows: GT, alt-GT, baseline:random, :nn_motion, :nn_audio, :nn_text, :random_walk, :vq_floor, then preds."""
+    vfn = valence_fn or data.FaceModel().valence
+    score = lambda p: listener_metrics(list(p), list(test["listener"]), list(test["speaker"]), valence_fn=vfn)
+    rows = {"GT": score(test["listener"])}
+    if test.get("alt") is not None:
+        rows["alt-GT"] = score(test["alt"])
+    rows.update({f"baseline:{k}": score(v) for k, v in listener_baselines(test, bank, codec, seed).items()})
+    for name, runs in preds.items():
+        per = [score(x) for x in runs]
+        rows[name] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+        print(f"{name}: {len(runs)} seeds; std over seeds: " + ", ".join(
+            f"{k} {np.std([p[k] for p in per]):.4f}" for k in ("mse/all", "fd/all", "pfd/all")))
+    gap_report(rows)
+    if long is not None:
+        print(f"long: {len(long['joint']) / long.get('fps', data.FPS):.1f} s listener; frame-step at window "
+              f"boundaries / mean: joint {seam_ratio(long['joint'], long['every']):.2f}, independent windows "
+              f"{seam_ratio(long['independent'], long['every']):.2f}, GT {seam_ratio(long['gt'], long['every']):.2f}")
+    rows["model"].update(timing or {})
+    print(format_table(rows, LISTENER_TABLE))
+    return rows
+
+
+def render_listener(folder, test, pred, long, name, **arrays):
+    """npy files (pred, gt, speaker, the long conversation and any extra arrays), GIFs (speaker | name | GT) and
+    channel plots of the first two windows and of the long conversation. test: evaluate_listener's, with beta."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gt, spk, fps = test["listener"], test["speaker"], long["fps"]
+    for k, v in dict(pred=pred, gt=gt, speaker=spk, long_listener=long["joint"], long_speaker=long["speaker"],
+                     **arrays).items():
+        np.save(folder / f"{k}.npy", v)
+    for i in range(min(2, len(pred))):
+        beta = np.asarray(test["beta"][i])
+        data.render_gif(folder / f"window{i}.gif", [spk[i], pred[i], gt[i]], [beta] * 3,
+                        ["speaker", name, "listener GT"], fps=fps)
+        data.plot_channels(folder / f"window{i}.png", {name: pred[i], "GT": gt[i]}, channels=[0, 1, 2, 50, 53], fps=fps)
+    both = {"joint windows": long["joint"], "independent windows": long["independent"]}
+    data.plot_channels(folder / "long.png", both, channels=[0, 50, 53], fps=fps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6c. Evaluation protocol: listening heads, the multimodal LM listener (lm_listener.py; MMLM Tab. 1-4)
+# ---------------------------------------------------------------------------------------------------------
+
+# the Table 1 layout of MMLM (CVPR 2025): L2, FD, Variation, Diversity, P-FD, L2-Affect
+TABLE1 = ["mse/all", "fd/all", "var_pred/all", "div_pred/all", "pfd/all", "affect_l2"]
+
+
+def tiling(items, T, r=8):
+    """Non-overlapping T-frame windows [(item index, start frame)] of data items, each item cut to a multiple of r."""
+    return [(i, f0) for i, it in enumerate(items) for f0 in range(0, len(it["listener"]) // r * r - T + 1, T)]
+
+
+def listener_windows(items, wins, T):
+    """The data side of windows [(item index, start frame)]: listener and speaker motion [(T, 56)], the speaker's
+    words around each window as text (for the speech-content baseline) and the first alternative listener (alt-GT),
+    None when the data has none."""
+    crop = lambda key: [np.asarray(items[i][key][f0:f0 + T], np.float32) for i, f0 in wins]
+    alt = [np.asarray(items[i]["alt_listener"][0][f0:f0 + T], np.float32) for i, f0 in wins
+           if items[i].get("alt_listener") is not None]
+    return dict(listener=crop("listener"), speaker=crop("speaker"), alt=alt if len(alt) == len(wins) else None,
+                text=[window_text(items[i]["words"], f0 / data.FPS, (f0 + T) / data.FPS) for i, f0 in wins])
+
+
+def retrieval_baselines(test, bank, seed=0):
+    """LM-Listener's baselines (arXiv 2308.10897, Tab. 1) from a bank of training windows (listener_windows of the
+    train split): a random training listener, the listener of the nearest speaker motion, and of the nearest
+    speech content (TF-IDF in place of Sentence-BERT). -> {row name: predictions}."""
+    bank_l, bank_s = np.stack(bank["listener"]), np.stack(bank["speaker"])
+    n, T = len(test["listener"]), bank_l.shape[1]
+    return {"baseline:random": list(baseline_random(bank_l, n, T, seed=seed)),
+            "baseline:nn_motion": list(baseline_nn_motion(np.stack(test["speaker"]), bank_s, bank_l)),
+            "baseline:nn_speech": list(baseline_nn_text(test["text"], bank["text"], bank_l, seed=seed))}
+
+
+def random_walk_codes(codes, n, G, K, decode, seed=0):
+    """A first-order Markov walk over a codec's training token windows codes (M, G), decoded to motion: the
+    codebook prior with no speaker input. decode(tokens (n, G)) -> [(T, 56)]."""
+    return decode(baseline_random_walk_codes(np.asarray(codes), n, G, K, seed=seed))
+
+
+def stream_check(stream, offline, n):
+    """Streaming against offline decoding of windows 0..n-1: stream(c) -> (tokens, per-token latency in ms from a
+    group's last frame to its token), offline(c) -> tokens. Prints how many are equal; -> latency row entries."""
+    latency, same = [], 0
+    for c in range(n):
+        toks, ms = stream(c)
+        same += int(toks == offline(c))
+        latency += ms
+    print(f"streaming: {len(latency)} tokens, latency per token median {np.median(latency):.2f} ms, "
+          f"p95 {np.percentile(latency, 95):.2f} ms; {same}/{n} windows equal to offline decoding")
+    return {"stream_ms_median": float(np.median(latency)), "stream_ms_p95": float(np.percentile(latency, 95))}
+
+
+def render_lm_listener(folder, test, preds, betas, tokens):
+    """folder/: pred.npy (the first 16 predictions), tokens.npy, sample.gif (GT and prediction of the first two
+    windows, each with its listener's beta) and channels.png (GT, prediction and speaker of the first window)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "pred.npy", np.stack(preds[:16]))
+    np.save(folder / "tokens.npy", tokens)
+    k, gts = min(2, len(preds)), test["listener"]
+    data.render_gif(folder / "sample.gif", [x for i in range(k) for x in (gts[i], preds[i])],
+                    [b for i in range(k) for b in (betas[i], betas[i])], ["GT", "model"] * k)
+    data.plot_channels(folder / "channels.png", {"GT": gts[0], "model": preds[0], "speaker": test["speaker"][0]})
+
+
+def evaluate_lm_listener(test, bank, preds, *, walks=None, extra=None, seed=0, valence_fn=None):
+    """Every row of a listening-head table, printed (all metrics, then the Table 1 layout) and returned.
+
+    test: listener_windows of the evaluated windows (GT listener, speaker, text, alt); bank: listener_windows of
+    training windows (retrieval baselines); preds: {row name: [(T, 56)]}, the method's rows (e.g. "model",
+    "model:nucleus_0.9"); walks: {codec name: (codes (M, G), K, decode)} -> rows baseline:random_walk_<name>;
+    extra: {row name: {metric: value}} merged into those rows (e.g. streaming latency).
+    Rows: GT, alt-GT (when the data has alternatives), baseline:random, baseline:nn_motion, baseline:nn_speech,
+    baseline:random_walk_<name>..., then preds in order. Metrics: listener_metrics per row."""
+    gts, spk = test["listener"], test["speaker"]
+    vfn = valence_fn or data.FaceModel().valence
+    score = lambda p: listener_metrics(p, gts, spk, valence_fn=vfn, seed=seed)
+    rows = {"GT": score(gts)}
+    if test["alt"] is not None:
+        rows["alt-GT"] = score(test["alt"])
+    rows.update({name: score(p) for name, p in retrieval_baselines(test, bank, seed).items()})
+    for name, (codes, K, decode) in (walks or {}).items():
+        rows[f"baseline:random_walk_{name}"] = score(random_walk_codes(codes, len(gts), np.shape(codes)[1], K, decode, seed))
+    rows.update({name: score(p) for name, p in preds.items()})
+    for name, more in (extra or {}).items():
+        rows[name].update(more)
+    print(format_table(rows))
+    print("\nTable 1 layout (L2 = mse/all, FD, Variation, Diversity, P-FD, L2-Affect; raw units, per window):")
+    print(format_table(rows, TABLE1))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6d. Evaluation protocol: REACT, Latent Behavior Diffusion (latent_diffusion.py)
+# ---------------------------------------------------------------------------------------------------------
+
+REACT_COLS = ["frcorr_sum", "frcorr_mean", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs", "frsyn", "K"]
+MOTION_COLS = ["mse/all", "mse/exp", "mse/pose", "fd/all", "fd/exp", "fd/pose", "pfd/all", "var_pred/all",
+               "div_pred/all"]
+
+
+def frames(items, key, T):
+    """Items' (T_i, D) arrays cropped (or padded with their last frame) to T frames -> (N, T, D) float32."""
+    out = []
+    for it in items:
+        a = np.asarray(it[key], np.float32)[:T]
+        out.append(np.concatenate([a, np.repeat(a[-1:], T - len(a), 0)]) if len(a) < T else a)
+    return np.stack(out)
+
+
+def evenly_spaced(items, n):
+    """At most n items, evenly spaced over the list (n = 0: all), so that a short evaluation still spans the split."""
+    if not n or len(items) <= n:
+        return items
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+
+
+def appropriate_pool(items, T):
+    """The appropriate sets as one pool: each segment's GT reaction, then its K alternatives. Returns pool
+    (M, T, D) float64, A (N, M) bool (A[i, j]: pool entry j is appropriate for speaker i) and first (N,): the pool
+    index of each speaker's own GT."""
+    pool, owner = [], []
+    for k, it in enumerate(items):
+        alts = it.get("alt_listener_attr")
+        block = [np.asarray(it["listener_attr"])[:T]] + ([a[:T] for a in np.asarray(alts)] if alts is not None else [])
+        pool += block
+        owner += [k] * len(block)
+    A = np.asarray(owner)[None, :] == np.arange(len(items))[:, None]           # (N, M)
+    return np.stack(pool).astype(np.float64), A, A.argmax(1)
+
+
+def alt_gt_react(items, T, spk, fps):
+    """The alt-GT row: sample i of a speaker = its alternative i. FRCorr and FRDist score alternative i against
+    the appropriate set *without* it (leave-one-out: otherwise it would find itself); the set-level metrics
+    (FRDiv, FRVar, FRDvs, FRSyn) use all K alternatives at once."""
+    alts = np.stack([np.asarray(it["alt_listener_attr"])[:, :T] for it in items]).astype(np.float64)  # (N, K, T, D)
+    pool, A, first = appropriate_pool(items, T)
+    row = react_metrics(alts, pool, spk, A, fps=fps)
+    corr, dist = [], []
+    for i in range(alts.shape[1]):
+        Ai = A.copy()
+        Ai[np.arange(len(items)), first + 1 + i] = False                        # leave alternative i out
+        corr.append(fr_corr(alts[:, i:i + 1], pool, Ai)["mean"])
+        dist.append(fr_dist(alts[:, i:i + 1], pool, Ai)["mean"])
+    K = alts.shape[1]
+    row.update(frcorr_mean=float(np.mean(corr)), frcorr_sum=float(np.mean(corr) * K),
+               frdist_mean=float(np.mean(dist)), frdist_sum=float(np.mean(dist) * K))
+    return row
+
+
+def react_baselines(items, train_items, T, K, score, seed=0):
+    """The four REACT baselines, each repeated to K samples and scored with `score` ((N, K, T, D) -> row):
+    a random train reaction, mime (the speaker's own attributes), the mean frame of all train attributes, and the
+    train reaction whose speaker motion is nearest (cosine of time-means) to the test speaker's."""
+    N = len(items)
+    Tb = min(T, min(len(it["listener_attr"]) for it in train_items))
+    bank_l, bank_s = frames(train_items, "listener_attr", Tb), frames(train_items, "speaker_attr", Tb)
+    rows = {"baseline:random": score(baseline_random(bank_l, N * K, T, seed=seed).reshape(N, K, T, -1))}
+    spk = frames(items, "speaker_attr", T).astype(np.float64)
+    rows["baseline:mime"] = score(np.repeat(spk[:, None], K, 1))
+    mean_fr = baseline_mean_frame(np.concatenate([bank_l, bank_s]), T)
+    rows["baseline:mean_frame"] = score(np.repeat(np.asarray(mean_fr)[None, None], N, 0).repeat(K, 1))
+    nn_m = baseline_nn_motion(frames(items, "speaker", T), frames(train_items, "speaker", Tb), bank_l)
+    rows["baseline:nn_motion"] = score(np.repeat(np.asarray(nn_m)[:, None], K, 1))
+    return rows
+
+
+def quick_react(items, preds):
+    """The cheap check during training: FRCorr (mean over samples) and FRDiv of preds (N, K, T, D), no FRDist."""
+    pool, A, _ = appropriate_pool(items, preds.shape[2])
+    return {"frcorr_mean": fr_corr(preds, pool, A)["mean"], "frdiv": fr_div(preds)}
+
+
+def best_time(fn, repeats=3):
+    """Seconds of one call of fn(r): the best of `repeats` calls after one warm-up (on a shared machine the
+    minimum is the least disturbed)."""
+    fn(0)
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        fn(r)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def evaluate_react(items, train_items, preds, motion=None, *, sec_per_speaker=None, seed=0, model_only=False):
+    """The REACT table of a method that samples K reactions per speaker.
+
+    items: the scored segments (speaker_attr, listener_attr and, where the data has them, alt_listener_attr,
+    speaker / listener motion, alt_listener); train_items: the baselines' bank; preds (N, K, T, 25) the model's
+    attributes; motion (N, K, T, F) its 3DMM branch (sample 0 is scored with the listener-motion metrics).
+    model_only: only the model row, without FRDist (its DTWs are nearly all of the cost), as for the cells of an
+    ablation grid. Returns ({row: {metric: value}}, the two Markdown tables as text)."""
+    N, K, T, _ = preds.shape
+    fps = int(items[0]["fps"])
+    spk = frames(items, "speaker_attr", T).astype(np.float64)                  # (N, T, D)
+    pool, A, _ = appropriate_pool(items, T)
+    score = lambda p: react_metrics(p, pool, spk, A, fps=fps, with_dist=not model_only)
+    has_alt = items[0].get("alt_listener_attr") is not None
+    rows = {}
+    if not model_only:
+        rows["GT"] = score(np.repeat(frames(items, "listener_attr", T).astype(np.float64)[:, None], K, 1))
+        if has_alt:
+            rows["alt-GT"] = alt_gt_react(items, T, spk, fps)
+        rows.update(react_baselines(items, train_items, T, K, score, seed))
+    rows["model"] = {**score(preds), **({} if sec_per_speaker is None else {"sec_per_speaker": sec_per_speaker})}
+    if motion is not None:
+        gt_m, spk_m = list(frames(items, "listener", T)), list(frames(items, "speaker", T))
+        rows["model"].update(listener_metrics(list(motion[:, 0]), gt_m, spk_m))
+        if not model_only:
+            rows["GT"].update(listener_metrics(gt_m, gt_m, spk_m))
+            if items[0].get("alt_listener") is not None:
+                alt_m = [np.asarray(it["alt_listener"])[0, :T] for it in items]
+                rows["alt-GT"].update(listener_metrics(alt_m, gt_m, spk_m))
+    text = format_table(rows, REACT_COLS)
+    if motion is not None:
+        text += (f"\n\n3DMM branch (sample 0, raw {motion.shape[-1]}-d motion units, per {T}-frame window):\n"
+                 + format_table({k: r for k, r in rows.items() if "mse/all" in r}, MOTION_COLS))
+    return rows, text
+
+
+def render_react(out, items, preds, motion, fps):
+    """channels.png: valence, arousal and two emotion channels of the first speaker, its GT and three samples;
+    reactions.gif: that speaker and three samples of the 3DMM branch on the tiny face (56-d motion only)."""
+    out, T, k3, it = Path(out), preds.shape[2], min(3, preds.shape[1]), items[0]
+    spk, gt = (frames(items[:1], key, T)[0].astype(np.float64) for key in ("speaker_attr", "listener_attr"))
+    data.plot_channels(out / "channels.png", {"speaker": spk, "GT": gt, **{f"sample {k}": preds[0, k]
+                                                                            for k in range(k3)}},
+                       channels=[15, 16, 17, 18], fps=fps)
+    if motion.shape[-1] == data.MOTION_DIM:
+        data.render_gif(out / "reactions.gif", [frames(items[:1], "speaker", T)[0]] + [motion[0, k] for k in range(k3)],
+                        [it["speaker_beta"]] + [it["listener_beta"]] * k3,
+                        ["speaker"] + [f"reaction {k}" for k in range(k3)], fps=fps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6e. Evaluation protocol: talking faces, DiffSpeaker (diff_transformer.py)
+# ---------------------------------------------------------------------------------------------------------
+
+TALKING_SEEDS = [1234] + [10 * i for i in range(9)]  # DiffSpeaker's repetitions: seeds 1234, 0, 10, ..., 80
+
+
+def tiled_speech(items, seconds):
+    """The clips' audio concatenated and tiled to `seconds`: (wave (S,), the number of frames at data.FPS)."""
+    audio = np.concatenate([it["audio"] for it in items])
+    n = int(seconds * data.SR)
+    return np.tile(audio, 1 + n // len(audio))[:n], int(seconds * data.FPS)
+
+
+def median_ms(fn, warmup=2, reps=5):
+    """Median wall-clock milliseconds of fn() over `reps` calls after `warmup` untimed ones (GPU work included)."""
+    ts = []
+    for _ in range(warmup + reps):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        ts.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(ts[warmup:])
+
+
+def style_averaged(predict, gts, templates, n_style, lip_idx, upper_idx, reps=1):
+    """face_metrics of predict(style, seed) -> [(T, V, 3)], averaged over every training style and repetition;
+    with reps > 1 also lve_ci95 = 1.96 std / sqrt(reps) of the per-repetition LVE (styles averaged inside each)."""
+    rows = [face_metrics(predict(s, seed), gts, templates, lip_idx, upper_idx)
+            for seed in TALKING_SEEDS[:reps] for s in range(n_style)]
+    res = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    if reps > 1:
+        per = np.array([r["lve"] for r in rows]).reshape(reps, n_style).mean(1)  # (reps,)
+        res["lve_ci95"] = float(1.96 * per.std(ddof=1) / np.sqrt(reps))
+    return res
+
+
+def reference_rows(references, gts, templates, n_style, lip_idx, upper_idx):
+    """Rows from the synthetic world's hidden rules (data.talking_references, one dict per clip): alt-GT (another
+    draw of the unpredictable parts), oracle:speech_only (the speech-driven face with the subject's true style), and
+    the same face under every training style, scored one style at a time and averaged (a perfect style-conditioned
+    model under this protocol) or averaged over the styles first (by Jensen never worse on LVE and MVE: the
+    protocol rewards hedging between styles, and this row, not the one before, bounds a style-blind predictor)."""
+    face = lambda preds: face_metrics(preds, gts, templates, lip_idx, upper_idx)
+    per = [face([r["train_styles"][s] for r in references]) for s in range(n_style)]
+    return {"alt-GT": face([r["alt"] for r in references]),
+            "oracle:speech_only": face([r["speech_only"] for r in references]),
+            "oracle:speech_only_train_styles": {k: float(np.mean([p[k] for p in per])) for k in per[0]},
+            "oracle:speech_only_style_mean": face([r["train_styles"].mean(0) for r in references])}
+
+
+def evaluate_talking(items, predict, n_style, lip_idx, upper_idx, *, references=None, baseline=None, timers=None,
+                     reps=1):
+    """The talking-face table: unseen test subjects, each animated under every training style, metrics averaged
+    (LVE, FDD, MVE as in face_metrics). items: test clips {"vertices" (T, V, 3), "template" (V, 3)};
+    predict(style, seed) -> [(T, V, 3)] one prediction per clip; baseline: the same callable for the autoregressive
+    baseline, or None; references: per clip data.talking_references(...) (None on real data); timers:
+    {row: (fn, warmup, reps)} -> column ms_per_10s (fn animates 10 s of speech). Prints the table -> rows."""
+    gts, templates = [it["vertices"] for it in items], [it["template"] for it in items]
+    rows = {"GT": face_metrics(gts, gts, templates, lip_idx, upper_idx)}
+    if references and all(r is not None for r in references):
+        rows.update(reference_rows(references, gts, templates, n_style, lip_idx, upper_idx))
+    static = [np.repeat(tm[None], len(g), 0) for g, tm in zip(gts, templates)]  # the template, never moving
+    rows["baseline:static_template"] = face_metrics(static, gts, templates, lip_idx, upper_idx)
+    for row, fn in (("baseline:autoregressive", baseline), ("model", predict)):
+        if fn is not None:
+            t0 = time.time()
+            rows[row] = style_averaged(fn, gts, templates, n_style, lip_idx, upper_idx, reps)
+            print(f"{row}: {len(items)} clips x {n_style} styles x {reps} reps in {time.time() - t0:.1f} s")
+    for row, (fn, warmup, n) in (timers or {}).items():
+        rows.setdefault(row, {})["ms_per_10s"] = median_ms(fn, warmup, n)
+    print(format_table(rows))
+    ms = {row: rows[row]["ms_per_10s"] for row in timers or {}}
+    if len(ms) == 2:
+        print(f"10 s of speech, batch 1, {torch.get_num_threads()} CPU threads: " +
+              ", ".join(f"{row} {v:.0f} ms" for row, v in ms.items()) +
+              f"; ratio {ms['baseline:autoregressive'] / ms['model']:.1f}x")
+    return rows
+
+
+def render_samples(out, items, preds, lip0, label):
+    """Predictions beside GT: <name>.npy, .gif and a plot .png of the three channels of lip vertex lip0.
+    items: clips {"name", "vertices" (T, V, 3), "template" (V, 3), "disp" (T, V*3)}; preds: [(T, V, 3)]."""
+    for it, v in zip(items, preds):
+        name = re.sub(r"[^\w.-]", "_", it["name"])
+        np.save(out / f"{name}.npy", v)
+        data.render_vertices_gif(out / f"{name}.gif", [v, it["vertices"]], [label, "GT"])
+        data.plot_channels(out / f"{name}.png", {label: (v - it["template"]).reshape(len(v), -1),
+                                                 "GT": it["disp"]}, channels=[3 * lip0, 3 * lip0 + 1, 3 * lip0 + 2])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6f. Rule responses: which hidden social rule a listener sequence answers (the synthetic twins' ledger)
+# ---------------------------------------------------------------------------------------------------------
+
+# rule: (response, window start s, window end s, threshold)
+RULES = {"pause": ("nod", 0.15, 1.1, 0.03), "amused": ("smile", 0.3, 1.6, 0.2), "laugh": ("smile", 0.3, 1.6, 0.2),
+         "smile_seen": ("smile", 0.3, 1.6, 0.2), "loud": ("brow", 0.15, 0.7, 0.2),
+         "valence": ("mood", 1.8, 3.5, 0.08), "sarcasm": ("smile", 0.3, 1.6, 0.2)}
+
+SMILED, ISOLATION = ("amused", "laugh", "smile_seen"), 2.5
+
+
+def _hp(x, k):
+    """x minus its moving average over 2k+1 frames (edge padded): the fast part of a channel."""
+    xp = np.pad(x, k, mode="edge")
+    return x - np.convolve(xp, np.ones(2 * k + 1) / (2 * k + 1), "valid")
+
+
+def _response(m, kind, t, w0, w1, fps, sign=1.0):
+    """The size of the response of kind `kind` in motion m (T, D) to an event at t seconds, window [t+w0, t+w1]."""
+    i, a, b = int(round(t * fps)), int(round((t + w0) * fps)), int(round((t + w1) * fps))
+    if kind == "nod":
+        x = _hp(m[:, data.PITCH], max(int(0.15 * fps), 1))[a:b]
+        return float(x.max() - x.min())
+    if kind == "mood":
+        x = m[:, data.SMILE] - m[:, data.FROWN]
+        return sign * float(x[a:b].mean() - x[max(i - int(0.5 * fps), 0):i + 1].mean())
+    x = m[:, data.SMILE] + m[:, data.OPEN_SMILE] if kind == "smile" else m[:, data.BROW_RAISE]
+    return float(x[a:b].max() - x[max(i - int(0.3 * fps), 0):i + int(0.1 * fps) + 1].min())
+
+
+def rule_responses(listener_seqs, events, fps):
+    """listener_seqs: [(T, D)] raw listener motion (FaceModel channels); events: [{rule: [t] (valence: [[t, change]])}]
+    per sequence (data.load_ledger; None entries skipped); fps: frames per second. -> {rule: share of its events
+    answered (NaN when none), "n_<rule>": number of events scored, "sarcasm": share of sarcasm wrongly answered}.
+    An event counts when its whole window lies inside its sequence; a smile rule's event (and sarcasm) only when no
+    other smile-answered event came in the ISOLATION seconds before it (the answer would be the earlier one's)."""
+    hits = {r: [] for r in RULES}
+    for m, ev in zip(listener_seqs, events):
+        if ev is None:
+            continue
+        m = np.asarray(m, np.float32)
+        T = len(m) / fps
+        for rule, (kind, w0, w1, thr) in RULES.items():
+            for e in ev.get(rule, []):
+                t, sign = (e[0], np.sign(e[1])) if isinstance(e, (list, tuple)) else (e, 1.0)
+                if kind == "smile" and any(t - ISOLATION <= x < t + (w1 if rule == "sarcasm" else 0) and x != t
+                                           for r in SMILED for x in ev.get(r, [])):
+                    continue
+                if t >= 0.5 and t + w1 <= T:
+                    hits[rule].append(_response(m, kind, t, w0, w1, fps, sign) > thr)
+    out = {}
+    for rule, h in hits.items():
+        out[rule] = float(np.mean(h)) if h else float("nan")
+        out[f"n_{rule}"] = len(h)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Benchmark: python metrics.py --bench (ours against the reference code, one thread each, same process)
 # ---------------------------------------------------------------------------------------------------------
 
 def _fd_reference(a, b):

@@ -1,131 +1,265 @@
-"""vqvae.py: a listener-motion VQ-VAE that turns 8 frames of facial motion into one token, naive or identity-disentangled.
+"""vqvae.py: a listener-motion VQ-VAE that turns r = 8 frames of facial motion into one token, naive or identity-free.
 
 A 1-D conv encoder maps z-normalised 56-d listener motion (expression 50 | head rotation 3 | jaw 3) to one latent per
-r = 8 frames; an EMA codebook with dead-code reset quantises it (Eq. 5: idx = argmin_j |z - c_j|^2); a conv decoder
-maps tokens back to motion. The identity-disentangled variant of MMLM puts InstanceNorm in the encoder (per-sequence
-channel statistics, mostly identity, are erased) and AdaIN(beta) in the decoder (the listener's shape beta puts them
-back), so one code means one identity-free "atomic listener motion". `--norm` picks any Tab. 5 row.
+r frames; an EMA codebook with dead-code reset quantises it (Eq. 5 of MMLM: idx = argmin_j |z - c_j|^2); a conv
+decoder maps tokens back to motion. The identity-disentangled variant of MMLM puts InstanceNorm in the encoder (the
+per-sequence channel statistics, mostly identity, are erased) and AdaIN(beta) in the decoder (the listener's shape
+beta puts them back), so one code means one identity-free "atomic listener motion". `--norm` picks a Tab. 5 row.
 
 Papers: MMLM, "LLM-driven Multimodal and Multi-Identity Listening Head Generation", CVPR 2025 (Sec. 3.2, Eq. 5, Tab. 5;
 no arXiv); VQ-VAE arXiv 1711.00937; LM-Listener arXiv 2308.10897 and T2M-GPT arXiv 2301.06052 (backbone, quantiser);
-Learning2Listen arXiv 2204.08451; InstanceNorm arXiv 1607.08022; AdaIN arXiv 1703.06868. No pretrained parts.
-Used by discrete_diffusion.py and lm_listener.py through load_vqvae / encode / decode / normalize / denormalize.
+Learning2Listen arXiv 2204.08451; InstanceNorm arXiv 1607.08022; AdaIN arXiv 1703.06868. Nothing pretrained is needed;
+the synthetic world's listener identity vector stands in for the FLAME shape beta. Used by discrete_diffusion.py and
+lm_listener.py through load_vqvae and the model's encode / decode / normalize / denormalize.
 
-Shapes: B batch, T frames, L = T / r tokens, D = 56 motion dims, D_id = 100 identity dims, C = d_c code dim, W width,
-K codebook size, N flattened tokens.
+Shapes: B batch, T frames, L = T/r tokens, D = 56 motion dims, D_id identity dims, C code dim, W width, K codes, N = B*L
 
-    python vqvae.py --preset smoke                   # seconds: tiny world, writes runs/vqvae/ckpt.pt
-    python train.py --model vqvae                    # default: 2000 steps on the synthetic world (2.5-3.7 min on an
-                                                     # idle 2-core CPU; test FD of reconstructions 0.41, naive 0.36)
-    python train.py --model vqvae --norm none,none --out runs/vqvae_naive    # the naive codebook
-    python sample.py --model vqvae                   # reconstruct test clips + random walk, print the table
-    python vqvae.py --table5                         # train the 5 norm configs, print the Tab. 5-style table
-                                                     # (2000 steps each: 13.5 min on an idle 2-core CPU)
-    python vqvae.py --tokenize                       # write <out>/tokens.pt (idx per clip of every split)
-
-Finding on the synthetic world (see --table5): IN in the encoder erases each window's per-channel amplitude, which
-here carries whether a nod/smile happens, so every normalised config reconstructs worse than (none, none) (test Rec
-0.365 vs LN,LN 0.392 ... IN,IN 0.812) and IN regresses towards the identity mean; the commitment distance is lowest
-with (IN, AdaIN) (0.170 vs 2.630), as in the paper, and its random walk is closer to real motion (FD 0.454 vs 0.878).
+    python vqvae.py --preset smoke                   # seconds on a CPU: tiny world -> runs/vqvae-smoke/ckpt.pt
+    python train.py --model vqvae                    # default: the synthetic world -> runs/vqvae/ckpt.pt
+    python sample.py --model vqvae                   # reconstruct test clips + a random walk, print the tables
+    python train.py --model vqvae --norm none,none --out runs/vqvae_naive    # the naive codec (a Tab. 5 row)
+    python train.py --model vqvae --resume           # continue <out>/ckpt.pt exactly where it stopped
+    torchrun --standalone --nproc_per_node 2 vqvae.py --device cuda --dtype bfloat16 --preset full  # DDP
 """
 import argparse
 import dataclasses
-import functools
+import inspect
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
-import time
-from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
 import data
+import metrics
+
+METHOD = "vqvae"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     data: str = ""                 # listener data (segments/l2l folder or world root); "" = the synthetic world
     out: str = "runs/vqvae"        # output folder: ckpt.pt, config.json, pictures, metrics.json
     preset: str = "default"        # smoke (seconds, tiny world) | default (CPU) | full (paper sizes, GPU)
-    norm: str = "IN,AdaIN"         # ENC,DEC norms: none,none | LN,LN | LN,AdaLN | IN,IN | IN,AdaIN (Tab. 5)
+    norm: str = "IN,AdaIN"         # ENC,DEC norms, a row of Tab. 5: none,none | LN,LN | LN,AdaLN | IN,IN | IN,AdaIN
     codebook_size: int = 128       # K, number of codes (paper 256)
-    code_dim: int = 64             # d_c, code vector size (paper 512)
+    code_dim: int = 64             # C, code vector size (paper 512)
     width: int = 64                # W, conv channels (paper 512)
-    r: int = 8                     # frames per token; a power of two (n_down = log2 r)
-    depth: int = 2                 # residual units per ResStack
-    dilations: str = "3,1"         # dilation of each residual unit (encoder order; the decoder reverses it)
-    beta_hidden: int = 256         # hidden size of the shared MLP(beta) feeding AdaIN / AdaLN heads
-    quantizer: str = "ema"         # ema (EMA codebook, paper) | grad (codebook learned by L_embed)
-    reset: bool = True             # dead-code reset: codes with EMA count < 1 are replaced by batch latents
-    ema_decay: float = 0.99        # mu of the EMA codebook
-    commit_weight: float = 0.02    # beta_commit on L_commit
-    vel_weight: float = 0.5        # lambda_vel on L_veloc
-    pose_weight: float = 1.0       # alpha_pose on the head-rotation term of L_rec
-    window: int = 64               # training crop length in frames (multiple of r)
-    batch: int = 32                # clips per step
-    steps: int = 2000              # optimiser steps
-    lr: float = 1e-3               # peak learning rate (AdamW, betas 0.9/0.99, wd 0)
-    warmup: int = 100              # linear warm-up steps
+    r: int = 8                     # frames per token, a power of two (paper 8)
+    dilations: str = "3,1"         # one residual unit per dilation; the decoder reverses the order (paper 9,3,1)
+    beta_hidden: int = 256         # hidden size of the shared MLP(beta) feeding the AdaIN / AdaLN heads
+    ema_decay: float = 0.99        # mu of the EMA codebook (paper 0.99)
+    commit_weight: float = 0.02    # weight of L_commit (paper 0.02)
+    vel_weight: float = 0.5        # weight of L_veloc (paper 0.5)
+    pose_weight: float = 1.0       # weight of the head-rotation term of L_rec (paper 1)
+    window: int = 64               # training crop length in frames, a multiple of r (LM-Listener 32)
+    batch: int = 32                # clips per step, over all ranks (paper 256)
+    steps: int = 2000              # optimiser steps (paper 300k)
+    lr: float = 1e-3               # peak learning rate, AdamW betas 0.9/0.99, no weight decay (paper 2e-4)
+    warmup: int = 100              # linear warm-up steps (paper 1000)
     grad_clip: float = 1.0         # gradient-norm clip
     eval_every: int = 500          # steps between validation + checkpoint
     max_eval: int = 256            # clips used per split for evaluation (0 = all)
-    seed: int = 0                  # seeds python, numpy and torch
+    seed: int = 0                  # seeds python, numpy and torch, and the data order
     device: str = "auto"           # auto -> cuda, mps, cpu
-    dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast; quantiser stays float32)
-    resume: bool = False           # continue from <out>/ckpt.pt
+    dtype: str = "float32"         # float32 | bfloat16 | float16 (autocast; the quantiser stays float32)
+    compile: bool = False          # torch.compile the encoder and decoder for training (opt-in, for GPUs)
+    resume: bool = False           # continue from <out>/ckpt.pt: weights, optimiser, step, random streams
     ckpt: str = ""                 # sample mode: checkpoint (default <out>/ckpt.pt)
     split: str = "test"            # sample mode: split to evaluate
-    table5: bool = False           # train the five norm configs into <out>/table5/<tag>/ and print the table
-    tokenize: bool = False         # encode every clip of every split into <out>/tokens.pt
     motion_dim: int = 56           # D, read from the data at train time
     beta_dim: int = 100            # D_id, read from the data at train time
 
 
 PRESETS = {
-    "smoke": dict(codebook_size=32, code_dim=32, width=32, depth=1, dilations="1", beta_hidden=32, batch=8,
-                  steps=60, warmup=10, eval_every=60, max_eval=16),
+    "smoke": dict(out="runs/vqvae-smoke", codebook_size=32, code_dim=32, width=32, dilations="1", beta_hidden=32,
+                  batch=8, steps=60, warmup=10, eval_every=60, max_eval=16),
     "default": {},
-    "full": dict(codebook_size=256, code_dim=512, width=512, depth=3, dilations="9,3,1", batch=256, steps=300_000,
-                 lr=2e-4, warmup=1000, eval_every=5000, max_eval=0),
+    "full": dict(codebook_size=256, code_dim=512, width=512, dilations="9,3,1", batch=256, steps=300_000, lr=2e-4,
+                 warmup=1000, eval_every=5000, max_eval=0),
 }
 NORMS = ["none,none", "LN,LN", "LN,AdaLN", "IN,IN", "IN,AdaIN"]
+DTYPES = ["float32", "bfloat16", "float16"]
 EXP, ROT, JAW = slice(0, 50), slice(50, 53), slice(53, 56)
+ARCH = ["norm", "codebook_size", "code_dim", "width", "r", "dilations", "beta_hidden"]  # a resumed run must match
+POSITIVE = ["codebook_size", "code_dim", "width", "r", "beta_hidden", "window", "batch", "steps", "warmup",
+            "eval_every", "lr", "grad_clip"]
 
 
-def parse_config(argv) -> Config:
-    """Flags from the dataclass; precedence: explicit flag > preset > Config default."""
-    p = argparse.ArgumentParser(prog="vqvae.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"(default {f.default})")
-        else:
-            p.add_argument(flag, dest=f.name, type=type(f.default), default=argparse.SUPPRESS,
-                           help=f"(default {f.default!r})")
-    given = vars(p.parse_args(argv))
-    preset = given.get("preset", "default")
-    if preset not in PRESETS:
-        p.error(f"--preset must be one of {list(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    if cfg.norm not in NORMS:
-        p.error(f"--norm must be one of {NORMS}")
-    return cfg
+def check_config(cfg, mode):
+    """A value that cannot work is the user's mistake: one line naming the flag and what was expected."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rules = [(getattr(cfg, k) > 0, f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected a positive number")
+             for k in POSITIVE]
+    rules += [  # (condition, message), in order: the first that fails is reported
+        (cfg.r & (cfg.r - 1) == 0, f"--r {cfg.r}: expected a power of two (one stride-2 conv per halving)"),
+        (cfg.r > 0 and cfg.window % cfg.r == 0, f"--window {cfg.window}: expected a multiple of --r {cfg.r}"),
+        (cfg.norm in NORMS, f"--norm {cfg.norm}: expected one of {' | '.join(NORMS)}"),
+        (cfg.dtype in DTYPES, f"--dtype {cfg.dtype}: expected float32, bfloat16 or float16"),
+        (cfg.split in ("train", "val", "test"), f"--split {cfg.split}: expected train, val or test"),
+        (re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", cfg.dilations),
+         f"--dilations {cfg.dilations!r}: expected positive integers, e.g. 9,3,1"),
+        (0 < cfg.ema_decay < 1, f"--ema-decay {cfg.ema_decay}: expected a number in (0, 1)"),
+        (cfg.max_eval >= 0, f"--max-eval {cfg.max_eval}: expected 0 (all) or a positive number of clips"),
+        (cfg.batch % world == 0, f"--batch {cfg.batch}: expected a multiple of the {world} torchrun processes")]
+    for ok, what in rules:
+        if not ok:
+            raise data.UserError(what)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Building blocks: norms, conv stacks
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
+# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
+# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+
+
+def parse_config(argv, mode="train"):
+    """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    preset = given.get("preset", Config.preset)
+    if preset not in PRESETS:
+        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
+    cfg = Config(**{**PRESETS[preset], **given})
+    check_config(cfg, mode)
+    return cfg
+
+
+def cli(argv=None, mode="train"):
+    """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["sample"]):
+        mode, argv = argv[0], argv[1:]
+    try:
+        return main(argv, mode)
+    except data.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if not ok.get(name.split(":")[0], False):
+        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
+                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+
+
+def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
+def seed_all(seed):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def rng_state(gens=()):
+    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
+    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
+
+
+def set_rng_state(state, gens=()):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(gens, state["gens"]):
+        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
+
+
+def save_checkpoint(path, obj):
+    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
+    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
+    if is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or ck.get("method") != METHOD:
+        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
+        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
+    return ck
+
+
+def ddp_setup(device):
+    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_in_sync(module):
+    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
+    an EMA codebook, must be all-reduced by the method); raises if not."""
+    if dist.is_initialized():
+        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
+
+
+def shard(x):
+    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
+    ranks then equals the single-process gradient of the whole batch."""
+    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+
+
+# End of the shared setup.
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model: norms and conv stacks, the quantiser (Eq. 5 of MMLM, EMA codebook, dead-code reset), the VQ-VAE
 
 
 class Norm(nn.Module):
@@ -147,14 +281,15 @@ class Norm(nn.Module):
     def forward(self, h, s=None):
         if self.kind == "none":
             return h
-        affine = (self.weight, self.bias) if self.kind in ("IN", "LN") else (None, None)
+        w, b = (self.weight, self.bias) if self.kind in ("IN", "LN") else (None, None)
         if self.kind.endswith("IN"):  # statistics over time, per channel (fused kernel)
-            h = F.instance_norm(h, weight=affine[0], bias=affine[1], eps=self.eps)  # (B, W, T)
+            h = F.instance_norm(h, weight=w, bias=b, eps=self.eps)  # (B, W, T)
         else:  # statistics over channels, per frame
-            h = F.layer_norm(h.transpose(1, 2), h.shape[1:2], affine[0], affine[1], self.eps).transpose(1, 2)
+            h = F.layer_norm(rearrange(h, "b w t -> b t w"), h.shape[1:2], w, b, self.eps)  # (B, T, W)
+            h = rearrange(h, "b t w -> b w t")
         if self.kind.startswith("Ada"):
-            g, b = self.head(s).chunk(2, dim=-1)  # (B, H) -> 2 x (B, W)
-            h = h * (1 + g[:, :, None]) + b[:, :, None]
+            g, b = self.head(s)[:, :, None].chunk(2, dim=1)  # (B, H) -> 2 x (B, W, 1)
+            h = h * (1 + g) + b
         return h
 
 
@@ -165,14 +300,12 @@ def conv(cin, cout, k, stride=1, dilation=1):
 
 
 class ResStack(nn.Module):
-    """depth units of h + Conv1x1(ReLU(N(Conv3_dil(ReLU(N(h)))))), T2M-GPT style."""
+    """One unit per dilation d: h + Conv1x1(ReLU(N(Conv3_d(ReLU(N(h)))))), T2M-GPT style."""
 
-    def __init__(self, width, dilations, norm, hidden):
+    def __init__(self, W, dilations, norm, H):
         super().__init__()
-        self.units = nn.ModuleList()
-        for d in dilations:
-            self.units.append(nn.ModuleDict(dict(n1=Norm(norm, width, hidden), c1=conv(width, width, 3, dilation=d),
-                                                 n2=Norm(norm, width, hidden), c2=conv(width, width, 1))))
+        self.units = nn.ModuleList(nn.ModuleDict(dict(n1=Norm(norm, W, H), c1=conv(W, W, 3, dilation=d),
+                                                      n2=Norm(norm, W, H), c2=conv(W, W, 1))) for d in dilations)
 
     def forward(self, h, s=None):
         for u in self.units:
@@ -221,30 +354,30 @@ class Decoder(nn.Module):
         return self.out2(F.relu(self.out1(h)))  # (B, D, T)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The quantiser (Eq. 5) with EMA codebook and dead-code reset
-
-
 def straight_through(z_e, z_q):
     """Forward value z_q, gradient of z_e (arXiv 1711.00937): z_e + sg(z_q - z_e)."""
     return z_e + (z_q - z_e).detach()
 
 
-def usage_stats(idx, K):
-    """Pooled code usage: (entropy H in nats, perplexity exp(H), active fraction) of an int tensor of indices."""
-    counts = torch.bincount(idx.reshape(-1), minlength=K).double()
-    p = counts / counts.sum()
-    H = float(-(p[p > 0] * p[p > 0].log()).sum())
-    return H, math.exp(H), float((counts > 0).double().mean())
+def all_ranks(z):
+    """Under torchrun, the latents (B/world, L, C) of every rank in the order of the global batch that shard() split:
+    global row i * world + rank. The EMA update then sees the single-process batch on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return z
+    parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, z.contiguous())
+    return rearrange(torch.stack(parts), "w b l c -> (b w) l c")  # (B, L, C)
 
 
 class Quantizer(nn.Module):
-    """Nearest-code lookup; EMA update with Laplace smoothing and dead-code reset (T2M-GPT's QuantizeEMAReset)."""
+    """Nearest-code lookup; EMA update with Laplace smoothing and dead-code reset (T2M-GPT's QuantizeEMAReset).
 
-    def __init__(self, K, C, mu=0.99, ema=True, reset=True, eps=1e-5):
+    The codebook learns by EMA only, so MMLM's L_embed = |sg(z_e) - z_q|^2 has no gradient path and is left out."""
+
+    def __init__(self, K, C, mu=0.99, eps=1e-5):
         super().__init__()
-        self.K, self.mu, self.ema, self.reset, self.eps = K, mu, ema, reset, eps
-        self.codebook = nn.Parameter(torch.randn(K, C) * 0.1, requires_grad=not ema)  # (K, C)
+        self.K, self.mu, self.eps = K, mu, eps
+        self.codebook = nn.Parameter(torch.randn(K, C) * 0.1, requires_grad=False)  # (K, C)
         self.register_buffer("ema_count", torch.ones(K))  # (K,)  EMA of code counts
         self.register_buffer("ema_sum", self.codebook.detach().clone())  # (K, C) EMA of assigned-latent sums
         self.register_buffer("initted", torch.tensor(False))
@@ -260,8 +393,8 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def init_from(self, flat):
         """Codebook <- K latents of the first batch, with replacement if the batch has fewer than K."""
-        N = flat.shape[0]
-        pick = torch.randint(N, (self.K,), device=flat.device) if N < self.K else torch.randperm(N, device=flat.device)[:self.K]
+        N, dev = flat.shape[0], flat.device
+        pick = torch.randint(N, (self.K,), device=dev) if N < self.K else torch.randperm(N, device=dev)[:self.K]
         self.codebook.data.copy_(flat[pick])
         self.ema_sum.copy_(flat[pick])
         self.ema_count.fill_(1.0)
@@ -269,53 +402,47 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def update(self, flat, idx):
-        """EMA: n <- mu n + (1-mu) counts, m <- mu m + (1-mu) sums, c = m / laplace(n); then dead-code reset."""
+        """EMA: n <- mu n + (1-mu) counts, m <- mu m + (1-mu) sums, c = m / laplace(n); then dead-code reset:
+        codes with EMA count < 1 become random latents of the batch."""
         onehot = F.one_hot(idx, self.K).to(flat.dtype)  # (N, K)
         self.ema_count.mul_(self.mu).add_(onehot.sum(0), alpha=1 - self.mu)
         self.ema_sum.mul_(self.mu).add_(onehot.t() @ flat, alpha=1 - self.mu)  # (K, C)
         n = self.ema_count.sum()
         smoothed = (self.ema_count + self.eps) / (n + self.K * self.eps) * n  # Laplace smoothing of counts
-        if self.ema:
-            self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
-        self.last_resets = 0
-        if self.reset:
-            dead = self.ema_count < 1.0  # (K,)
-            n_dead = int(dead.sum())
-            if n_dead:
-                rand = flat[torch.randint(flat.shape[0], (n_dead,), device=flat.device)]  # (n_dead, C)
-                self.codebook.data[dead] = rand
-                self.ema_sum[dead] = rand
-                self.ema_count[dead] = 1.0
-            self.last_resets = n_dead
+        self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
+        dead = self.ema_count < 1.0  # (K,)
+        self.last_resets = int(dead.sum())
+        if self.last_resets:
+            rand = flat[torch.randint(flat.shape[0], (self.last_resets,), device=flat.device)]  # (n_dead, C)
+            self.codebook.data[dead] = rand
+            self.ema_sum[dead] = rand
+            self.ema_count[dead] = 1.0
 
     def forward(self, z_e):
         """z_e (B, L, C) -> z_q_st (B, L, C), idx (B, L), z_q (B, L, C) (selected codes, before straight-through)."""
         B, L, C = z_e.shape
         flat = z_e.reshape(-1, C).to(self.codebook.dtype)  # (N, C): distances and EMA in the codebook's float32
-        if self.training and not bool(self.initted):
-            self.init_from(flat.detach())
+        if self.training:  # the global batch's latents, so that every rank updates the codebook alike
+            every = all_ranks(flat.detach().view(B, L, C)).reshape(-1, C)  # (N_global, C)
+            if not bool(self.initted):
+                self.init_from(every)
         idx = self.assign(flat.detach())  # (N,)
         if self.training:
-            self.update(flat.detach(), idx)
-        z_q = self.codebook[idx].view(B, L, C)
-        if self.ema:
-            z_q = z_q.detach()
+            self.update(every, idx if every.shape[0] == flat.shape[0] else self.assign(every))
+        z_q = self.codebook[idx].view(B, L, C).detach()
         z_st = straight_through(z_e.to(z_q.dtype), z_q) if self.training else z_q  # eval: decode exactly the codes
         return z_st, idx.view(B, L), z_q
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The VQ-VAE and its losses
-
-
 def rec_loss(x_hat, x, pose_weight=1.0):
-    """(V1) L_rec = SmoothL1 on expression + alpha_pose SmoothL1 on head rotation + SmoothL1 on jaw (each a mean)."""
-    f = F.smooth_l1_loss
-    return f(x_hat[..., EXP], x[..., EXP]) + pose_weight * f(x_hat[..., ROT], x[..., ROT]) + f(x_hat[..., JAW], x[..., JAW])
+    """L_rec (MMLM Sec. 3.2; form of LM-Listener's code) = SmoothL1 on expression + alpha_pose SmoothL1 on head
+    rotation + SmoothL1 on jaw (each a mean)."""
+    f = lambda part: F.smooth_l1_loss(x_hat[..., part], x[..., part])
+    return f(EXP) + pose_weight * f(ROT) + f(JAW)
 
 
 def velocity_loss(x_hat, x):
-    """(V2) L_veloc = SmoothL1(dx_hat, dx), dx_t = x_t - x_{t-1} over time (dim -2)."""
+    """L_veloc = SmoothL1(dx_hat, dx), dx_t = x_t - x_{t-1} over time (dim -2)."""
     return F.smooth_l1_loss(x_hat[..., 1:, :] - x_hat[..., :-1, :], x[..., 1:, :] - x[..., :-1, :])
 
 
@@ -324,12 +451,10 @@ class VQVAE(nn.Module):
 
     def __init__(self, cfg: Config):
         super().__init__()
-        self.cfg = cfg
-        self.enc_norm, self.dec_norm = cfg.norm.split(",")
-        self.K, self.r = cfg.codebook_size, cfg.r
-        assert 2 ** int(math.log2(cfg.r)) == cfg.r, "r must be a power of two"
-        self.encoder, self.decoder = Encoder(cfg, self.enc_norm), Decoder(cfg, self.dec_norm)
-        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay, cfg.quantizer == "ema", cfg.reset)
+        self.cfg, self.K, self.r = cfg, cfg.codebook_size, cfg.r
+        enc_norm, dec_norm = cfg.norm.split(",")
+        self.encoder, self.decoder = Encoder(cfg, enc_norm), Decoder(cfg, dec_norm)
+        self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay)
         for name, dim, val in [("mean", cfg.motion_dim, 0.0), ("std", cfg.motion_dim, 1.0),
                                ("beta_mean", cfg.beta_dim, 0.0), ("beta_std", cfg.beta_dim, 1.0)]:
             self.register_buffer(name, torch.full((dim,), val))
@@ -344,13 +469,10 @@ class VQVAE(nn.Module):
     def denormalize(self, x_norm):
         return x_norm * self.std.to(x_norm) + self.mean.to(x_norm)
 
-    def beta_norm(self, beta_raw):
-        return (beta_raw.to(self.beta_mean) - self.beta_mean) / self.beta_std  # (B, D_id)
-
     def encode_latent(self, x):
         B, T, D = x.shape
         assert T % self.r == 0, f"T = {T} must be a multiple of r = {self.r} (crop, don't pad)"
-        return self.encoder(x.transpose(1, 2)).transpose(1, 2)  # (B, T, D) -> (B, L, C)
+        return rearrange(self.encoder(rearrange(x, "b t d -> b d t")), "b c l -> b l c")  # (B, T, D) -> (B, L, C)
 
     def encode(self, x, beta=None):
         """x_norm (B, T, D), beta_raw (B, D_id) (unused: the encoder is beta-free) -> idx (B, T/r) int64."""
@@ -359,51 +481,43 @@ class VQVAE(nn.Module):
         return self.quantizer.assign(z_e.reshape(-1, C)).view(B, L)
 
     def decode_latent(self, z_q, beta):
-        return self.decoder(z_q.transpose(1, 2).to(self.quantizer.codebook.dtype), self.beta_norm(beta)).transpose(1, 2)
+        """z_q (B, L, C), beta_raw (B, D_id) -> x_norm (B, T, D); beta is z-normalised with the train statistics."""
+        beta_n = (beta.to(self.beta_mean) - self.beta_mean) / self.beta_std  # (B, D_id)
+        z = rearrange(z_q, "b l c -> b c l").to(self.quantizer.codebook.dtype)
+        return rearrange(self.decoder(z, beta_n), "b d t -> b t d")
 
     def decode(self, idx, beta):
         """idx (B, L) int64, beta_raw (B, D_id) -> x_norm (B, L*r, D)."""
-        return self.decode_latent(self.codebook[idx], beta)  # (B, L, C) -> (B, T, D)
+        return self.decode_latent(self.codebook[idx], beta)
 
     def forward(self, x, beta):
-        """x_norm (B, T, D), beta_raw (B, D_id) -> dict of x_hat, idx, z_e, z_q and the losses (V1-V4)."""
+        """x_norm (B, T, D), beta_raw (B, D_id) -> dict of x_hat, idx, z_e, z_q and the losses."""
         z_e = self.encode_latent(x)  # (B, L, C)
         z_st, idx, z_q = self.quantizer(z_e)
         x_hat = self.decode_latent(z_st, beta).to(x.dtype)  # (B, T, D)
-        out = dict(x_hat=x_hat, idx=idx, z_e=z_e, z_q=z_q)
-        out["rec"] = rec_loss(x_hat, x, self.cfg.pose_weight)
-        out["vel"] = velocity_loss(x_hat, x)
-        out["commit"] = F.mse_loss(z_e.to(z_q.dtype), z_q.detach())  # (V3)
-        out["embed"] = F.mse_loss(z_e.to(z_q.dtype).detach(), z_q)  # (V4): no gradient path under EMA, logged only
+        out = dict(x_hat=x_hat, idx=idx, z_e=z_e, z_q=z_q, rec=rec_loss(x_hat, x, self.cfg.pose_weight),
+                   vel=velocity_loss(x_hat, x), commit=F.mse_loss(z_e.to(z_q.dtype), z_q.detach()))  # |z_e - sg(z_q)|^2
         out["loss"] = out["rec"] + self.cfg.vel_weight * out["vel"] + self.cfg.commit_weight * out["commit"]
-        if self.cfg.quantizer == "grad":
-            out["loss"] = out["loss"] + out["embed"]
         return out
 
 
 def load_vqvae(path, device="cpu"):
     """Rebuild a VQVAE from its checkpoint alone (config + weights + stats), in eval mode."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    model = VQVAE(Config(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.quantizer.initted.fill_(True)
+    ck = load_checkpoint(path, device)
+    names = {f.name for f in dataclasses.fields(Config)}
+    model = VQVAE(Config(**{k: v for k, v in ck["config"].items() if k in names})).to(device)
+    model.load_state_dict(ck["model"])
     return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data helpers
+# Training
 
 
-@functools.lru_cache(maxsize=8)
-def load_items(path, split):
-    """data.load_listener, read once per process (train() and evaluation share the items; never mutated)."""
-    return data.load_listener(path, split)
-
-
-def load_split(path, split, model):
-    """-> list of (x_norm (T, D), beta_raw (D_id,), item) with T cropped to a multiple of r."""
+def to_clips(items, model):
+    """Data items -> [(x_norm (T, D), beta_raw (D_id,), item)], T cut to a multiple of r (shorter clips dropped)."""
     out = []
-    for it in load_items(str(path), split):
+    for it in items:
         x = torch.as_tensor(it["listener"], dtype=torch.float32)
         T = x.shape[0] - x.shape[0] % model.r
         if T >= model.r:
@@ -413,9 +527,8 @@ def load_split(path, split, model):
 
 def random_crops(clips, batch, window, gen):
     """Random `window`-frame crops, clip and offset uniform (offsets over the whole clip). -> (B, W, D), (B, D_id)"""
-    ci = torch.randint(len(clips), (batch,), generator=gen)
     xs, bs = [], []
-    for i in ci.tolist():
+    for i in torch.randint(len(clips), (batch,), generator=gen).tolist():
         x, b, _ = clips[i]
         o = int(torch.randint(x.shape[0] - window + 1, (1,), generator=gen))
         xs.append(x[o:o + window])
@@ -423,136 +536,112 @@ def random_crops(clips, batch, window, gen):
     return torch.stack(xs), torch.stack(bs)
 
 
-def batches_by_length(clips, size=64):
-    """Yield lists of clips of equal length (full clips, offset 0), in order."""
-    by_len = {}
-    for c in clips:
-        by_len.setdefault(c[0].shape[0], []).append(c)
-    for group in by_len.values():
-        for i in range(0, len(group), size):
-            yield group[i:i + size]
+def build(cfg: Config, device):
+    """The data, and the model with the train split's motion and beta statistics in its buffers."""
+    cfg.data = str(data.resolve_data(cfg.data, "listener", preset="tiny" if cfg.preset == "smoke" else "default"))
+    items = data.load_listener(cfg.data, "train")
+    cfg.motion_dim = int(items[0]["listener"].shape[1])
+    cfg.beta_dim = int(np.asarray(items[0]["listener_beta"]).shape[0])
+    model = VQVAE(cfg)
+    mean, std = data.load_stats(cfg.data)
+    model.mean.copy_(torch.as_tensor(mean[:cfg.motion_dim]))
+    model.std.copy_(torch.as_tensor(std[:cfg.motion_dim]).clamp_min(1e-6))
+    betas = torch.stack([torch.as_tensor(it["listener_beta"], dtype=torch.float32) for it in items])
+    model.beta_mean.copy_(betas.mean(0))
+    model.beta_std.copy_(torch.where(betas.std(0) > 1e-6, betas.std(0), torch.ones(())))
+    train_clips = [c for c in to_clips(items, model) if c[0].shape[0] >= cfg.window]
+    if not train_clips:
+        raise data.UserError(f"{cfg.data}: no training clip of at least --window {cfg.window} frames")
+    return model.to(device), train_clips, to_clips(data.load_listener(cfg.data, "val"), model)[: cfg.max_eval or None]
+
+
+def resume(path, cfg, model, opt, scaler, gen, device):
+    """Everything a run needs to continue as if never stopped. -> (step, metrics)"""
+    ck = load_checkpoint(path, device)
+    diff = [f"{k} {ck['config'][k]!r} (now {getattr(cfg, k)!r})" for k in ARCH if ck["config"][k] != getattr(cfg, k)]
+    if diff:
+        raise data.UserError(f"--resume: {path} was trained with another model: " + ", ".join(diff))
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"], [gen])
+    if is_main():
+        print(f"resumed from {path} at step {ck['step']}")
+    return ck["step"], ck["metrics"]
 
 
 @torch.no_grad()
-def evaluate(model, clips, device):
-    """Tab. 5 numbers on full clips: Rec (L_rec), Commit, PPL exp(H) and H (pooled), active %; plus the recons."""
-    model.eval()
-    rec = commit = n = 0.0
-    all_idx, recons = [], []
-    for group in batches_by_length(clips):
-        x = torch.stack([c[0] for c in group]).to(device)  # (B, T, D)
-        beta = torch.stack([c[1] for c in group]).to(device)  # (B, D_id)
-        out = model(x, beta)
-        rec += float(out["rec"]) * len(group)
-        commit += float(out["commit"]) * len(group)
-        n += len(group)
-        all_idx.append(out["idx"].reshape(-1).cpu())
-        recons += list(out["x_hat"].cpu())
-    H, ppl, active = usage_stats(torch.cat(all_idx), model.K)
-    return dict(rec=rec / n, commit=commit / n, ppl=ppl, entropy=H, active=active), recons
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
-
-
-def setup(cfg: Config):
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    if cfg.device == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    else:
-        dev = cfg.device
-    return torch.device(dev)
-
-
-def save_ckpt(path, model, opt, step, cfg, metrics):
-    """Atomic: write a temporary file, then rename."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, config=asdict(cfg),
-                    metrics={k: float(v) for k, v in metrics.items()}), tmp)
-    os.replace(tmp, path)
-
-
-def plot_recon(model, clip, path, device):
-    x, beta, _ = clip
-    with torch.no_grad():
-        x_hat = model(x[None].to(device), beta[None].to(device))["x_hat"][0].cpu()
+def report(step, cfg, model, o, first_rec, val_clips, train_clips, device):
+    """Validation (rank 0): the Tab. 5 numbers on the val split, a picture of one reconstruction. -> metrics"""
+    val = metrics.codec_stats(model, val_clips, device)[0] if val_clips else {}
+    met = {**{f"val_{k}": v for k, v in val.items()}, "train_rec": float(o["rec"]), "train_rec_first": first_rec}
+    tqdm.write(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in met.items()))
+    x, beta, _ = (val_clips or train_clips)[0]
+    model.eval()  # no codebook update (codec_stats sets it too, but the val split may be empty)
+    x_hat = model(x[None].to(device), beta[None].to(device))["x_hat"][0]  # (T, D)
     try:
-        data.plot_channels(path, {"real": model.denormalize(x.to(device)).cpu().numpy(),
-                                  "reconstruction": model.denormalize(x_hat.to(device)).cpu().numpy()},
-                           channels=[0, 1, 2, 50, 51, 53])
+        data.plot_channels(Path(cfg.out) / "recon.png", {"real": model.denormalize(x).numpy(), "reconstruction":
+                           model.denormalize(x_hat).cpu().numpy()}, channels=[0, 1, 2, 50, 51, 53])
     except Exception as e:  # a picture must never kill a training run
         tqdm.write(f"(plot skipped: {e})")
+    return met
 
 
 def train(cfg: Config):
-    device = setup(cfg)
-    path = data.resolve_data(cfg.data, "listener", preset="tiny" if cfg.preset == "smoke" else "default")
-    cfg.data = str(path)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_items = load_items(str(path), "train")
-    cfg.motion_dim = int(train_items[0]["listener"].shape[1])
-    cfg.beta_dim = int(np.asarray(train_items[0]["listener_beta"]).shape[0])
-    print(f"device {device} | config {json.dumps(asdict(cfg))}")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-
-    model = VQVAE(cfg).to(device)
-    mean, std = data.load_stats(path)
-    model.mean.copy_(torch.as_tensor(mean[:cfg.motion_dim]))
-    model.std.copy_(torch.as_tensor(std[:cfg.motion_dim]).clamp_min(1e-6))
-    betas = torch.stack([torch.as_tensor(it["listener_beta"], dtype=torch.float32) for it in train_items])
-    model.beta_mean.copy_(betas.mean(0))
-    model.beta_std.copy_(torch.where(betas.std(0) > 1e-6, betas.std(0), torch.ones(())))
-    model.cpu()
-    train_clips = [c for c in load_split(path, "train", model) if c[0].shape[0] >= cfg.window]
-    val_clips = load_split(path, "val", model)[: cfg.max_eval or None]
-    assert train_clips, f"no training clip of >= {cfg.window} frames in {path}"
-    model.to(device)
-
+    device = pick_device(cfg.device)
+    own_group = not dist.is_initialized()  # a caller's process group (a method training its VQ first) stays up
+    _, world = ddp_setup(device)
+    seed_all(cfg.seed)
+    model, train_clips, val_clips = build(cfg, device)
+    out, conf = Path(cfg.out), dataclasses.asdict(cfg)
+    if is_main():
+        print(f"device {device} x {world} | config {json.dumps(conf)}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(conf, indent=2))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, metrics = 0, {}
+    scaler = grad_scaler(device, cfg.dtype)
+    gen = torch.Generator().manual_seed(cfg.seed)  # data order: every rank draws the same global batch
+    step, met = 0, {}
     if cfg.resume and (out / "ckpt.pt").exists():
-        ck = torch.load(out / "ckpt.pt", map_location=device, weights_only=True)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        step, metrics = ck["step"], ck["metrics"]
-        print(f"resumed from step {step}")
-    gen = torch.Generator().manual_seed(cfg.seed + step)
-    amp = dict(device_type=device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    scaler = torch.amp.GradScaler(enabled=cfg.dtype == "float16" and device.type == "cuda")
+        step, met = resume(out / "ckpt.pt", cfg, model, opt, scaler, gen, device)
+    first_rec = met.get("train_rec_first")
+    if cfg.compile:  # the conv stacks only (the quantiser branches on data); state_dict keys stay unchanged
+        model.encoder.compile()
+        model.decoder.compile()
+    net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
 
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="vqvae", dynamic_ncols=True)
-    first_rec = None
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=METHOD, dynamic_ncols=True,
+               disable=not is_main())
     for step in bar:
-        for g in opt.param_groups:  # linear warm-up, then constant (the paper's x0.05 decay at 200k is full-only)
+        for g in opt.param_groups:  # linear warm-up, then constant; the paper's x0.05 at 200k steps (full only)
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.05 if step >= 200_000 else 1.0)
-        x, beta = random_crops(train_clips, cfg.batch, cfg.window, gen)
+        x, beta = random_crops(train_clips, cfg.batch, cfg.window, gen)  # (B, window, D), (B, D_id)
         model.train()
-        with torch.autocast(**amp):
-            o = model(x.to(device), beta.to(device))
+        with autocast(device, cfg.dtype):
+            o = net(shard(x).to(device), shard(beta).to(device))  # this rank's rows of the global batch
         opt.zero_grad(set_to_none=True)
         scaler.scale(o["loss"]).backward()
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         scaler.step(opt)
         scaler.update()
-        H, ppl, active = usage_stats(o["idx"], cfg.codebook_size)
         first_rec = first_rec if first_rec is not None else float(o["rec"].detach())
+        _, ppl, active = metrics.usage_stats(o["idx"], cfg.codebook_size)
         bar.set_postfix(rec=f"{o['rec'].item():.3f}", vel=f"{o['vel'].item():.3f}", commit=f"{o['commit'].item():.3f}",
                         ppl=f"{ppl:.1f}", act=f"{active:.0%}", resets=model.quantizer.last_resets)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            val, _ = evaluate(model, val_clips, device) if val_clips else ({}, None)
-            metrics = {**{f"val_{k}": v for k, v in val.items()}, "train_rec": float(o["rec"].detach()),
-                       "train_rec_first": first_rec}
-            tqdm.write(f"step {step + 1}: " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            plot_recon(model, (val_clips or train_clips)[0], out / "recon.png", device)
-            save_ckpt(out / "ckpt.pt", model, opt, step + 1, cfg, metrics)
-    print(f"wrote {out / 'ckpt.pt'}")
-    return model, metrics
+            if is_main():
+                met = report(step + 1, cfg, model, o, first_rec, val_clips, train_clips, device)
+            save_checkpoint(out / "ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                                  scaler=scaler.state_dict(), step=step + 1, config=conf,
+                                                  metrics=met, rng=rng_state([gen])))
+    check_in_sync(model)  # raises unless every rank holds rank 0's weights and codebook
+    if is_main():
+        print(f"wrote {out / 'ckpt.pt'}")
+    if own_group and dist.is_initialized():
+        dist.destroy_process_group()
+    return model, met
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -560,132 +649,30 @@ def train(cfg: Config):
 
 
 @torch.no_grad()
-def tokens_of(model, clips, device):
-    """Full clips at offset 0 -> list of idx (L,) int64."""
-    toks = []
-    for group in batches_by_length(clips):
-        x = torch.stack([c[0] for c in group]).to(device)
-        toks += list(model.encode(x).cpu())
-    return toks
-
-
-@torch.no_grad()
-def evaluate_ckpt(ckpt, split="test", data_path=None, device="cpu", max_eval=256, seed=0, out=None):
-    """rows {model, baseline:random_walk, GT, alt-GT} in raw units + the Tab. 5 numbers of one checkpoint."""
-    import metrics
-    model = load_vqvae(ckpt, device)
-    path = data_path or model.cfg.data
-    clips = load_split(path, split, model)[: max_eval or None]
-    tab, recons = evaluate(model, clips, device)
-    train_ids = {it["listener_id"] for it in load_items(str(path), "train")}
-    unseen = [c for c in clips if c[2]["listener_id"] not in train_ids]
-    if unseen:
-        tab["rec_unseen"] = evaluate(model, unseen, device)[0]["rec"]
-    gts = [model.denormalize(c[0]).numpy() for c in clips]
-    spk = [np.asarray(c[2]["speaker"])[: g.shape[0]] for c, g in zip(clips, gts)]
-    preds = [model.denormalize(r).numpy() for r in recons]
-    # random walk over the codebook: bigram fitted on full-clip train tokens, decoded with each clip's own beta
-    train_toks = [t.numpy() for t in tokens_of(model, load_split(path, "train", model), device)]
-    walk = []
-    for i, c in enumerate(clips):
-        codes = metrics.baseline_random_walk_codes(train_toks, 1, c[0].shape[0] // model.r, model.K, seed=seed + i)
-        x_w = model.decode(torch.as_tensor(codes, device=device), c[1][None].to(device))[0]  # (T, D)
-        walk.append(model.denormalize(x_w).cpu().numpy())
-    rows = {"GT": metrics.listener_metrics(gts, gts, spk), "model": metrics.listener_metrics(preds, gts, spk),
-            "baseline:random_walk": metrics.listener_metrics(walk, gts, spk)}
-    alt = [(np.asarray(c[2]["alt_listener"][0])[: g.shape[0]], g, s) for c, g, s in zip(clips, gts, spk)
-           if c[2].get("alt_listener") is not None]
-    if alt:
-        rows["alt-GT"] = metrics.listener_metrics(*map(list, zip(*alt)))
-    rows["model"].update(tab)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        np.save(out / "recon.npy", np.stack(preds[:8]) if len({p.shape for p in preds[:8]}) == 1 else preds[0])
-        np.save(out / "random_walk.npy", walk[0])
-        b = clips[0][1].numpy()
-        data.plot_channels(out / "recon_test.png", {"real": gts[0], "reconstruction": preds[0],
-                                                    "random walk": walk[0]}, channels=[0, 1, 2, 50, 51, 53])
-        data.render_gif(out / "recon_test.gif", [gts[0], preds[0], walk[0]], [b, b, b],
-                        ["real", "reconstruction", "random walk"])
-    return rows
-
-
 def sample(cfg: Config):
-    import metrics
-    device = setup(cfg)
+    device = pick_device(cfg.device)
+    seed_all(cfg.seed)
     out = Path(cfg.out)
-    ckpt = cfg.ckpt or str(out / "ckpt.pt")
-    rows = evaluate_ckpt(ckpt, cfg.split, cfg.data or None, device, cfg.max_eval, cfg.seed, out)
-    print(metrics.format_table(rows))
+    model = load_vqvae(cfg.ckpt or out / "ckpt.pt", device)
+    path = cfg.data or model.cfg.data
+    clips = to_clips(data.load_listener(path, cfg.split), model)[: cfg.max_eval or None]
+    rows, gts, preds, walk = metrics.evaluate_codec(model, clips, to_clips(data.load_listener(path, "train"), model),
+                                                      device, seed=cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "recon.npy", np.stack(preds[:8]) if len({p.shape for p in preds[:8]}) == 1 else preds[0])
+    np.save(out / "random_walk.npy", walk[0])
+    shown = {"real": gts[0], "reconstruction": preds[0], "random walk": walk[0]}
+    data.plot_channels(out / "recon_test.png", shown, channels=[0, 1, 2, 50, 51, 53])
+    data.render_gif(out / "recon_test.gif", list(shown.values()), [clips[0][1].numpy()] * 3, list(shown))
     metrics.write_metrics_json(rows, out / "metrics.json")
     print(f"wrote {out / 'metrics.json'}, {out / 'recon_test.png'}, {out / 'recon_test.gif'}")
     return rows
 
 
-def table5(cfg: Config):
-    """Train (or reuse) the five norm configs under <out>/table5/<tag>/ and print the Tab. 5-style table."""
-    device = setup(cfg)
-    results, rows = {}, {}
-    for norm in NORMS:
-        sub = Path(cfg.out) / "table5" / norm.replace(",", "-")
-        if not (sub / "ckpt.pt").exists():
-            t0 = time.time()
-            train(dataclasses.replace(cfg, norm=norm, out=str(sub), table5=False))
-            print(f"{norm}: trained in {time.time() - t0:.0f} s")
-        rows[norm] = evaluate_ckpt(sub / "ckpt.pt", cfg.split, cfg.data or None, device, cfg.max_eval, cfg.seed)
-        results[norm] = rows[norm]["model"]
-    head = "| norm (enc,dec) | Rec. | Commit. | PPL exp(H) | H (nats) | active % | Rec. unseen id | L2 recon | FD recon |"
-    n = int(next(iter(results.values()))["n_windows"])
-    lines = [f"Tab. 5 ({cfg.split} split, {n} full clips, {cfg.steps} steps; Rec = L_rec SmoothL1 in z-units, "
-             "Commit = mean |z_e - z_q|^2, L2/FD of reconstructions in raw units)", head, "|---" * 9 + "|"]
-    for norm, m in results.items():
-        lines.append(f"| {norm} | {m['rec']:.4f} | {m['commit']:.4f} | {m['ppl']:.2f} | {m['entropy']:.3f} | "
-                     f"{100 * m['active']:.1f} | {m.get('rec_unseen', float('nan')):.4f} | {m['mse/all']:.5f} | "
-                     f"{m['fd/all']:.4f} |")
-    lines += ["", "| random walk | L2 | FD | Variation | Diversity | P-FD |", "|---" * 6 + "|"]
-    for name, key in [("GT", ("IN,AdaIN", "GT")), ("alt-GT", ("IN,AdaIN", "alt-GT")),
-                      ("Naive RW (none,none)", ("none,none", "baseline:random_walk")),
-                      ("Ours RW (IN,AdaIN)", ("IN,AdaIN", "baseline:random_walk"))]:
-        m = rows[key[0]].get(key[1])
-        if m:
-            lines.append(f"| {name} | {m['mse/all']:.5f} | {m['fd/all']:.4f} | {m['var_pred/all']:.5f} | "
-                         f"{m['div_pred/all']:.4f} | {m['pfd/all']:.4f} |")
-    text = "\n".join(lines)
-    print(text)
-    (Path(cfg.out) / "table5").mkdir(parents=True, exist_ok=True)
-    (Path(cfg.out) / "table5" / "table5.md").write_text(text + "\n")
-    return results, rows
-
-
-@torch.no_grad()
-def tokenize(cfg: Config):
-    """--tokenize: idx of every full clip of every split -> <out>/tokens.pt {split: {idx, beta, names}, config}."""
-    device = setup(cfg)
-    model = load_vqvae(cfg.ckpt or Path(cfg.out) / "ckpt.pt", device)
-    path = cfg.data or model.cfg.data
-    res = {"config": asdict(model.cfg)}
-    for split in ["train", "val", "test"]:
-        clips = load_split(path, split, model)
-        res[split] = dict(idx=tokens_of(model, clips, device), beta=[c[1] for c in clips],
-                          names=[c[2]["name"] for c in clips])
-    torch.save(res, Path(cfg.out) / "tokens.pt")
-    print(f"wrote {Path(cfg.out) / 'tokens.pt'}: " + ", ".join(f"{s} {len(res[s]['idx'])}" for s in ["train", "val", "test"]))
-    return res
-
-
 def main(argv=None, mode="train"):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sample"]:
-        argv, mode = argv[1:], "sample"
-    cfg = parse_config(argv)
-    if mode == "sample":
-        return sample(cfg)
-    if cfg.table5:
-        return table5(cfg)
-    if cfg.tokenize:
-        return tokenize(cfg)
-    return train(cfg)
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv), mode)
+    return sample(cfg) if mode == "sample" else train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    cli()

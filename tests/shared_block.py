@@ -78,12 +78,12 @@ def set_rng_state(state, gens=()):
 
 def save_checkpoint(path, obj):
     """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
-    the method; only rank 0 writes under torchrun."""
+    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
     if is_main():
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"method": METHOD, **obj}, tmp)
+        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
         os.replace(tmp, path)
 
 

@@ -1,7 +1,10 @@
 """discrete_diffusion.py: schedule, q(x_t|x0), the two-case posterior against brute-force Bayes, the exact jump,
-truncation, the loss formula, fusion shapes, overfitting one batch, determinism, and a train -> sample CLI run."""
+truncation, the loss formula, fusion shapes, overfitting one batch, determinism, a train -> sample CLI run, user
+errors, exact resume, bf16 autocast, CUDA (skipped without one) and torchrun (DDP on CPU)."""
+import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import discrete_diffusion as dd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +22,8 @@ SCHEDULES = {"code": dict(mask_end=0.99999, replace_mass=1e-6), "paper": dict(ma
 
 
 def one_step_matrix(sched, t, s=None):
-    """Explicit (K+1)x(K+1) transition x_s -> x_t (rows: from, cols: to), s = t-1 by default (D1)."""
+    """Explicit (K+1)x(K+1) transition x_s -> x_t (rows: from, cols: to), s = t-1 by default: one step keeps a
+    code w.p. alpha + beta, moves to each other code w.p. beta, masks w.p. gamma; [MASK] is absorbing."""
     K = sched["K"]
     s = t - 1 if s is None else s
     a, b, g = (float(v) for v in dd.jump_params(sched, torch.tensor([t]), torch.tensor([s])))
@@ -31,7 +36,7 @@ def one_step_matrix(sched, t, s=None):
 
 
 def cumulative_matrix(sched, t):
-    """Closed form q(x_t | x0) as a matrix (D2)."""
+    """Closed form q(x_t | x0) as a matrix: abar_t I + bbar_t on codes, gbar_t on [MASK]."""
     K = sched["K"]
     Q = torch.zeros(K + 1, K + 1, dtype=torch.float64)
     Q[:K, :K] = sched["bbar"][t] + sched["abar"][t] * torch.eye(K, dtype=torch.float64)
@@ -189,15 +194,17 @@ def test_differential_and_fusion_shapes():
         assert R.shape == (3, T // 4, 32) and torch.isfinite(R).all()   # fuse_stride 4 (default)
     m1 = dd.DiffListener(tiny_cfg(fuse_stride=1), K=16, n_feat=8, n_words=20, L_max=8)
     spk, feat, w, e, b = cond(2, 40, 4)
-    assert m1.fusion(spk, dd.facial_differential(spk), feat, w, e).shape == (2, 40, 32)  # per frame (spec)
+    assert m1.fusion(spk, dd.facial_differential(spk), feat, w, e).shape == (2, 40, 32)  # per frame (paper)
     n_full = sum(p.numel() for p in model.parameters())
-    for kw in (dict(no_diff=True), dict(no_text=True), dict(no_audio=True)):
+    for kw in (dict(diff=False), dict(text=False)):
         m = dd.DiffListener(tiny_cfg(**kw), K=16, n_feat=8, n_words=20, L_max=8)
         spk, feat, w, e, b = cond(2, 32)
-        logits = m(torch.full((2, 4), 16), torch.tensor([5, 100]), m.condition(spk, feat, w, e, b))
+        logits = m(torch.full((2, 4), 16), torch.tensor([5, 100]), spk, feat, w, e, b)  # training call
+        assert torch.equal(logits, m.denoise(torch.full((2, 4), 16), torch.tensor([5, 100]),
+                                             m.condition(spk, feat, w, e, b)))  # = condition once, then denoise
         assert logits.shape == (2, 4, 16)                              # no [MASK] logit
         assert sum(p.numel() for p in m.parameters()) < n_full
-    m = dd.DiffListener(tiny_cfg(no_text=True), K=16, n_feat=8, n_words=20, L_max=8)
+    m = dd.DiffListener(tiny_cfg(text=False), K=16, n_feat=8, n_words=20, L_max=8)
     assert not any("text" in k or "cm2" in k for k, _ in m.named_parameters())
 
 
@@ -211,7 +218,7 @@ def test_identity_conditioning():
     kv0, id0 = m.condition(spk, feat, w, e, b)
     kv1, id1 = m.condition(spk, feat, w, e, b + 1.0)
     assert all(torch.equal(a[0], c[0]) for a, c in zip(kv0, kv1))    # R^S does not see beta
-    assert not torch.allclose(m(x_t, t, (kv0, id0)), m(x_t, t, (kv1, id1)))
+    assert not torch.allclose(m.denoise(x_t, t, (kv0, id0)), m.denoise(x_t, t, (kv1, id1)))
     with pytest.raises(AssertionError, match="beta"):
         m.condition(spk, feat, w, e)
     m0 = dd.DiffListener(tiny_cfg(identity=False), K=16, n_feat=8, n_words=20, L_max=8)
@@ -247,7 +254,7 @@ def overfit(steps, seed=0, K=16, B=4, L=6):
     for _ in range(steps):
         t = torch.randint(1, model.T + 1, (B,), generator=gen)
         x_t = dd.q_sample(model.sched, x0, t, gen)
-        loss, _ = dd.diffusion_loss(model(x_t, t, model.condition(*c)), x0, x_t, t, model.sched, 5e-4)
+        loss, _ = dd.diffusion_loss(model(x_t, t, *c), x0, x_t, t, model.sched, 5e-4)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -285,7 +292,8 @@ def test_cli_train_then_sample(tiny_world, tiny_vq_naive, tmp_path):
     loss = ck["metrics"]["loss"]
     assert len(loss) == 40 and np.isfinite(loss).all() and np.mean(loss[-10:]) < np.mean(loss[:10])
     r = subprocess.run([sys.executable, "sample.py", "--model", "discrete_diffusion", "--out", str(out),
-                        "--preset", "smoke", "--long-seconds", "10"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--preset", "smoke", "--long-seconds", "10"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((out / "metrics.json").read_text())
     for row in ("GT", "alt-GT", "baseline:random", "baseline:nn_motion", "baseline:random_walk", "model"):
@@ -296,3 +304,108 @@ def test_cli_train_then_sample(tiny_world, tiny_vq_naive, tmp_path):
     assert np.load(out / "samples" / "long_listener.npy").shape == (296, 56)  # 10 s of 8-frame tokens
     assert (out / "samples" / "window0.gif").exists() and (out / "samples" / "window0.png").exists()
     assert "| model |" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Flags, user errors, exact resume, mixed precision, CUDA, torchrun
+
+def smoke_args(world, vq, out, *more):
+    return ["--data", str(world), "--vq", str(vq), "--preset", "smoke", "--out", str(out), *map(str, more)]
+
+
+def test_ablations_are_flags():
+    """The paper's ablations are runs with flags (train.py's pipeline trains them); no driver in the file."""
+    cfg = dd.parse_config(["--no-text", "--no-diff", "--no-identity", "--sample-steps", "0", "--truncation", "1.0"])
+    assert not cfg.text and not cfg.diff and not cfg.identity and cfg.sample_steps == 0 and cfg.truncation == 1.0
+    assert dd.Config().text and dd.Config().diff and dd.Config().identity
+    assert not hasattr(dd, "train_ablations") and "ablations" not in {f.name for f in dataclasses.fields(dd.Config)}
+    assert dd.parse_config(["--preset", "smoke"]).out == "runs/discrete_diffusion-smoke"  # its own folder
+    assert dd.parse_config(["--preset", "smoke", "--out", "x"]).out == "x"                # an explicit --out wins
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        dd.parse_config(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--no-text" in out and "--resume" in out and "--compile" in out
+
+
+@pytest.mark.parametrize("argv, flag", [(["--steps", "-5"], "--steps"), (["--batch-size", "0"], "--batch-size"),
+                                        (["--n-heads", "3"], "--n-heads"), (["--dtype", "float8"], "--dtype"),
+                                        (["--truncation", "0"], "--truncation"), (["--split", "dev"], "--split"),
+                                        (["--sample-steps", "101"], "--sample-steps"), (["--preset", "huge"], "huge")])
+def test_bad_values_are_user_errors(argv, flag):
+    with pytest.raises(data.UserError, match=flag):
+        dd.parse_config(argv)
+
+
+def test_batch_must_split_over_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(data.UserError, match="--batch-size 8"):
+        dd.parse_config(["--preset", "smoke"])
+
+
+def test_vq_of_another_preset_or_checkpoint(tiny_world, tiny_vq_naive, tmp_path):
+    with pytest.raises(data.UserError, match="--vq .*preset smoke.*preset default"):
+        dd.main(["--data", str(tiny_world), "--vq", str(tiny_vq_naive), "--out", str(tmp_path), "--steps", "1"])
+    with pytest.raises(data.UserError, match="--clip-frames 36: expected a multiple of the VQ's r = 8"):
+        dd.main(smoke_args(tiny_world, tiny_vq_naive, tmp_path, "--clip-frames", 36))
+    with pytest.raises(data.UserError, match="vqvae, not of discrete_diffusion"):
+        dd.main(["--ckpt", str(tiny_vq_naive), "--out", str(tmp_path)], mode="sample")
+
+
+def test_resume_is_exact(tiny_world, tiny_vq_naive, tmp_path, monkeypatch):
+    """20 steps straight == killed right after the checkpoint at step 10, then --resume to 20: every tensor equal."""
+    dd.main(smoke_args(tiny_world, tiny_vq_naive, tmp_path / "straight", "--steps", 20, "--eval-every", 10))
+
+    class Killed(Exception):
+        pass
+
+    real = dd.save_checkpoint
+
+    def save_then_die(path, obj):
+        real(path, obj)
+        raise Killed
+
+    monkeypatch.setattr(dd, "save_checkpoint", save_then_die)
+    args = smoke_args(tiny_world, tiny_vq_naive, tmp_path / "cut", "--steps", 20, "--eval-every", 10)
+    with pytest.raises(Killed):
+        dd.main(args)
+    monkeypatch.setattr(dd, "save_checkpoint", real)
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["step"] == 10
+    dd.main(args + ["--resume"])
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("straight", "cut"))
+    assert b["step"] == 20 and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["metrics"]["loss"] == b["metrics"]["loss"]
+
+
+def test_bfloat16_autocast_on_cpu(tiny_world, tiny_vq_naive, tmp_path):
+    dd.main(smoke_args(tiny_world, tiny_vq_naive, tmp_path, "--steps", 4, "--eval-every", 4, "--dtype", "bfloat16"))
+    ck = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4 and np.isfinite(ck["metrics"]["loss"]).all()
+    assert all(v.dtype != torch.bfloat16 for v in ck["model"].values())  # weights stay float32 under autocast
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bfloat16_train_and_sample(tiny_world, tiny_vq_naive, tmp_path):
+    args = smoke_args(tiny_world, tiny_vq_naive, tmp_path, "--device", "cuda")
+    dd.main(args + ["--steps", "6", "--eval-every", "3", "--dtype", "bfloat16"])
+    rows = dd.main(args + ["--long-seconds", "4", "--time-runs", "1", "--time-batch", "2"], mode="sample")
+    assert np.isfinite(rows["model"]["fd/all"]) and (tmp_path / "metrics.json").exists()
+
+
+def test_torchrun_two_processes_match_one(tiny_world, tiny_vq_naive, tmp_path):
+    """2 gloo processes (each half of the global batch of 8) end in sync and equal the single-process run. Dropout
+    is off: each rank draws its own dropout masks, so with dropout the two runs differ by design."""
+    args = ["--steps", 4, "--eval-every", 4, "--dropout", 0.0]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "discrete_diffusion.py", *smoke_args(tiny_world, tiny_vq_naive, tmp_path / "ddp", *args)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]  # check_in_sync passed on both ranks
+    dd.main(smoke_args(tiny_world, tiny_vq_naive, tmp_path / "one", *args))
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"] for d in ("ddp", "one"))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max())

@@ -1,5 +1,6 @@
 """vqvae.py: shapes, round trip, straight-through, EMA + dead-code reset by hand, IN invariance, AdaIN statistics,
-losses by hand, perplexity, overfitting one batch, determinism, checkpoint reload, and a CLI train -> sample run."""
+losses by hand, perplexity, overfitting one batch, determinism, checkpoint reload, a CLI train -> sample run, user
+errors, exact resume, bfloat16 autocast, CUDA (skipped without), and torchrun DDP against one process."""
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import metrics
 import vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +27,7 @@ def one_thread():
 
 
 def small_cfg(**kw):
-    base = dict(codebook_size=32, code_dim=32, width=32, depth=1, dilations="1", beta_hidden=32)
+    base = dict(codebook_size=32, code_dim=32, width=32, dilations="1", beta_hidden=32)
     return vqvae.Config(**{**base, **kw})
 
 
@@ -78,7 +80,7 @@ def test_straight_through_gradient():
 
 def test_ema_update_and_dead_code_reset_by_hand():
     mu, eps = 0.9, 1e-5
-    q = vqvae.Quantizer(K=2, C=1, mu=mu, ema=True, reset=True, eps=eps)
+    q = vqvae.Quantizer(K=2, C=1, mu=mu, eps=eps)
     q.codebook.data = torch.tensor([[0.0], [10.0]])
     q.ema_sum.copy_(q.codebook.data)
     q.ema_count.fill_(1.0)
@@ -151,9 +153,9 @@ def test_velocity_and_reconstruction_losses_by_hand():
 
 def test_perplexity():
     K = 16
-    H, ppl, act = vqvae.usage_stats(torch.arange(K).repeat(3), K)
+    H, ppl, act = metrics.usage_stats(torch.arange(K).repeat(3), K)
     assert math.isclose(ppl, K, rel_tol=1e-9) and math.isclose(H, math.log(K)) and act == 1.0
-    H, ppl, act = vqvae.usage_stats(torch.full((10,), 3), K)
+    H, ppl, act = metrics.usage_stats(torch.full((10,), 3), K)
     assert ppl == 1.0 and H == 0.0 and act == 1 / K
 
 
@@ -201,26 +203,40 @@ def test_checkpoint_reload_gives_identical_tokens(tiny_vq, tiny_world):
     assert torch.equal(vqvae.load_vqvae(tiny_vq).codebook, m.codebook)  # reload twice: identical
 
 
-def test_naive_fixture_and_tokenize(tiny_vq_naive, tmp_path):
+def test_naive_fixture_and_full_clip_tokens(tiny_vq_naive):
+    import data
     m = vqvae.load_vqvae(tiny_vq_naive)
     assert m.cfg.norm == "none,none" and m.decoder.cond is None
-    res = vqvae.main(["--tokenize", "--ckpt", str(tiny_vq_naive), "--out", str(tmp_path)])
-    assert (tmp_path / "tokens.pt").exists()
-    import data
-    items = data.load_listener(m.cfg.data, "val")
-    assert len(res["val"]["idx"]) == len(items)
-    for it, idx in zip(items, res["val"]["idx"]):
-        assert idx.shape == (len(it["listener"]) // 8,)
+    clips = vqvae.to_clips(data.load_listener(m.cfg.data, "val"), m)
+    toks = metrics.codec_tokens(m, clips, "cpu")
+    assert len(toks) == len(clips) > 0
+    for (x, _, _), idx in zip(clips, toks):  # one token per r frames of the whole clip, in [0, K)
+        assert idx.shape == (x.shape[0] // 8,) and 0 <= int(idx.min()) and int(idx.max()) < m.K
+
+
+def test_codec_stats_keep_clip_order_across_lengths():
+    """Clips of mixed lengths are batched by length; reconstructions and tokens still come back in clip order."""
+    torch.manual_seed(0)
+    m = vqvae.VQVAE(small_cfg()).eval()
+    clips = [(smooth_batch(1, T, seed=i)[0][0], torch.randn(100), {}) for i, T in enumerate([64, 32, 64, 16])]
+    stats, recons = metrics.codec_stats(m, clips, "cpu")
+    toks = metrics.codec_tokens(m, clips, "cpu")
+    for (x, b, _), x_hat, idx in zip(clips, recons, toks):
+        o = m(x[None], b[None])
+        assert torch.allclose(x_hat, o["x_hat"][0], atol=1e-5) and torch.equal(idx, o["idx"][0])
+    assert 0 < stats["active"] <= 1 and stats["rec"] > 0
 
 
 def test_cli_train_then_sample(tiny_world, tmp_path):
     out = tmp_path / "vq"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                    env=env)
     r = run("train.py", "--model", "vqvae", "--preset", "smoke", "--data", str(tiny_world), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     met = ck["metrics"]
+    assert ck["method"] == "vqvae" and ck["step"] == 60 and {"optimizer", "rng", "config"} <= set(ck)
     assert math.isfinite(met["train_rec"]) and met["train_rec"] < met["train_rec_first"]
     assert (out / "config.json").exists() and (out / "recon.png").exists()
     r = run("sample.py", "--model", "vqvae", "--out", str(out), "--max-eval", "8")
@@ -240,3 +256,112 @@ def test_every_table5_config_trains_a_step(norm):
     o["loss"].backward()
     assert o["x_hat"].shape == x.shape and torch.isfinite(o["loss"])
     assert (m.decoder.cond is not None) == norm.endswith("Ada" + norm.split(",")[0])
+
+
+def test_smoke_runs_have_their_own_folder():
+    assert vqvae.parse_config(["--preset", "smoke"]).out == "runs/vqvae-smoke"
+    assert vqvae.parse_config(["--preset", "smoke", "--out", "elsewhere"]).out == "elsewhere"
+    assert vqvae.parse_config([]).out == "runs/vqvae"
+
+
+@pytest.mark.parametrize("argv, words", [(["--steps", "-5"], "--steps -5: expected a positive"),
+                                         (["--window", "60"], "--window 60: expected a multiple of --r 8"),
+                                         (["--r", "6", "--window", "48"], "--r 6: expected a power of two"),
+                                         (["--norm", "IN,LN"], "--norm IN,LN: expected one of"),
+                                         (["--dtype", "half"], "--dtype half: expected float32"),
+                                         (["--batch", "7"], "--batch 7: expected a multiple of the 2 torchrun")])
+def test_bad_values_are_one_line_user_errors(argv, words, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        vqvae.cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and words in err and "\n" not in err, err
+
+
+def test_missing_data_folder_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        vqvae.cli(["--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "nope" in err and "\n" not in err, err
+
+
+def test_missing_or_foreign_checkpoint_is_a_user_error(tmp_path):
+    import data
+    with pytest.raises(data.UserError, match="no checkpoint at"):
+        vqvae.load_vqvae(tmp_path / "nope.pt")
+    torch.save({"method": "lm_listener", "model": {}}, tmp_path / "other.pt")
+    with pytest.raises(data.UserError, match="checkpoint of lm_listener, not of vqvae.py"):
+        vqvae.load_vqvae(tmp_path / "other.pt")
+    with pytest.raises(data.UserError, match="no checkpoint at"):
+        vqvae.main(["--out", str(tmp_path / "none")], mode="sample")
+
+
+def smoke(world, out, *more):
+    return ["--preset", "smoke", "--data", str(world), "--out", str(out), "--device", "cpu", *more]
+
+
+def test_resume_after_a_kill_is_bit_identical(tiny_world, tmp_path, monkeypatch):
+    """N steps straight vs killed right after the checkpoint at N/2, then --resume to N: the same weights."""
+    flags = ["--steps", "16", "--eval-every", "8"]
+    straight, _ = vqvae.train(vqvae.parse_config(smoke(tiny_world, tmp_path / "a", *flags)))
+
+    class Killed(Exception):
+        pass
+    real = vqvae.save_checkpoint
+
+    def save_then_die(path, obj):
+        real(path, obj)
+        raise Killed
+    monkeypatch.setattr(vqvae, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        vqvae.train(vqvae.parse_config(smoke(tiny_world, tmp_path / "b", *flags)))
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 8
+    resumed, met = vqvae.train(vqvae.parse_config(smoke(tiny_world, tmp_path / "b", *flags, "--resume")))
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    first = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["metrics"]["train_rec_first"]
+    assert met["train_rec_first"] == first  # the logged first loss survives the resume
+
+
+def test_resume_with_another_architecture_is_a_user_error(tiny_vq, tmp_path):
+    import data, shutil
+    shutil.copy(tiny_vq, tmp_path / "ckpt.pt")
+    with pytest.raises(data.UserError, match="trained with another model: norm 'IN,AdaIN'"):
+        vqvae.train(vqvae.parse_config(smoke(Path(vqvae.load_vqvae(tiny_vq).cfg.data).parent, tmp_path,
+                                             "--norm", "IN,IN", "--resume")))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])  # autocast; float16 also runs the grad scaler
+def test_mixed_precision_trains_on_cpu(tiny_world, tmp_path, dtype):
+    model, met = vqvae.train(vqvae.parse_config(smoke(tiny_world, tmp_path, "--steps", "4", "--dtype", dtype)))
+    assert math.isfinite(met["train_rec"]) and model.quantizer.codebook.dtype == torch.float32
+    assert vqvae.load_vqvae(tmp_path / "ckpt.pt").cfg.dtype == dtype
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bfloat16_train_then_sample(tiny_world, tmp_path):
+    _, met = vqvae.train(vqvae.parse_config(smoke(tiny_world, tmp_path, "--steps", "6", "--device", "cuda",
+                                                  "--dtype", "bfloat16", "--compile")))
+    assert math.isfinite(met["train_rec"])
+    rows = vqvae.sample(vqvae.parse_config(smoke(tiny_world, tmp_path, "--device", "cuda"), "sample"))
+    assert math.isfinite(rows["model"]["mse/all"]) and rows["model"]["n_windows"] > 0
+
+
+def test_torchrun_two_processes_match_one(tiny_world, tmp_path):
+    """DDP on CPU (gloo): both ranks end in sync (check_in_sync, else exit 1) and equal to one process with the same
+    global batch to float tolerance: half batches per rank change the rounding of convs and means (~1e-7). The naive
+    codec is used because with IN the bias just before each instance norm has an exact gradient of zero; Adam turns
+    the rounding noise of that gradient into lr-sized steps, so those biases (which change no output) differ by ~lr."""
+    flags = ["--steps", "6", "--eval-every", "6", "--max-eval", "2", "--norm", "none,none"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "vqvae.py", *smoke(tiny_world, tmp_path / "ddp", *flags)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, _ = vqvae.train(vqvae.parse_config(smoke(tiny_world, tmp_path / "one", *flags)))
+    ddp = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)["model"]
+    for k, v in one.state_dict().items():
+        assert torch.allclose(v.float(), ddp[k].float(), atol=1e-5), (k, (v.float() - ddp[k].float()).abs().max())
