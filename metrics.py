@@ -1582,12 +1582,22 @@ def bench(n_speakers=20, K=10, n_appropriate=11, T=750, fd_frames=10000):
     """Time FD and FRDist on random data against the reference code (numpy/scipy; tslearn as the REACT baseline
     uses it), one thread each, in this process. Times are process CPU seconds, steadier than wall time on a
     shared machine."""
+    threads, limits = torch.get_num_threads(), None
     torch.set_num_threads(1)
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(1)  # numpy's BLAS on one thread too
+        limits = threadpool_limits(1)  # numpy's BLAS on one thread too
     except ImportError:
         print("threadpoolctl not installed: run with OMP_NUM_THREADS=1 to keep numpy's BLAS on one thread")
+    try:
+        _bench(n_speakers, K, n_appropriate, T, fd_frames)
+    finally:  # leave the process as it was
+        if limits is not None:
+            limits.restore_original_limits()
+        torch.set_num_threads(threads)
+
+
+def _bench(n_speakers, K, n_appropriate, T, fd_frames):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((fd_frames, 56)), rng.standard_normal((fd_frames, 56)) + 0.1
     _side_by_side(f"FD of two ({fd_frames}, 56) frame sets", lambda: frechet_distance(a, b),

@@ -62,6 +62,9 @@ RUNS = [
     Run("discrete_diffusion_no_text", "discrete_diffusion", NAIVE + " --no-text", smoke=False),
     Run("discrete_diffusion_k256", "discrete_diffusion", "--vq {runs}/vqvae_naive_k256/ckpt.pt", smoke=False),
     Run("discrete_diffusion_k512", "discrete_diffusion", "--vq {runs}/vqvae_naive_k512/ckpt.pt", smoke=False),
+    *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", sample=f"{flags} --n-samples 1", of="discrete_diffusion",
+          smoke=False) for name, flags in [("steps100", "--sample-steps 0"), ("steps25", "--sample-steps 25"),
+                                           ("steps10", "--sample-steps 10"), ("no_truncation", "--truncation 1.0")]],
     Run("lm_listener", "lm_listener", IDENT + " --vq-naive {runs}/vqvae_naive/ckpt.pt"),
     Run("lm_listener_w", "lm_listener", IDENT + LM + "W", smoke=False),       # Tab. 3: speaker modalities
     Run("lm_listener_w_sa", "lm_listener", IDENT + LM + "W+SA", smoke=False),
@@ -69,8 +72,8 @@ RUNS = [
     Run("lm_listener_naive_w", "lm_listener", NAIVE + LM + "W", smoke=False),  # Tab. 4: the naive codec
     Run("lm_listener_naive_w_sa_emo", "lm_listener", NAIVE + LM + "W+SA+emo", smoke=False),
     Run("latent_diffusion", "latent_diffusion"),
-    *[Run(f"latent_diffusion_plms{k}_s{s}", "latent_diffusion", sample=f"--plms-order {k} --sample-steps {s}",
-          of="latent_diffusion", smoke=(k, s) == (1, 10))
+    *[Run(f"latent_diffusion_plms{k}_s{s}", "latent_diffusion", of="latent_diffusion", smoke=(k, s) == (1, 10),
+          sample=f"--plms-order {k} --sample-steps {s} --model-only")
       for k in (1, 2, 3, 4) for s in (10, 25, 50, 100)],                  # PLMS order x steps, one checkpoint
     Run("diff_transformer", "diff_transformer"),
     Run("diff_transformer_ar", "diff_transformer", "--arch ar"),           # the FaceFormer-style baseline
@@ -100,11 +103,15 @@ TABLES = [
            ("baseline:random_walk_naive", "vqvae_naive", "baseline:random_walk")]),
     Table("diff_listener", "Listening heads: DiffListener",
           "Raw motion units (56-d: 50 expression + 6 pose), per window, synthetic test split; ablations retrained "
-          "without the listener's identity, the facial differential or the text, and with K = 256 / 512 codes.",
+          "without the listener's identity, the facial differential or the text, and with K = 256 / 512 codes; "
+          "`ablation:steps<S>` / `no_truncation`: the main checkpoint sampled with S steps (100 = every step of the "
+          "chain) or without truncation, one sampling seed.",
           LISTEN, "discrete_diffusion",
           [("ablation:no_identity", "discrete_diffusion_no_identity"),
            ("ablation:no_diff", "discrete_diffusion_no_diff"), ("ablation:no_text", "discrete_diffusion_no_text"),
-           ("ablation:K256", "discrete_diffusion_k256"), ("ablation:K512", "discrete_diffusion_k512")]),
+           ("ablation:K256", "discrete_diffusion_k256"), ("ablation:K512", "discrete_diffusion_k512"),
+           *[(f"ablation:{n}", f"discrete_diffusion_{n}")
+             for n in ("steps100", "steps25", "steps10", "no_truncation")]]),
     Table("lm_listener", "Listening heads: multimodal LM listener (MMLM Tab. 1, 3, 4)",
           "Raw motion units, per window, synthetic test split; ablations: speaker modalities (Tab. 3) and the naive "
           "codec (Tab. 4), each decoded greedily and with nucleus sampling.",
@@ -124,7 +131,7 @@ TABLES = [
           [("baseline:autoregressive", "diff_transformer_ar"), ("ablation:plain_attention", "diff_transformer_plain")]),
 ]
 # Config keys that do not change the trained weights: a checkpoint that differs only in these is reused.
-IGNORED = {"out", "resume", "ckpt", "split", "device", "compile", "threads", "cache"}
+IGNORED = {"out", "resume", "ckpt", "split", "device", "compile", "threads", "cache", "eval_speakers", "model_only"}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -422,7 +429,7 @@ def do_run(run, runs, a, done, minutes):
     print(f"\n=== evaluate {out} ===", flush=True)
     t0 = time.time()
     ckpt = runs / (run.of or run.name) / "ckpt.pt"
-    module.main(["--ckpt", str(ckpt), "--out", str(out)] + given + flags(run.sample), "sample")
+    module.main(["--preset", a.preset, "--ckpt", str(ckpt), "--out", str(out)] + given + flags(run.sample), "sample")
     minutes.setdefault(run.name, {})["evaluate"] = (time.time() - t0) / 60
 
 

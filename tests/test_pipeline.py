@@ -123,7 +123,8 @@ def test_pipeline_reuses_only_matching_checkpoints(fake, capsys):
     log, mods = fake
     train.run_all([])
     assert trained(log) == ["runs/codec", "runs/gen", "runs/gen_lr"]
-    assert ("gen", "sample", ["--ckpt", "runs/gen/ckpt.pt", "--out", "runs/gen_fast", "--lr", "9"]) in log
+    assert ("gen", "sample", ["--preset", "default", "--ckpt", "runs/gen/ckpt.pt", "--out", "runs/gen_fast",
+                              "--lr", "9"]) in log
     md = Path("runs/results.md").read_text()
     assert "| gen | model | 0.001 |" in md and "| gen | model:nucleus | 2 |" in md      # the main run: every row
     assert "| gen_lr | ablation:lr | 0.25 |" in md and "| gen_lr | ablation:lr:nucleus | 2 |" in md
