@@ -644,7 +644,10 @@ def pad_words(lists):
 
 
 def audio_rows(it, n_rows, n_mfcc):
-    """Speaker audio rows (n_rows = 4 per frame, F): precomputed rows (L2L files) or data.mfcc of the waveform."""
+    """Speaker audio rows (n_rows = 4 per frame, F): precomputed rows (L2L files), data.mfcc of the waveform, or
+    zeros when the item has no audio (the LM-Listener release): the audio encoder then sees a constant."""
+    if it.get("audio") is None and it.get("audio_rows") is None:
+        return torch.zeros(n_rows, n_mfcc)
     if it.get("audio_rows") is not None:
         return torch.as_tensor(np.asarray(it["audio_rows"][:n_rows]), dtype=torch.float32)
     return torch.as_tensor(data.mfcc(it["audio"], rate=4.0 * it["fps"], n_mfcc=n_mfcc, n_rows=n_rows))
@@ -654,18 +657,23 @@ def audio_rows(it, n_rows, n_mfcc):
 def load_windows(path, split, vq, T, stride, n_mfcc):
     """Every item of a split, its crops of T frames at `stride`, and the VQ tokens of each crop (encoded once).
     Returns a dict of tensors: spk/lis (S, Ts, D) raw, feat (S, 4Ts, F), beta (S, 100), alt (S, Ts, D) or None,
-    starts (C,), tok (S, C, L), wid/wend (S, C, N), and the items' words [S] (lists of (text, end_s))."""
+    starts (C,), tok (S, C, L), wid/wend (S, C, N), the items' words [S] (lists of (text, end_s)), n (S,) frames and
+    no_audio (items without audio). Segments of different lengths are zero-padded to the longest Ts; each gives
+    its own crops (those inside it: all_windows), as the original loaders window every segment."""
     items = [it for it in data.load_listener(path, split) if len(it["listener"]) >= T]
     if not items:
         raise data.UserError(f"{path}: no {split} item of at least {T} frames (--clip-frames {T})")
-    Ts, fps = min(len(it["listener"]) for it in items), items[0]["fps"]
+    n = torch.tensor([len(it["listener"]) for it in items])
+    Ts, fps = int(n.max()), items[0]["fps"]
     f32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    stack = lambda k: torch.stack([f32(it[k][:Ts]) for it in items])
+    pad = lambda x, m=Ts: F.pad(f32(x), (0, 0, 0, m - len(x)))         # rows (n, D) -> (m, D), zeros after n
+    stack = lambda k: torch.stack([pad(it[k][:Ts]) for it in items])
     has_alt = all(it.get("alt_listener") is not None for it in items)
     d = dict(spk=stack("speaker"), lis=stack("listener"), fps=fps, T=T, words=[it["words"] for it in items],
              beta=torch.stack([f32(it["listener_beta"]) for it in items]),
-             feat=torch.stack([audio_rows(it, 4 * Ts, n_mfcc) for it in items]),
-             alt=torch.stack([f32(it["alt_listener"][0][:Ts]) for it in items]) if has_alt else None)
+             feat=torch.stack([pad(audio_rows(it, 4 * len(it["listener"]), n_mfcc), 4 * Ts) for it in items]), n=n,
+             no_audio=sum(it.get("audio") is None and it.get("audio_rows") is None for it in items),
+             alt=torch.stack([pad(it["alt_listener"][0][:Ts]) for it in items]) if has_alt else None)
     starts = torch.arange(0, Ts - T + 1, stride)                      # (C,) crop starts in frames
     S, C = len(items), len(starts)
     fr, chunk = starts[:, None] + torch.arange(T), max(1, 2048 // C)   # (C, T) frames of each crop
@@ -691,18 +699,30 @@ def get_batch(d, seg, crop):
 
 
 def all_windows(d):
-    """Every (segment, crop) pair of a split, segment-major: two (n,) index tensors."""
+    """Every (segment, crop) pair of a split with the crop inside the segment, segment-major: two (n,) index tensors."""
     S, C = d["tok"].shape[:2]
-    return torch.arange(S).repeat_interleave(C), torch.arange(C).repeat(S)
+    seg, crop = torch.arange(S).repeat_interleave(C), torch.arange(C).repeat(S)
+    keep = d["starts"][crop] + d["T"] <= d["n"][seg]
+    return seg[keep], crop[keep]
+
+
+def draw_windows(d, B, gen):
+    """B training windows: a segment, then one of its crops (segments of different lengths: uniform over windows)."""
+    (S, C), (seg, crop) = d["tok"].shape[:2], all_windows(d)
+    if len(seg) == S * C:
+        return torch.randint(S, (B,), generator=gen), torch.randint(C, (B,), generator=gen)
+    i = torch.randint(len(seg), (B,), generator=gen)
+    return seg[i], crop[i]
 
 
 def set_stats(model, d):
     """Normalisation statistics of the conditioning (train split) into the model's buffers."""
-    spk = d["spk"].flatten(0, 1)
+    inside = torch.arange(d["spk"].shape[1]) < d["n"][:, None]        # (S, Ts) frames inside their segment
+    spk = d["spk"][inside]
     model.spk_mean.copy_(spk.mean(0)), model.spk_std.copy_(spk.std(0).clamp_min(1e-4))
     z = facial_differential((d["spk"] - model.spk_mean) / model.spk_std)
-    model.diff_std.copy_(z[:, 1:].flatten(0, 1).std(0).clamp_min(1e-4))
-    feat = d["feat"].flatten(0, 1)
+    model.diff_std.copy_(z[:, 1:][inside[:, 1:]].std(0).clamp_min(1e-4))
+    feat = d["feat"][inside.repeat_interleave(4, 1)]
     model.feat_mean.copy_(feat.mean(0)), model.feat_std.copy_(feat.std(0).clamp_min(1e-4))
     model.beta_mean.copy_(d["beta"].mean(0)), model.beta_std.copy_(d["beta"].std(0).clamp_min(1e-4))
 
@@ -795,6 +815,9 @@ def prepare(cfg, device):
     model = build(cfg, meta, device)
     set_stats(model, tr)
     if is_main():
+        if tr["no_audio"]:
+            print(f"[discrete_diffusion] audio branch off: {tr['no_audio']} of {len(tr['n'])} train segments have no "
+                  f"audio in {cfg.data} (their MFCC input is zeros)")
         print(f"[discrete_diffusion] {tr['tok'].shape[0]} train segments x {tr['tok'].shape[1]} crops of "
               f"{cfg.clip_frames} frames -> {meta['L']} tokens (K = {vq.K}); prepared in {time.time() - t0:.1f} s; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
@@ -829,14 +852,13 @@ def train(cfg):
         set_rng_state(ck["rng"], [gen])
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
-    S, C, sched, t0 = *tr["tok"].shape[:2], model.sched, time.time()
+    sched, t0 = model.sched, time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="discrete_diffusion", dynamic_ncols=True, mininterval=2,
                disable=not is_main())
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        seg = torch.randint(S, (cfg.batch_size,), generator=gen)      # the global batch, drawn alike on every rank
-        b = get_batch(tr, seg, torch.randint(C, (cfg.batch_size,), generator=gen))
+        b = get_batch(tr, *draw_windows(tr, cfg.batch_size, gen))     # the global batch, drawn alike on every rank
         t = torch.randint(1, model.T + 1, (cfg.batch_size,), generator=gen)  # t ~ U{1..T}
         x_t = q_sample(sched, b["tok"], t, gen)                        # x_t ~ q(x_t | x0)
         x_t, t, x0, *cond = (shard(v).to(device) for v in (x_t, t, *(b[k] for k in INPUTS)))  # this rank's rows
@@ -904,8 +926,10 @@ def sample(cfg):
     def listen(st, hop=None, S=steps, B=1):  # a stream's listener, windows every hop tokens (None: half a window)
         return sample_long(model, vq, st["speaker"].expand(B, -1, -1), st["audio"].expand(B, -1, -1), st["words"] * B,
                            st["beta"].expand(B, -1), T, te["fps"], S, r, gen, hop)[1][0].numpy()
-    long = metrics.long_conversation(te, cfg.long_seconds, vq.r, listen, every=T)
-    timing = metrics.time_sampler(te, vq.r, listen, steps or model.T, cfg.time_runs, cfg.time_batch, device)
+    m = int(te["n"].min())  # the long stream chains segments of one length: all cut to the shortest
+    te_m = dict(te, **{k: te[k][:, :m] for k in ("spk", "lis")}, feat=te["feat"][:, :4 * m])
+    long = metrics.long_conversation(te_m, cfg.long_seconds, vq.r, listen, every=T)
+    timing = metrics.time_sampler(te_m, vq.r, listen, steps or model.T, cfg.time_runs, cfg.time_batch, device)
     decode = lambda codes: vq.denormalize(vq.decode(torch.as_tensor(codes), test["beta"])).numpy()
     rows = metrics.evaluate_listener(test, bank, {"model": [x for _, x in runs]}, codec=dict(K=vq.K, decode=decode),
                                        long=long, timing=timing, seed=cfg.seed)

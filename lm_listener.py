@@ -27,6 +27,7 @@ import argparse
 import collections
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import os
@@ -538,13 +539,16 @@ def get_vq(path, cfg, data_path, naive=False):
 
 @torch.no_grad()
 def vq_tokens(vq, items):
-    """Listener motion -> LR tokens (n, T // r) with the VQ encoder (and its stored statistics)."""
+    """Listener motion -> LR tokens [(T_i // r,)] with the VQ encoder (and its stored statistics); consecutive clips of
+    one length are encoded together, up to 64."""
     out = []
     for i in range(0, len(items), 64):
-        x = torch.stack([torch.as_tensor(it["listener"][: len(it["listener"]) // R * R]) for it in items[i:i + 64]])
-        b = torch.stack([torch.as_tensor(it["listener_beta"]) for it in items[i:i + 64]])
-        out.append(vq.encode(vq.normalize(x.float()), b.float()).cpu())
-    return torch.cat(out)
+        for _, grp in itertools.groupby(items[i:i + 64], key=lambda it: len(it["listener"]) // R):
+            grp = list(grp)
+            x = torch.stack([torch.as_tensor(it["listener"][: len(it["listener"]) // R * R]) for it in grp])
+            b = torch.stack([torch.as_tensor(it["listener_beta"]) for it in grp])
+            out += list(vq.encode(vq.normalize(x.float()), b.float()).cpu())
+    return out
 
 
 @torch.no_grad()
@@ -564,7 +568,8 @@ def clip_features(items, cache):
         c = torch.load(cache, weights_only=True)
         if c["key"] == key:
             return c["feats"]
-    feats = [sa_features(it["audio"], n_rows=len(it["listener"]) // R * R * data.SR // data.FPS // HOP) for it in items]
+    feats = [(torch.zeros(0, 80), torch.zeros(0)) if it["audio"] is None else   # no audio: no SA tokens
+             sa_features(it["audio"], n_rows=len(it["listener"]) // R * R * data.SR // data.FPS // HOP) for it in items]
     save_checkpoint(cache, dict(key=key, feats=feats))
     return feats
 
@@ -585,17 +590,29 @@ def load_streams(cfg, path):
     v_sa and seed, then cached) and the train / val token streams of a training run."""
     tr_items, va_items = data.load_listener(path, "train"), data.load_listener(path, "val")
     vq, cache = get_vq(cfg.vq, cfg, path), Path(cfg.cache or cfg.out)
+    no_audio = sum(it["audio"] is None for it in tr_items)
+    if no_audio:  # the LM-Listener release has no audio: no SA / iSC tokens
+        mods = "+".join(m for m in cfg.modalities.split("+") if m not in ("SA", "iSC"))
+        print(f"[lm_listener] {no_audio} train clips of {path} have no audio: acoustic tokens off, modalities "
+              f"{cfg.modalities} -> {mods}")
+        cfg.modalities = mods
     counts = collections.Counter(text.lower() for it in tr_items for text, _ in it["words"])
     words = sorted(counts, key=lambda w: (-counts[w], w))[:cfg.max_words - 3]
     V = Vocab(words, cfg.v_sa, vq.K, isc="iSC" in cfg.modalities)
     key = [str(path), cfg.v_sa, cfg.seed]
     km = torch.load(cache / "sa_kmeans.pt", weights_only=True) if (cache / "sa_kmeans.pt").exists() else {}
+    if no_audio:  # unused: every clip has 0 SA frames
+        km = dict(mean=torch.zeros(80), std=torch.ones(80), c1=torch.zeros(1, 80), c2=torch.zeros(1, 80), key=key)
     if km.get("key") != key:
         km = {**fit_sa_kmeans(clip_features(tr_items, cache / "sa_feats_train.pt"), cfg.v_sa, cfg.seed), "key": key}
         save_checkpoint(cache / "sa_kmeans.pt", km)
         print(f"[lm_listener] acoustic k-means fitted ({cfg.v_sa}+{cfg.v_sa} centroids)")
     km = {k: km[k] for k in ("mean", "std", "c1", "c2", "key")}
     tr = prepare(tr_items, V, km, vq, clip_features(tr_items, cache / "sa_feats_train.pt"))
+    if any(c["T"] < cfg.clip_frames for c in tr):  # training windows lie inside a clip
+        print(f"[lm_listener] {sum(c['T'] < cfg.clip_frames for c in tr)} train clips shorter than --clip-frames "
+              f"{cfg.clip_frames} skipped")
+        tr = [c for c in tr if c["T"] >= cfg.clip_frames]
     va = prepare(va_items, V, km, vq, clip_features(va_items, cache / "sa_feats_val.pt"))
     return vq, V, km, tr, va
 
@@ -745,11 +762,12 @@ def stream(model, V, km, clip, cfg):
     """Consume one window's speaker input as it arrives (audio, emotion readout, finished words) and emit LR_i as soon
     as group i's last frame is in. Returns the tokens and each one's latency (ms) from that frame to LR_i."""
     it, mods = clip["item"], cfg.modalities.split("+")
+    audio = np.zeros(0, np.float32) if it["audio"] is None else it["audio"]
     words = sorted(clip["words"], key=lambda w: w[1])
     cache, pend = model.new_cache(), [V.w2i["<bos>"]] + [w for w, e in words if e <= 0][-cfg.n_hist:]
     toks, lat, blocks, done_sa = [], [], {}, 0                   # blocks: group -> its SA and iSC tokens so far
     for i in range(1, cfg.clip_frames // R + 1):
-        t_ready, wav = time.perf_counter(), it["audio"][: round(i * R * data.SR / data.FPS)]   # the speech so far
+        t_ready, wav = time.perf_counter(), audio[: round(i * R * data.SR / data.FPS)]   # the speech so far
         a0 = max(0, (4 * done_sa - 4) * HOP)                     # aligned audio start, 1 pooled frame of slack
         f, end = sa_features(wav[a0:], n_rows=(len(wav) - a0) // HOP)
         end, j0 = end + a0 * data.FPS / data.SR, a0 // (4 * HOP)
@@ -792,8 +810,8 @@ def sample(cfg):
     codecs = [("naive", get_vq(tcfg.vq_naive, tcfg, path, naive=True))]
     codecs += [("identity", vq)] if vq.cfg.norm != "none,none" else []   # a Tab. 4 run decodes with the naive one
     for name, codec in codecs:   # the random-walk baselines: (M', G) training token windows of each codec
-        codes = vq_tokens(codec, tr_items)
-        walks[name] = (codes[:, : codes.shape[1] // G * G].reshape(-1, G).numpy(), codec.K,
+        codes = torch.cat([c[: len(c) // G * G] for c in vq_tokens(codec, tr_items)]).reshape(-1, G)
+        walks[name] = (codes.numpy(), codec.K,
                        lambda z, codec=codec: decode_motion(codec, torch.as_tensor(z), betas))
     extra = None
     if cfg.stream:  # streaming must give the offline tokens: the listener never looks ahead
