@@ -390,6 +390,7 @@ def _read_react(path, split):
                 (0,) + it["listener"].shape, np.float32)
             it["alt_listener_attr"] = np.stack([items[j]["listener_attr"][:T] for j in js]) if len(js) else np.zeros(
                 (0, T, ATTR_DIM), np.float32)
+            it["alt_self"] = int(np.flatnonzero(js == k)[0]) if k in js else -1    # which alternative is its own GT
     return items
 
 

@@ -11,16 +11,18 @@ DDIM arXiv 2010.02502; zero terminal SNR arXiv 2305.08891; CodeTalker arXiv 2301
 Substitute: wav2vec2/HuBERT (pretrained, not available here) -> 20 MFCC + deltas + CMVN on wav2vec2's 50 Hz grid
 through a dilated conv encoder (33 rows = 0.66 s of context). 20, not 40: each training style comes with one voice
 and the upper cepstra resolve its pitch, which lets the net tie a style to a voice instead of to the lips.
-Deviations: motion is divided by one global scalar sigma (the released code trains on raw metres, where the noise
-swamps the signal), and the schedule is rescaled to zero terminal SNR (--no-zero-snr is the paper's): with
-normalised motion x_999 still carries enough of x0 that the net can ignore the audio and DDIM from pure noise drifts.
+Deviations (each a flag; --no-zero-snr --no-norm --no-final-ln --no-keep-best is the paper's configuration): motion
+divided by one global scalar sigma (the released code trains on raw metres, where the noise swamps the signal); the
+schedule rescaled to zero terminal SNR (with normalised motion x_999 still carries enough of x0 that the net can
+ignore the audio, and DDIM from pure noise drifts); a LayerNorm before the zero-initialised head; sampling from the
+weights of the lowest val LVE.
 Shape letters: B batch, T motion frames (30 fps), N audio rows (50 Hz), F audio features, D = V*3 motion dims,
 V vertices, H heads, C condition tokens (2; 0 for --cond add and --arch ar), S = C + T keys, d model width.
 
     python diff_transformer.py --preset smoke                 # seconds on a CPU -> runs/diff_transformer-smoke
     python train.py --model diff_transformer                  # default preset: minutes on a CPU
     python train.py --model diff_transformer --arch ar --out runs/diff_transformer_ar       # the AR baseline
-    python train.py --model diff_transformer --self-bias none --cross-mask full --out runs/diff_transformer_plain
+    python train.py --model all --table talking_face          # paper, model, AR, nobias, nodiag, plain rows
     python sample.py --model diff_transformer --ar-ckpt runs/diff_transformer_ar/ckpt.pt    # table, speed, GIFs
     python sample.py --model diff_transformer --audio speech.wav --style 3                  # animate any wav
     torchrun --standalone --nproc_per_node 2 diff_transformer.py --preset smoke            # DDP (gloo on CPU)
@@ -56,7 +58,7 @@ METHOD = "diff_transformer"
 
 @dataclasses.dataclass
 class Config:
-    data: str = ""  # data folder ("" = the synthetic world's vocaset/; sample: the checkpoint's data)
+    data: str = "vocaset"  # a twin (vocaset: the VOCASET-layout twin) or a folder; sample: the checkpoint's if unset
     out: str = "runs/diff_transformer"  # run folder: ckpt.pt, config.json; sample writes metrics.json, GIFs there
     preset: str = "default"  # smoke (tiny world, seconds) | default (CPU minutes) | full (paper sizes, GPU)
     seed: int = 0  # seeds python, numpy and torch
@@ -76,6 +78,8 @@ class Config:
     dropout: float = 0.1  # dropout probability everywhere (paper 0.1)
     period: int = 30  # PPE and ALiBi period p in frames, = fps (paper 30 on VOCASET, 25 on BIWI)
     zero_snr: bool = True  # rescale the schedule to abar_T = 0 (ours; the paper's schedule: --no-zero-snr)
+    norm: bool = True  # divide the motion by one global scalar sigma (ours; the paper's raw displacements: --no-norm)
+    final_ln: bool = True  # LayerNorm before the zero-initialised head (ours; the released code has none)
     n_mfcc: int = 20  # MFCC coefficients, x3 with deltas (our stand-in for wav2vec2 features)
     steps: int = 3000  # optimiser steps (paper: 9000 epochs of VOCASET)
     batch_size: int = 16  # clips per global batch, split over the ranks under torchrun (paper 32)
@@ -89,7 +93,7 @@ class Config:
     keep_best: bool = True  # sample from the weights of the lowest val LVE (ours; the paper: the last step)
     n_val: int = 40  # val clips scored every eval_every steps (styles cycled)
     ddim_steps: int = 50  # DDIM sampling steps (paper 50)
-    reps: int = 1  # sample: repetitions with seeds 1234, 0, 10, ..., 80 (paper 10)
+    reps: int = 10  # sample: repetitions, seeds 1234, 0, 10, ..., 80 (paper 10; the AR baseline is deterministic: 1)
     ckpt: str = ""  # sample: checkpoint to evaluate (default <out>/ckpt.pt)
     ar_ckpt: str = ""  # sample: checkpoint of an --arch ar run, scored as the row baseline:autoregressive
     split: str = "test"  # sample: split to evaluate
@@ -100,7 +104,7 @@ class Config:
 
 PRESETS = {
     "smoke": dict(out="runs/diff_transformer-smoke", d_model=32, d_ffn=64, audio_width=16, steps=40, batch_size=4,
-                  min_frames=24, max_frames=48, eval_every=40, ddim_steps=10, lr=2e-3),
+                  min_frames=24, max_frames=48, eval_every=40, ddim_steps=10, lr=2e-3, reps=1),
     "default": {},
     "full": dict(d_model=512, d_ffn=1024, audio_width=256, batch_size=32, lr=1e-4, steps=200_000, min_frames=600,
                  max_frames=600, eval_every=5000),
@@ -417,7 +421,7 @@ class DiffSpeaker(nn.Module):
         self.style = nn.Embedding(n_style, d * N)  # one d-dim style token per layer
         self.step = nn.Sequential(nn.Linear(768, d * N), nn.SiLU(), nn.Linear(d * N, d * N))
         self.layers = nn.ModuleList(DecoderLayer(d, cfg.d_ffn, cfg.n_heads, cfg.dropout) for _ in range(N))
-        self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
+        self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d) if cfg.final_ln else nn.Identity()
         self.head = nn.Linear(d, D)
         nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # x0_hat = 0 (the template) at init
 
@@ -474,7 +478,7 @@ class FaceFormerAR(nn.Module):
         self.style = nn.Embedding(n_style, d)
         self.start = nn.Parameter(torch.zeros(1, 1, D))  # the input of frame 0
         self.layers = nn.ModuleList(DecoderLayer(d, cfg.d_ffn, cfg.n_heads, cfg.dropout) for _ in range(N))
-        self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d)
+        self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d) if cfg.final_ln else nn.Identity()
         self.head = nn.Linear(d, D)
         nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
 
@@ -602,14 +606,15 @@ def load_data(cfg):
     D, the number of styles, a template per style and the lip / upper-face vertex indices."""
     if not is_main():
         dist.barrier()  # rank 0 makes the synthetic world first
-    cfg.data = str(data.resolve_data(cfg.data, "talking", cfg.preset))
+    path = str(data.resolve_data(cfg.data, "talking", cfg.preset))
     if is_main() and dist.is_initialized():
         dist.barrier()
-    train_items, val_items = load_items(cfg.data, "train", cfg.n_mfcc), load_items(cfg.data, "val", cfg.n_mfcc)
-    lip, upper = data.talking_regions(cfg.data)
+    train_items, val_items = load_items(path, "train", cfg.n_mfcc), load_items(path, "val", cfg.n_mfcc)
+    lip, upper = data.talking_regions(path)
     n_style = max(it["style"] for it in train_items) + 1
     templates = np.stack([next(it["template"] for it in train_items if it["style"] == s) for s in range(n_style)])
-    stats = {"sigma": float(np.sqrt(np.mean(np.concatenate([it["disp"] for it in train_items]) ** 2))),
+    rms = float(np.sqrt(np.mean(np.concatenate([it["disp"] for it in train_items]) ** 2)))
+    stats = {"sigma": rms if cfg.norm else 1.0, "data_path": path,
              "D": train_items[0]["disp"].shape[1], "n_style": n_style, "templates": torch.from_numpy(templates),
              "lip_idx": torch.from_numpy(lip), "upper_idx": torch.from_numpy(upper)}
     return train_items, val_items, stats
@@ -750,13 +755,14 @@ def train(cfg):
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling
 
-def load_model(path, device="cpu"):
-    """Rebuild a model from the checkpoint alone, with the best-val weights when training kept them: (model, ck)."""
+def load_model(path, device="cpu", best=True):
+    """Rebuild a model from the checkpoint alone, with the best-val weights when training kept them and `best`
+    (sample --no-keep-best: the last step's): (model, ck)."""
     ck = load_checkpoint(path, "cpu")
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in ck["config"].items() if k in names})
     model = (FaceFormerAR if cfg.arch == "ar" else DiffSpeaker)(cfg, ck["D"], ck["n_style"])
-    model.load_state_dict(ck["best"]["model"] if "best" in ck else ck["model"])
+    model.load_state_dict(ck["best"]["model"] if "best" in ck and best else ck["model"])
     return model.to(device).eval(), ck
 
 
@@ -779,13 +785,14 @@ def animate_wav(model, ck, cfg, out):
 @torch.no_grad()
 def sample(cfg):
     device, out = pick_device(cfg.device), Path(cfg.out)
-    model, ck = load_model(cfg.ckpt or out / "ckpt.pt", device)
+    model, ck = load_model(cfg.ckpt or out / "ckpt.pt", device, cfg.keep_best)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.audio:
         return animate_wav(model, ck, cfg, out)
-    path = str(data.resolve_data(cfg.data, "talking")) if cfg.data else ck["config"]["data"]
+    path = str(data.resolve_data(cfg.data, "talking", cfg.preset)) if cfg.data else ck["data_path"]
     items, n_style, sigma = load_items(path, cfg.split, model.cfg.n_mfcc), ck["n_style"], ck["sigma"]
-    print(f"{model.cfg.arch}: weights of step {ck.get('best', ck)['step']} of {ck['step']}")
+    print(f"{model.cfg.arch}: weights of step {ck.get('best', ck)['step'] if cfg.keep_best else ck['step']} of "
+          f"{ck['step']}")
     ar, ar_ck = load_model(cfg.ar_ckpt, device) if cfg.ar_ckpt else (None, None)
     # speed for 10 s of speech, batch 1: parallel DDIM vs frame-by-frame AR (untrained if no --ar-ckpt: same time)
     wave, T10 = metrics.tiled_speech(items, 10.0)
@@ -798,10 +805,13 @@ def sample(cfg):
     rows = metrics.evaluate_talking(
         items, predictor(model, items, sigma, cfg.ddim_steps), n_style, ck["lip_idx"].numpy(),
         ck["upper_idx"].numpy(), references=[data.talking_references(path, it["name"]) for it in items],
-        baseline=predictor(ar, items, ar_ck["sigma"], cfg.ddim_steps) if ar else None, timers=timers, reps=cfg.reps)
+        baseline=predictor(ar, items, ar_ck["sigma"], cfg.ddim_steps) if ar else None, timers=timers,
+        reps=cfg.reps if isinstance(model, DiffSpeaker) else 1)
     metrics.write_metrics_json(rows, out / "metrics.json")
-    metrics.render_samples(out, items[:2], predictor(model, items[:2], sigma, cfg.ddim_steps)(0, 1234),
-                             int(ck["lip_idx"][0]), "DiffSpeaker (style 0)")
+    curves = {"DiffSpeaker": predictor(model, items[:1], sigma, cfg.ddim_steps)(0, 1234)[0]}  # style 0
+    if ar:
+        curves["AR baseline"] = predictor(ar, items[:1], ar_ck["sigma"], cfg.ddim_steps)(0, 1234)[0]
+    metrics.render_samples(out, items[0], curves, ck["lip_idx"].numpy())
     print(f"wrote {out / 'metrics.json'} and samples in {out}")
     return rows
 
@@ -810,7 +820,10 @@ def sample(cfg):
 # Command line
 
 def main(argv=None, mode="train"):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv, mode)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(argv, mode)
+    if mode == "sample" and not any(a.split("=")[0] == "--data" for a in argv):
+        cfg.data = ""  # sample without --data: the checkpoint's data
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     return train(cfg) if mode == "train" else sample(cfg)

@@ -8,23 +8,32 @@ tokens back into 3DMM motion. Longer conversations: half-overlapping windows are
 averaged over the windows that cover it (MultiDiffusion, arXiv 2302.08113), so a window boundary is no seam.
 
 Papers: DiffListener (ICASSP 2025) arXiv 2502.06822; VQ-Diffusion arXiv 2111.14822 (process, x0-parameterised
-denoiser, truncation) and 2205.16007; D3PM arXiv 2107.03006. The schedule is VQ-Diffusion's released one (nearly
-absorbing); `--replace-mass 0.1 --mask-end 0.9` gives its paper's mask-and-replace schedule.
-Substitutes: BERT -> a word encoder trained from scratch (no pretrained weights ship with the repo). [ours]: the
-denoiser is told who listens (Linear(listener beta) added to the timestep embedding): one model serves six listeners
-where the paper trains one per listener; on CPU the fusion reads patches of `fuse_stride` frames; cosine lr decay;
-no importance sampling of t, no weight EMA; 20 exact-jump steps when sampling.
+denoiser, truncation) and 2205.16007; D3PM arXiv 2107.03006. Data: `trevor` by default, the twin of L2L-trevor, the
+LM-Listener segments DiffListener trained on (one listener, many guests); the text vocabulary is the training split's
+words, stored in the checkpoint. Truncation as VQ-Diffusion's sampler: top-r codes up to and including the one that
+crosses r = 0.86, renormalised.
+The paper's configuration (train.py's `discrete_diffusion_paper` run): K = 256 codes, T = 100 steps sampled one by
+one (`--sample-steps 0`), mask-and-replace as the VQ-Diffusion paper describes it (`--replace-mass 0.1 --mask-end
+0.9`: 10 % uniform replacement by t = T, 90 % masked), no listener identity (`--no-identity`: one listener), the
+fusion per frame (`--fuse-stride 1`). Our defaults differ in: 20 exact-jump sampling steps (5x faster, the 0.25 s
+budget of an 8-s listener); the released VQ-Diffusion schedule (mask-only in effect: replace mass 1e-6); K from
+the VQ checkpoint (vqvae.py's default 128); the fusion reads patches of `fuse_stride` = 4 frames (CPU speed); the
+denoiser is told who listens (Linear(listener beta) added to the timestep embedding; a constant on trevor, needed on
+multi-listener data where the paper trains one model per listener). Also ours: cosine lr decay; no importance
+sampling of t, no weight EMA. Substitute: BERT -> a word encoder trained from scratch (no pretrained weights ship
+with the repo).
 
 Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index K), D = 56 motion dims, F audio
 features (4 rows per frame), N words, W windows, d model width.
 
-    python discrete_diffusion.py --preset smoke            # seconds: tiny world and model (runs/..-smoke)
-    python discrete_diffusion.py                           # default (trains runs/vqvae_naive/ckpt.pt first if missing)
+    python discrete_diffusion.py --preset smoke            # seconds: trevor-tiny, a tiny model (runs/..-smoke)
+    python discrete_diffusion.py                           # default, trevor (trains <out>/vq/ckpt.pt first if missing)
     python discrete_diffusion.py sample                    # metrics table, npy + GIF + PNG, long conversation, timing
                                                            # (ablations are runs with flags, e.g. --no-text)
     torchrun --standalone --nproc_per_node 2 discrete_diffusion.py --preset smoke   # data-parallel (DDP)
 """
 import argparse
+import collections
 import dataclasses
 import inspect
 import json
@@ -33,6 +42,7 @@ import os
 import pickle
 import random
 import re
+import string
 import sys
 import time
 from pathlib import Path
@@ -57,10 +67,10 @@ LOG_EPS = -70.0  # log-probabilities are clamped here (VQ-Diffusion), also the p
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Config:
-    data: str = ""                        # listener data folder ("" = the synthetic world of the preset)
+    data: str = "trevor"                  # listener data folder or twin (trevor: L2L-trevor's twin; "": the world)
     out: str = "runs/discrete_diffusion"  # output folder: ckpt.pt, config.json, samples/, metrics.json
     preset: str = "default"               # smoke | default | full
-    vq: str = ""                          # VQ-VAE checkpoint ("" = runs/vqvae_naive/ckpt.pt; smoke: <out>/vq/ckpt.pt)
+    vq: str = ""                          # VQ-VAE checkpoint ("" = <out>/vq/ckpt.pt, trained there first if missing)
     steps: int = 3000                     # optimiser steps
     batch_size: int = 32                  # windows per step, all torchrun processes together (full: 64)
     lr: float = 1e-3                      # peak learning rate of AdamW (VQ-Diffusion: 2e-4)
@@ -348,14 +358,17 @@ def posterior(p0, x_t, t, s, sched):
 
 
 def truncate(p0, r):
-    """Top-r truncation: keep the sorted prefix whose inclusive cumulative mass is < r (top-1 always kept); the rest
-    get zero probability (log -70 in VQ-Diffusion) without renormalising, which slightly slows unmasking."""
+    """VQ-Diffusion's top-r truncation of p(x0): the codes in order of probability up to and including the one whose
+    cumulative mass reaches r (a code is kept when the mass before it is < r, so top-1 always is), renormalised to
+    mass 1. VQ-Diffusion sets the dropped log-probs to -70 and samples the unnormalised posterior by Gumbel-max;
+    its posterior scales every state, [MASK] included, by the kept mass, so the draw is that of the renormalised
+    p(x0): the same chance of unmasking as untruncated, only the codes change. p0 (..., K) -> (..., K)."""
     if r >= 1.0:
         return p0
     sp, order = p0.sort(-1, descending=True)
-    keep_sorted = sp.cumsum(-1) < r
-    keep_sorted[..., 0] = True
-    return p0 * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    keep_sorted = sp.cumsum(-1) - sp < r                               # mass before the code < r
+    kept = p0 * torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return kept / kept.sum(-1, keepdim=True)
 
 
 def diffusion_loss(logits, x0, x_t, t, sched, aux_weight):
@@ -616,7 +629,7 @@ def sample_long(model, vq, spk, feat, words, beta, T_win, fps, steps=None, r=0.8
     c0 = [s * vq.r for s in starts]                                    # window starts in frames
     spk_w = torch.stack([spk[b, c:c + T_win] for b in range(B) for c in c0])            # (B*W, T_win, D)
     feat_w = torch.stack([feat[b, 4 * c:4 * (c + T_win)] for b in range(B) for c in c0])  # (B*W, 4 T_win, F)
-    wid, wend = pad_words([window_words(words[b], c, T_win, fps) for b in range(B) for c in c0])
+    wid, wend = pad_words([window_words(words[b], c, T_win, fps, model.word_ids) for b in range(B) for c in c0])
     kv = model.condition(spk_w.to(dev), feat_w.to(dev), wid.to(dev), wend.to(dev),
                          beta.repeat_interleave(len(c0), 0).to(dev))      # (B*W, ...), sample-major like spk_w
     tok = model.sample(kv, N, starts, L, steps, r, gen, batch=B).cpu()
@@ -627,13 +640,31 @@ def sample_long(model, vq, spk, feat, words, beta, T_win, fps, steps=None, r=0.8
 # Data: windows of the listener data, cached VQ tokens, word ids time-aligned to the window
 # ----------------------------------------------------------------------------------------------------------------------
 HISTORY_S = 3.0  # seconds of words before the window the text encoder sees (LM-Listener)
-WORD_IDS = {w.lower(): i + 3 for i, w in enumerate(data.VOCAB)}  # 0 pad, 1 unknown, 2 the start token of every window
+PAD, UNK, START = 0, 1, 2  # word ids below the vocabulary's: padding, a word not in it, the start of every window
 
 
-def window_words(words, c0, T, fps):
-    """Segment words [(text, end_s)] -> [(id, end frame relative to the window start c0)] for ends in [-3 s, T)."""
-    sel = [(WORD_IDS.get(w.lower(), 1), e * fps - c0) for w, e in words if -HISTORY_S * fps <= e * fps - c0 < T]
-    return [(2, 0.0)] + sel
+def norm_word(w):
+    """The vocabulary's spelling of a transcript word: lower case, punctuation at either end stripped."""
+    return w.lower().strip(string.punctuation + " ")
+
+
+def build_vocab(items):
+    """The training split's words (norm_word), most frequent first (ties alphabetical): the text encoder's vocabulary,
+    stored in the checkpoint and used again at sample time; any other word is UNK."""
+    count = collections.Counter(norm_word(w) for it in items for w, _ in it["words"])
+    count.pop("", None)
+    return sorted(count, key=lambda w: (-count[w], w))
+
+
+def word_ids(vocab):
+    return {w: i + 3 for i, w in enumerate(vocab)}
+
+
+def window_words(words, c0, T, fps, ids):
+    """Segment words [(text, end_s)] -> [(id, end frame relative to the window start c0)] for ends in [-3 s, T);
+    ids: word_ids of the vocabulary."""
+    sel = [(ids.get(norm_word(w), UNK), e * fps - c0) for w, e in words if -HISTORY_S * fps <= e * fps - c0 < T]
+    return [(START, 0.0)] + sel
 
 
 def pad_words(lists):
@@ -654,12 +685,14 @@ def audio_rows(it, n_rows, n_mfcc):
 
 
 @torch.no_grad()
-def load_windows(path, split, vq, T, stride, n_mfcc):
+def load_windows(path, split, vq, T, stride, n_mfcc, vocab=None):
     """Every item of a split, its crops of T frames at `stride`, and the VQ tokens of each crop (encoded once).
     Returns a dict of tensors: spk/lis (S, Ts, D) raw, feat (S, 4Ts, F), beta (S, 100), alt (S, Ts, D) or None,
-    starts (C,), tok (S, C, L), wid/wend (S, C, N), the items' words [S] (lists of (text, end_s)), n (S,) frames and
-    no_audio (items without audio). Segments of different lengths are zero-padded to the longest Ts; each gives
-    its own crops (those inside it: all_windows), as the original loaders window every segment."""
+    starts (C,), tok (S, C, L), wid/wend (S, C, N), the items' words [S] (lists of (text, end_s)), n (S,) frames,
+    no_audio (items without audio), vocab (the word list of wid: `vocab`, or built from these items when None, as
+    for the train split) and events (data.load_ledger: per item the rule events of a synthetic twin, else None).
+    Segments of different lengths are zero-padded to the longest Ts; each gives its own crops (those inside it:
+    all_windows), as the original loaders window every segment."""
     items = [it for it in data.load_listener(path, split) if len(it["listener"]) >= T]
     if not items:
         raise data.UserError(f"{path}: no {split} item of at least {T} frames (--clip-frames {T})")
@@ -673,6 +706,7 @@ def load_windows(path, split, vq, T, stride, n_mfcc):
              beta=torch.stack([f32(it["listener_beta"]) for it in items]),
              feat=torch.stack([pad(audio_rows(it, 4 * len(it["listener"]), n_mfcc), 4 * Ts) for it in items]), n=n,
              no_audio=sum(it.get("audio") is None and it.get("audio_rows") is None for it in items),
+             vocab=build_vocab(items) if vocab is None else list(vocab), events=data.load_ledger(path, items),
              alt=torch.stack([pad(it["alt_listener"][0][:Ts]) for it in items]) if has_alt else None)
     starts = torch.arange(0, Ts - T + 1, stride)                      # (C,) crop starts in frames
     S, C = len(items), len(starts)
@@ -682,7 +716,7 @@ def load_windows(path, split, vq, T, stride, n_mfcc):
         x = d["lis"][i:i + chunk][:, fr]                               # (s, C, T, D)
         b = d["beta"][i:i + chunk][:, None].expand(-1, C, -1)          # (s, C, D_id)
         toks.append(vq.encode(vq.normalize(x.flatten(0, 1)), b.flatten(0, 1)).view(x.shape[0], C, -1))  # (s, C, L)
-    ids, ends = pad_words([window_words(w, int(c), T, fps) for w in d["words"] for c in starts])
+    ids, ends = pad_words([window_words(w, int(c), T, fps, word_ids(d["vocab"])) for w in d["words"] for c in starts])
     d.update(tok=torch.cat(toks), starts=starts, wid=ids.view(S, C, -1), wend=ends.view(S, C, -1))  # (S, C, ...)
     return d
 
@@ -739,7 +773,7 @@ def get_vq(cfg, data_path, training=True):
     Sampling: the VQ the model was trained with."""
     import vqvae  # stage 1, the only method file this one imports
     if not cfg.vq:
-        cfg.vq = str(Path(cfg.out) / "vq" / "ckpt.pt") if cfg.preset == "smoke" else "runs/vqvae_naive/ckpt.pt"
+        cfg.vq = str(Path(cfg.out) / "vq" / "ckpt.pt")
     flags = ["--data", str(data_path), "--out", str(Path(cfg.vq).parent), "--preset", cfg.preset, "--norm", "none,none"]
     if not Path(cfg.vq).exists() and training:
         if dist.is_initialized():  # every rank would train it, and vqvae.py ends the process group
@@ -759,7 +793,12 @@ def get_vq(cfg, data_path, training=True):
 
 
 def build(cfg, meta, device):
-    return DiffListener(cfg, meta["K"], meta["n_feat"], meta["n_words"], meta["L"], D_id=meta["D_id"]).to(device)
+    """The model of a checkpoint's meta; its word ids (the training split's vocabulary) travel with it."""
+    if "vocab" not in meta:
+        raise data.UserError("this checkpoint predates the stored text vocabulary: retrain it")
+    model = DiffListener(cfg, meta["K"], meta["n_feat"], len(meta["vocab"]) + 3, meta["L"], D_id=meta["D_id"])
+    model.word_ids = word_ids(meta["vocab"])
+    return model.to(device)
 
 
 def lr_at(cfg, step):
@@ -807,9 +846,9 @@ def prepare(cfg, device):
     vq = get_vq(cfg, cfg.data)
     if cfg.clip_frames % vq.r:
         raise data.UserError(f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ's r = {vq.r} ({cfg.vq})")
-    tr = load_windows(cfg.data, "train", vq, cfg.clip_frames, cfg.crop_stride, cfg.n_mfcc)
-    va = load_windows(cfg.data, "val", vq, cfg.clip_frames, cfg.clip_frames, cfg.n_mfcc)
-    meta = dict(K=vq.K, r=vq.r, n_feat=tr["feat"].shape[-1], n_words=len(data.VOCAB) + 3, L=cfg.clip_frames // vq.r,
+    tr = load_windows(cfg.data, "train", vq, cfg.clip_frames, cfg.crop_stride, cfg.n_mfcc)   # builds the vocabulary
+    va = load_windows(cfg.data, "val", vq, cfg.clip_frames, cfg.clip_frames, cfg.n_mfcc, tr["vocab"])
+    meta = dict(K=vq.K, r=vq.r, n_feat=tr["feat"].shape[-1], vocab=tr["vocab"], L=cfg.clip_frames // vq.r,
                 D_id=tr["beta"].shape[-1])
     assert int(tr["tok"].max()) < vq.K
     model = build(cfg, meta, device)
@@ -819,7 +858,8 @@ def prepare(cfg, device):
             print(f"[discrete_diffusion] audio branch off: {tr['no_audio']} of {len(tr['n'])} train segments have no "
                   f"audio in {cfg.data} (their MFCC input is zeros)")
         print(f"[discrete_diffusion] {tr['tok'].shape[0]} train segments x {tr['tok'].shape[1]} crops of "
-              f"{cfg.clip_frames} frames -> {meta['L']} tokens (K = {vq.K}); prepared in {time.time() - t0:.1f} s; "
+              f"{cfg.clip_frames} frames -> {meta['L']} tokens (K = {vq.K}); {len(tr['vocab'])} train words; "
+              f"prepared in {time.time() - t0:.1f} s; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     return vq, tr, va, meta, model
 
@@ -900,9 +940,10 @@ def windows_of(d, seg, crop):
                 text=text, codes=b["tok"], alt=None if b["alt"] is None else b["alt"].numpy())
 
 
-def sample(cfg):
+def sample(cfg, other_data=False):
     """Load the checkpoint, sample every test window (n_samples seeds) and a long conversation, evaluate against
-    GT, alt-GT and the baselines, time the sampler, render, write metrics.json."""
+    GT, alt-GT and the baselines (and the rule table, on a twin), time the sampler, render, write metrics.json.
+    The data are the checkpoint's unless other_data (--data given)."""
     device = pick_device(cfg.device)
     seed_all(cfg.seed)
     out, path = Path(cfg.out), Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
@@ -911,13 +952,14 @@ def sample(cfg):
     model = build(mcfg, ck["meta"], device)
     model.load_state_dict(ck["model"])
     model.eval()
-    data_path = str(data.resolve_data(cfg.data, "listener", cfg.preset)) if cfg.data else mcfg.data
+    data_path = str(data.resolve_data(cfg.data, "listener", cfg.preset)) if other_data else mcfg.data
     vq = get_vq(mcfg, data_path, training=False)
     T, steps, r = mcfg.clip_frames, min(cfg.sample_steps, model.T) or None, cfg.truncation
     print(f"[discrete_diffusion] {path} (step {ck['step']}), data {data_path}, split {cfg.split}, K = {vq.K}, "
           f"window {T} frames, truncation r = {r}, steps {steps or model.T}")
-    te = load_windows(data_path, cfg.split, vq, T, T, mcfg.n_mfcc)
-    tr = load_windows(data_path, "train", vq, T, T, mcfg.n_mfcc)
+    vocab = ck["meta"]["vocab"]                                        # the training split's words
+    te = load_windows(data_path, cfg.split, vq, T, T, mcfg.n_mfcc, vocab)
+    tr = load_windows(data_path, "train", vq, T, T, mcfg.n_mfcc, vocab)
     seg, crop = [v[:cfg.max_test or None] for v in all_windows(te)]
     test, bank = windows_of(te, seg, crop), windows_of(tr, *all_windows(tr))
     runs = [generate(model, vq, te, seg, crop, steps, r, cfg.seed + s) for s in range(cfg.n_samples)]
@@ -926,21 +968,22 @@ def sample(cfg):
     def listen(st, hop=None, S=steps, B=1):  # a stream's listener, windows every hop tokens (None: half a window)
         return sample_long(model, vq, st["speaker"].expand(B, -1, -1), st["audio"].expand(B, -1, -1), st["words"] * B,
                            st["beta"].expand(B, -1), T, te["fps"], S, r, gen, hop)[1][0].numpy()
-    m = int(te["n"].min())  # the long stream chains segments of one length: all cut to the shortest
-    te_m = dict(te, **{k: te[k][:, :m] for k in ("spk", "lis")}, feat=te["feat"][:, :4 * m])
-    long = metrics.long_conversation(te_m, cfg.long_seconds, vq.r, listen, every=T)
-    timing = metrics.time_sampler(te_m, vq.r, listen, steps or model.T, cfg.time_runs, cfg.time_batch, device)
+    long = metrics.long_conversation(te, cfg.long_seconds, vq.r, listen, every=T)  # segments of their own lengths
+    timing = metrics.time_sampler(te, vq.r, listen, steps or model.T, cfg.time_runs, cfg.time_batch, device)
     decode = lambda codes: vq.denormalize(vq.decode(torch.as_tensor(codes), test["beta"])).numpy()
+    rules = dict(seg=seg.numpy(), events=te["events"], fps=te["fps"]) if te["events"] else None  # twins' ledger
     rows = metrics.evaluate_listener(test, bank, {"model": [x for _, x in runs]}, codec=dict(K=vq.K, decode=decode),
-                                       long=long, timing=timing, seed=cfg.seed)
+                                     long=long, timing=timing, seed=cfg.seed, rules=rules,
+                                     picture=out / "samples" / "key_channels.png")
     metrics.render_listener(out / "samples", test, runs[0][1], long, "DiffListener", tokens=runs[0][0].numpy())
     metrics.write_metrics_json(rows, out / "metrics.json")
     return rows
 
 
 def main(argv=None, mode="train"):
-    cfg = parse_config(list(sys.argv[1:] if argv is None else argv), mode)
-    return train(cfg) if mode == "train" else sample(cfg)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(argv, mode)
+    return train(cfg) if mode == "train" else sample(cfg, any(a.split("=")[0] == "--data" for a in argv))
 
 
 if __name__ == "__main__":

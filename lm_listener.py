@@ -1,10 +1,14 @@
 """lm_listener.py: a multimodal, multi-identity language-model listener.
 
 A decoder-only GPT reads the speaker's time-aligned tokens (words W, speech-acoustic tokens SA, emotion tokens emo)
-interleaved with the listener's VQ-VAE motion tokens LR, one per r = 8 frames (Eq. 1 of MMLM), and predicts each LR
-token from everything before it, so the listener never sees speaker input from its own future. Stage 1 pre-trains
-on speaker-only sequences (Eq. 2-3); stage 2 fine-tunes with the loss on the LR tokens only (Eq. 4). The identity
-VQ-VAE decodes the LR tokens with the listener's shape beta, so one model serves many faces.
+interleaved with the listener's VQ-VAE motion tokens LR, one per r = 8 frames, and predicts each LR token from
+everything before it. Stage 1 pre-trains on speaker-only sequences (Eq. 2-3); stage 2 fine-tunes with the loss on the
+LR tokens only (Eq. 4). The identity VQ-VAE decodes the LR tokens with the listener's shape beta, so one model serves
+many faces. Causality: the paper's Eq. 1 puts W_i, SA_i and emo_i before LR_i, its Eq. 4 conditions LR_i on
+emo_{1:i-1}. Default (--speaker-lag 0) = Eq. 1: LR_i, which animates frames (i-1)r+1..ir, sees the speech up to frame
+ir (up to r-1 = 7 frames = 233 ms ahead of its first frame; streaming, it is emitted when frame ir has arrived).
+--speaker-lag 1 = Eq. 4's order for every modality: LR_i sees speaker group i-1 at most, no look-ahead at all, and is
+emitted when its own frames begin. Any length: the context slides (Decoder), keeping the history words as W^h.
 
 Papers: MMLM, "LLM-driven Multimodal and Multi-Identity Listening Head Generation" (CVPR 2025, DOI
 10.1109/CVPR52734.2025.00996, no arXiv version); LM-Listener, "Can Language Models Learn to Listen?" (arXiv 2308.10897).
@@ -16,10 +20,11 @@ EMOCA. For exact causality the MFCC deltas are causal and each SA token sits in 
 
 Shapes: B batch, T frames (30 fps), G = T/r groups, N sequence length, D model width, K codebook size (V_LR).
 
-    python lm_listener.py --preset smoke               # seconds: tiny world, tiny GPT, its own tiny VQ-VAEs
-    python train.py --model lm_listener                # default: 4 x 128 GPT, 1000 + 1200 steps
-    python sample.py --model lm_listener [--stream]    # Table 1 rows (greedy + nucleus), GIF/PNG; --stream: decode as
-                                                       # the speech arrives, time each token, compare with offline
+    python lm_listener.py --preset smoke               # seconds: the tiny trevor twin, tiny GPT, its own VQ-VAEs
+    python train.py --model lm_listener                # default: trevor twin, 4 x 128 GPT, 1000 + 1200 steps
+    python sample.py --model lm_listener [--stream]    # Table 1 rows (greedy + nucleus), PNG/GIF; --stream: 60 s of
+                                                       # speech as it arrives, latency per token, equal to offline?
+    python lm_listener.py --data realtalk ...          # Tab. 2: seen / unseen listeners, identity swap (Fig. 5)
     python lm_listener.py --modalities W --out runs/lm_listener_W    # one Tab. 3 row: ablations are runs with flags
     torchrun --nproc_per_node 2 lm_listener.py ...     # data-parallel training (DDP), one shard of each batch per rank
 """
@@ -58,7 +63,7 @@ METHOD = "lm_listener"
 
 @dataclasses.dataclass
 class Config:
-    data: str = ""                    # listener data folder or world root ("" = the synthetic world)
+    data: str = "trevor"              # listener data: twin (trevor, realtalk), data folder or world root ("" = world)
     out: str = "runs/lm_listener"     # run folder: ckpt.pt, config.json, metrics.json, samples/
     preset: str = "default"           # smoke | default | full
     vq: str = "runs/vqvae/ckpt.pt"    # VQ-VAE of the LR tokens: IN,AdaIN (MMLM) or none,none (Tab. 4); "" = <out>/vq
@@ -66,6 +71,7 @@ class Config:
     modalities: str = "W+SA+emo"      # speaker modalities (Tab. 3): W, W+SA, W+emo, W+SA+emo, W+iSC, W+iSC+emo
     clip_frames: int = 64             # frames T of a training / evaluation window, a multiple of r (paper 240)
     n_hist: int = 8                   # N': history words W^h kept before the window (paper 32)
+    speaker_lag: int = 0              # 0: LR_i after group i's speaker tokens (Eq. 1); 1: after group i-1's (Eq. 4)
     v_sa: int = 64                    # V_SA: centroids of each acoustic k-means stage (SpeechTokenizer 1024)
     max_words: int = 512              # word vocabulary cap, most frequent train words first (paper: GPT-2 BPE)
     n_layer: int = 4                  # transformer blocks (GPT-2-medium 24)
@@ -84,8 +90,9 @@ class Config:
     n_eval_decode: int = 64           # val windows decoded greedily at each validation
     nucleus: float = 0.9              # sample mode: also score nucleus sampling at this top-p (LM-Listener's; 0 = off)
     max_eval: int = 0                 # sample mode: cap on evaluated windows (0 = all)
+    eval_frames: int = 240            # sample mode: frames per evaluated window (paper: 8-s clips; 0 = --clip-frames)
     stream: bool = False              # sample mode: also decode frame by frame as the speech arrives, timing each token
-    n_stream: int = 8                 # sample mode: windows of the streaming measurement
+    stream_seconds: int = 60          # sample --stream: seconds of the streamed speaker (latency at this mark)
     cache: str = ""                   # folder of cached acoustic features and k-means ("" = out; runs may share one)
     ckpt: str = ""                    # sample mode: checkpoint (default <out>/ckpt.pt)
     split: str = "test"               # sample mode: split to evaluate
@@ -98,8 +105,8 @@ class Config:
 
 PRESETS = {
     "smoke": dict(out="runs/lm_listener-smoke", n_layer=2, d_model=32, n_head=2, steps=90, stage1_steps=30,
-                  batch_size=8, warmup=5, eval_every=45, v_sa=16, n_eval_decode=4, max_eval=12, n_stream=2, dropout=0.0,
-                  vq="", vq_naive=""),                            # a smoke run trains its own tiny VQ-VAEs
+                  batch_size=8, warmup=5, eval_every=45, v_sa=16, n_eval_decode=4, max_eval=12, eval_frames=0,
+                  dropout=0.0, vq="", vq_naive=""),               # a smoke run trains its own tiny VQ-VAEs
     "default": {},
     "full": dict(n_layer=12, d_model=768, n_head=12, ctx=1024, clip_frames=240, n_hist=32, v_sa=1024, max_words=4096,
                  steps=70000, stage1_steps=20000, lr=3e-4, warmup=500, eval_every=2000),
@@ -114,19 +121,22 @@ def check_config(cfg, mode):
     flag, world = lambda k: f"--{k.replace('_', '-')} {getattr(cfg, k)}", int(os.environ.get("WORLD_SIZE", "1"))
     rules = [(getattr(cfg, k) <= 0, f"{flag(k)}: expected a positive number") for k in (
         "steps", "batch_size", "clip_frames", "n_layer", "d_model", "n_head", "ctx", "v_sa", "max_words", "eval_every",
-        "n_eval_decode", "lr")]
+        "n_eval_decode", "lr", "stream_seconds")]
     rules += [(getattr(cfg, k) < 0, f"{flag(k)}: expected a number >= 0") for k in (
-        "stage1_steps", "n_hist", "warmup", "max_eval", "n_stream", "weight_decay", "grad_clip")]
+        "stage1_steps", "n_hist", "warmup", "max_eval", "eval_frames", "weight_decay", "grad_clip")]
     rules += [  # (broken, what the user is told), checked in this order
         (cfg.clip_frames % R, f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ-VAE's r = {R}"),
+        (cfg.eval_frames % R, f"--eval-frames {cfg.eval_frames}: expected a multiple of the VQ-VAE's r = {R}"),
         (cfg.n_head > 0 and cfg.d_model % cfg.n_head,  # all rules are computed before one is raised
          f"--d-model {cfg.d_model}: expected a multiple of --n-head {cfg.n_head}"),
+        (cfg.speaker_lag not in (0, 1), f"--speaker-lag {cfg.speaker_lag}: expected 0 (Eq. 1) or 1 (Eq. 4)"),
         (cfg.modalities not in MODALITIES, f"--modalities {cfg.modalities!r}: expected one of {', '.join(MODALITIES)}"),
         (cfg.dtype not in ("float32", "bfloat16", "float16"),
          f"--dtype {cfg.dtype}: expected float32|bfloat16|float16"),
         (not 0 <= cfg.nucleus <= 1, f"--nucleus {cfg.nucleus}: expected a top-p in (0, 1], or 0 for none"),
         (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: expected a probability in [0, 1)"),
-        (cfg.data and not Path(cfg.data).exists(), f"--data {cfg.data}: no such folder (world root or listener data)"),
+        (cfg.data not in data.TWINS and cfg.data and not Path(cfg.data).exists(),
+         f"--data {cfg.data}: no such folder (world root or listener data)"),
         (mode == "train" and cfg.batch_size % world, f"--batch-size {cfg.batch_size}: not a multiple of {world} ranks")]
     for broken, what in rules:
         if broken:
@@ -368,35 +378,42 @@ def speaker_block(words, sa, isc, emo, V, mods):
     return ids
 
 
-def build_sequence(clip, f0, G, V, mods, n_hist, with_lr=True, ctx=None):
-    """Eq. 1: [<bos>, W^h, for i = 1..G: W_i, <sa> SA_i </sa>, <emo> emo_i </emo>, <lr> LR_i </lr>] for the window
-    of G groups starting at frame f0 of `clip` (words [(id, end_frame)], sa/isc/sa_end (n,), emo/lr (G_clip,)).
-    with_lr=False gives Eq. 2's S'. Returns ids (N,) and kind (N,): 0 input only, 1 speaker content (stage-1
-    target, after W^h), 2 LR content (stage-2 target). LR_i sees group i's speaker block, as Eq. 1 orders it."""
-    g0, hist = f0 // R, []
-    words, sa, isc = ([[] for _ in range(G + 1)] for _ in range(3))                  # index 1..G = group
+def speaker_groups(clip, f0, G, V, mods, lag=0):
+    """The speaker side of a window of G groups from frame f0 of `clip` (words [(id, end_frame)], sa/isc/sa_end (n,),
+    emo (G_clip,)): the history words (ending before the first block's span) and, for i = 1..G, (words, speaker
+    block) placed before LR_i: speaker group i's (lag 0, Eq. 1) or group i - lag's (lag 1, Eq. 4's emo_{1:i-1})."""
+    s0, g0 = f0 - lag * R, f0 // R - lag
+    hist, words, sa, isc = [], *([[] for _ in range(G + 1)] for _ in range(3))       # index 1..G = group
     for w, end in clip["words"]:
-        g = group_of(end, f0)
+        g = group_of(end, s0)
         if g <= 0:
             hist.append(w)
         elif g <= G:
             words[g].append(w)
     for s, c, end in zip(clip["sa"].tolist(), clip["isc"].tolist(), clip["sa_end"].tolist()):
-        g = group_of(end, f0)
+        g = group_of(end, s0)
         if 1 <= g <= G:
             sa[g].append(s)
             isc[g].append(c)
+    return hist, [(words[i], speaker_block(words[i], sa[i], isc[i], int(clip["emo"][g0 + i - 1]) if g0 + i > 0
+                                           else None, V, mods)) for i in range(1, G + 1)]
+
+
+def build_sequence(clip, f0, G, V, mods, n_hist, with_lr=True, ctx=None, lag=0):
+    """Eq. 1: [<bos>, W^h, for i = 1..G: W_i, <sa> SA_i </sa>, <emo> emo_i </emo>, <lr> LR_i </lr>] for the window
+    of G groups starting at frame f0 of `clip` (speaker_groups; lr (G_clip,)); with_lr=False gives Eq. 2's S'.
+    Returns ids (N,) and kind (N,): 0 input only, 1 speaker content (stage-1 target, after W^h), 2 LR content
+    (stage-2 target)."""
+    hist, groups = speaker_groups(clip, f0, G, V, mods, lag)
     hist = hist[-n_hist:] if n_hist > 0 else []
     if ctx is not None:  # only W^h is ever truncated (from the left) to fit the context
-        body = sum(len(speaker_block(words[i], sa[i], isc[i], 0, V, mods)) + 3 for i in range(1, G + 1))
-        hist = hist[max(0, len(hist) - max(0, ctx - 1 - body)):]
+        hist = hist[max(0, len(hist) - max(0, ctx - 1 - sum(len(b) + 3 for _, b in groups))):]
     ids, kind, bset = [V.w2i["<bos>"]] + hist, [0] * (1 + len(hist)), set(V.b.values())
-    for i in range(1, G + 1):
-        blk = speaker_block(words[i], sa[i], isc[i], int(clip["emo"][g0 + i - 1]), V, mods)
+    for i, (_, blk) in enumerate(groups):
         ids += blk
         kind += [0 if t in bset else 1 for t in blk]
         if with_lr:
-            ids += [V.b["<lr>"], V.lr0 + int(clip["lr"][g0 + i - 1]), V.b["</lr>"]]
+            ids += [V.b["<lr>"], V.lr0 + int(clip["lr"][f0 // R + i]), V.b["</lr>"]]
             kind += [0, 2, 0]
     assert ctx is None or len(ids) <= ctx, f"sequence of {len(ids)} tokens exceeds ctx {ctx}"
     return ids, kind
@@ -474,16 +491,44 @@ def pick(logits, top_p=0.0, gen=None):
     return int(order[keep][torch.multinomial(p[keep] / p[keep].sum(), 1, generator=gen)])
 
 
-@torch.no_grad()
-def decode_cached(model, chunks, V, top_p=0.0, gen=None):
-    """Decoding with a KV cache: each token is processed once, so decoding is linear in length.
-    chunks from split_chunks; returns the G LR tokens (ids in [0, V_LR))."""
-    cache, out, pend = model.new_cache(), [], []
-    for ch in chunks:
-        h = model(torch.tensor([pend + ch], device=model.wte.weight.device), cache)[0, -1]    # (D,)
-        out.append(pick(model.lr_head(h), top_p, gen))
-        pend = [V.lr0 + out[-1], V.b["</lr>"]]
-    return out
+class Decoder:
+    """LR decoding with a KV cache over a sliding context, so that any length decodes in linear time at the
+    positions the model was trained on: the context is [<bos>, W^h, the groups so far]; when it holds max_groups
+    groups (or would pass ctx), it restarts from the last half of them (their speaker blocks and LR tokens) with the
+    words before them as W^h (the last n_hist: the paper's history words). step(words, block) -> LR token."""
+
+    def __init__(self, model, V, hist, n_hist, max_groups, top_p=0.0, gen=None):
+        self.m, self.V, self.hist, self.n_hist, self.max_g, self.top_p, self.gen = (
+            model, V, list(hist), n_hist, max_groups, top_p, gen)
+        self.ctx, self.done = model.wpe.num_embeddings, []                  # done: (words, block, LR) in context
+        self.restart()
+
+    def restart(self):
+        self.cache = self.m.new_cache()
+        self.pend = [self.V.w2i["<bos>"]] + (self.hist[-self.n_hist:] if self.n_hist > 0 else [])
+        for _, blk, t in self.done:
+            self.pend += blk + [self.V.b["<lr>"], self.V.lr0 + t, self.V.b["</lr>"]]
+
+    @torch.no_grad()
+    def step(self, words, block):
+        used = self.cache[0]["k"].shape[2] if "k" in self.cache[0] else 0
+        while self.done and (len(self.done) >= self.max_g or used + len(self.pend) + len(block) + 1 > self.ctx):
+            keep = max(0, min(len(self.done) - 1, self.max_g // 2))        # slide: drop the older groups
+            self.hist += [w for d in self.done[: len(self.done) - keep] for w in d[0]]
+            self.done = self.done[len(self.done) - keep:]
+            self.restart()
+            used = 0
+        x = torch.tensor([self.pend + block + [self.V.b["<lr>"]]], device=self.m.wte.weight.device)
+        tok = pick(self.m.lr_head(self.m(x, self.cache)[0, -1]), self.top_p, self.gen)
+        self.done.append((list(words), list(block), tok))
+        self.pend = [self.V.lr0 + tok, self.V.b["</lr>"]]
+        return tok
+
+
+def decode(model, V, hist, groups, n_hist, max_groups, top_p=0.0, gen=None):
+    """LR tokens (ids in [0, V_LR)) of speaker_groups' (hist, groups), decoded with a sliding Decoder."""
+    dec = Decoder(model, V, hist, n_hist, max_groups, top_p, gen)
+    return [dec.step(w, b) for w, b in groups]
 
 
 def batch_loss(model, seqs, stage, V, n_targets=None):
@@ -574,10 +619,14 @@ def clip_features(items, cache):
     return feats
 
 
-def prepare(items, V, km, vq, feats):
-    """Per clip: word ids with end frames, SA/iSC tokens with support ends, emo (G,), LR (G,) and raw arrays."""
+def prepare(items, V, km, vq, feats=None):
+    """Per clip: word ids with end frames, SA/iSC tokens with support ends, emo (G,), LR (G,; None without a vq) and
+    raw arrays. feats: clip_features (None: computed here)."""
     clips = []
-    for it, lr, (f, end) in zip(items, vq_tokens(vq, items), feats):
+    feats = feats or [(torch.zeros(0, 80), torch.zeros(0)) if it["audio"] is None else
+                      sa_features(it["audio"], n_rows=len(it["listener"]) // R * R * data.SR // data.FPS // HOP)
+                      for it in items]
+    for it, lr, (f, end) in zip(items, vq_tokens(vq, items) if vq else [None] * len(items), feats):
         T = len(it["listener"]) // R * R
         sa, isc = sa_tokens(f, km)
         clips.append(dict(words=[(V.w2i.get(t.lower(), 1), e * data.FPS) for t, e in it["words"]], sa=sa, isc=isc,
@@ -618,13 +667,13 @@ def load_streams(cfg, path):
 
 
 @torch.no_grad()
-def predict(model, V, clips, wins, vq, cfg, top_p=0.0):
-    """Greedy (or nucleus) LR tokens for each window -> de-normalised motion list [(T, 56)] and tokens (n, G)."""
-    gen, toks = torch.Generator().manual_seed(cfg.seed), []
+def predict(model, V, clips, wins, vq, cfg, top_p=0.0, T=None):
+    """Greedy (or nucleus) LR tokens for each window of T frames (default --clip-frames; longer ones slide) ->
+    de-normalised motion list [(T, 56)] and tokens (n, G)."""
+    gen, toks, mods = torch.Generator().manual_seed(cfg.seed), [], cfg.modalities.split("+")
     for c, f0 in wins:
-        ids, kind = build_sequence(clips[c], f0, cfg.clip_frames // R, V, cfg.modalities.split("+"), cfg.n_hist,
-                                   ctx=cfg.ctx)
-        toks.append(decode_cached(model, split_chunks(ids, kind), V, top_p, gen))
+        hist, groups = speaker_groups(clips[c], f0, (T or cfg.clip_frames) // R, V, mods, cfg.speaker_lag)
+        toks.append(decode(model, V, hist, groups, cfg.n_hist, cfg.clip_frames // R, top_p, gen))
     toks = torch.tensor(toks)
     return decode_motion(vq, toks, [clips[c]["item"]["listener_beta"] for c, _ in wins]), toks
 
@@ -641,15 +690,22 @@ def lr_at(step, steps, cfg):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def window_starts(tr, G, rng, n):
+    """n training windows (clip, start frame), uniform over all windows of G groups at any group offset of any clip
+    (a long clip is drawn as often as it has windows)."""
+    count = np.array([c["T"] // R - G + 1 for c in tr])
+    k = rng.integers(count.sum(), size=n)
+    c = np.searchsorted(np.cumsum(count), k, side="right")
+    return [(int(ci), R * int(ki - (np.cumsum(count)[ci] - count[ci]))) for ci, ki in zip(c, k)]
+
+
 def draw_batch(tr, step, stage, V, cfg):
     """The global batch of a step: a function of (seed, step) only, so a resumed run and every torchrun rank
     draw the same windows. Stage 1 drops the LR blocks (Eq. 2)."""
-    rng, G = np.random.default_rng([cfg.seed, step]), cfg.clip_frames // R
-    seqs = []
-    for c in rng.integers(len(tr), size=cfg.batch_size):
-        f0 = R * int(rng.integers(tr[c]["T"] // R - G + 1))
-        seqs.append(build_sequence(tr[c], f0, G, V, cfg.modalities.split("+"), cfg.n_hist, stage == 2, cfg.ctx))
-    return seqs
+    G = cfg.clip_frames // R
+    return [build_sequence(tr[c], f0, G, V, cfg.modalities.split("+"), cfg.n_hist, stage == 2, cfg.ctx,
+                           cfg.speaker_lag)
+            for c, f0 in window_starts(tr, G, np.random.default_rng([cfg.seed, step]), cfg.batch_size)]
 
 
 @torch.no_grad()
@@ -657,8 +713,8 @@ def validate(model, V, va, wins, vq, cfg, step):
     """Teacher-forced val CE and LR accuracy, then greedy decoding of `wins` scored by the listener metrics."""
     model.eval()
     G, mods = cfg.clip_frames // R, cfg.modalities.split("+")
-    vce, vacc = batch_loss(model, [build_sequence(va[c], f0, G, V, mods, cfg.n_hist, ctx=cfg.ctx) for c, f0 in wins],
-                           2, V)
+    vce, vacc = batch_loss(model, [build_sequence(va[c], f0, G, V, mods, cfg.n_hist, ctx=cfg.ctx, lag=cfg.speaker_lag)
+                                   for c, f0 in wins], 2, V)
     test = metrics.listener_windows([c["item"] for c in va], wins, cfg.clip_frames)
     m = metrics.listener_metrics(predict(model, V, va, wins, vq, cfg)[0], test["listener"], test["speaker"],
                                  valence_fn=data.FaceModel().valence)
@@ -759,15 +815,16 @@ def load_model(ckpt_path, device="cpu"):
 
 @torch.no_grad()
 def stream(model, V, km, clip, cfg):
-    """Consume one window's speaker input as it arrives (audio, emotion readout, finished words) and emit LR_i as soon
-    as group i's last frame is in. Returns the tokens and each one's latency (ms) from that frame to LR_i."""
-    it, mods = clip["item"], cfg.modalities.split("+")
+    """Consume a speaker stream as it arrives (audio, emotion readout, finished words) and emit LR_i as soon as its
+    speaker block is in: at group i's last frame (lag 0), or at group i-1's, when LR_i's own frames begin (lag 1).
+    The context slides as offline (Decoder). -> the tokens and each one's latency (ms) from that frame to LR_i."""
+    it, mods, lag = clip["item"], cfg.modalities.split("+"), cfg.speaker_lag
     audio = np.zeros(0, np.float32) if it["audio"] is None else it["audio"]
     words = sorted(clip["words"], key=lambda w: w[1])
-    cache, pend = model.new_cache(), [V.w2i["<bos>"]] + [w for w, e in words if e <= 0][-cfg.n_hist:]
+    dec = Decoder(model, V, [w for w, e in words if group_of(e) <= -lag], cfg.n_hist, cfg.clip_frames // R)
     toks, lat, blocks, done_sa = [], [], {}, 0                   # blocks: group -> its SA and iSC tokens so far
-    for i in range(1, cfg.clip_frames // R + 1):
-        t_ready, wav = time.perf_counter(), audio[: round(i * R * data.SR / data.FPS)]   # the speech so far
+    for i in range(1 - lag, clip["T"] // R - lag + 1):           # speaker group i, placed before LR_{i + lag}
+        t_ready, wav = time.perf_counter(), audio[: round(max(i, 0) * R * data.SR / data.FPS)]   # the speech so far
         a0 = max(0, (4 * done_sa - 4) * HOP)                     # aligned audio start, 1 pooled frame of slack
         f, end = sa_features(wav[a0:], n_rows=(len(wav) - a0) // HOP)
         end, j0 = end + a0 * data.FPS / data.SR, a0 // (4 * HOP)
@@ -778,13 +835,27 @@ def stream(model, V, km, clip, cfg):
                 g[0].append(int(sa[k]))
                 g[1].append(int(isc[k]))
                 done_sa = j0 + k + 1
-        emo = int(it["speaker_attr"][(i - 1) * R: i * R, 17:25].mean(0).argmax())   # emo_tokens of this group
-        ch = speaker_block([w for w, e in words if group_of(e) == i], *blocks.get(i, ([], [])), emo, V, mods)
-        h = model(torch.tensor([pend + ch + [V.b["<lr>"]]], device=model.wte.weight.device), cache)[0, -1]
-        toks.append(pick(model.lr_head(h)))
-        pend = [V.lr0 + toks[-1], V.b["</lr>"]]
+        emo = int(it["speaker_attr"][(i - 1) * R: i * R, 17:25].mean(0).argmax()) if i > 0 else None
+        wi = [w for w, e in words if group_of(e) == i]
+        toks.append(dec.step(wi, speaker_block(wi, *blocks.pop(i, ([], [])), emo, V, mods)))
         lat.append((time.perf_counter() - t_ready) * 1e3)
     return toks, lat
+
+
+def long_stream(model, V, km, items, cfg, seconds):
+    """Stream `seconds` of consecutive speaker items, compare with offline decoding of the same stream, and time the
+    tokens; -> row entries: latency median / p95 over the stream and median over its last 5 s (the 60-s mark)."""
+    clip = prepare([metrics.long_item(items, seconds)], V, km, None)[0]
+    toks, ms = stream(model, V, km, clip, cfg)
+    G, mods = clip["T"] // R, cfg.modalities.split("+")
+    same = toks == decode(model, V, *speaker_groups(clip, 0, G, V, mods, cfg.speaker_lag), cfg.n_hist,
+                          cfg.clip_frames // R)
+    last = ms[-int(5 * data.FPS / R):]
+    print(f"streaming {G * R / data.FPS:.0f} s ({G} tokens, sliding context of <= {cfg.clip_frames // R} groups): "
+          f"latency per token median {np.median(ms):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms, over the last 5 s "
+          f"{np.median(last):.2f} ms; {'equal' if same else 'NOT equal'} to offline decoding")
+    return {"stream_ms_median": float(np.median(ms)), "stream_ms_p95": float(np.percentile(ms, 95)),
+            f"stream_ms_at_{seconds}s": float(np.median(last)), "stream_equals_offline": float(same)}
 
 
 def sample(cfg):
@@ -798,14 +869,15 @@ def sample(cfg):
     seed_all(cfg.seed)
     print(f"[lm_listener] sampling {ckpt} on {path} ({cfg.split}), modalities {tcfg.modalities}, vq {tcfg.vq}")
     tr_items, te_items = data.load_listener(path, "train"), data.load_listener(path, cfg.split)
-    vq, T, G = get_vq(tcfg.vq, tcfg, path), tcfg.clip_frames, tcfg.clip_frames // R
+    T = cfg.eval_frames or tcfg.clip_frames
+    vq, G = get_vq(tcfg.vq, tcfg, path), T // R
     feats = clip_features(te_items, Path(tcfg.cache or ckpt.parent) / f"sa_feats_{cfg.split}.pt")
     te = prepare(te_items, V, km, vq, feats)
     wins = metrics.tiling(te_items, T, R)[: cfg.max_eval or None]
-    preds, toks = predict(model, V, te, wins, vq, tcfg)
+    preds, toks = predict(model, V, te, wins, vq, tcfg, T=T)
     rows = {"model": preds}
     if cfg.nucleus > 0:  # greedy decoding collapses the variation: nucleus sampling is scored beside it
-        rows[f"model:nucleus_{cfg.nucleus:g}"] = predict(model, V, te, wins, vq, tcfg, cfg.nucleus)[0]
+        rows[f"model:nucleus_{cfg.nucleus:g}"] = predict(model, V, te, wins, vq, tcfg, cfg.nucleus, T)[0]
     betas, walks = [te[c]["item"]["listener_beta"] for c, _ in wins], {}
     codecs = [("naive", get_vq(tcfg.vq_naive, tcfg, path, naive=True))]
     codecs += [("identity", vq)] if vq.cfg.norm != "none,none" else []   # a Tab. 4 run decodes with the naive one
@@ -813,15 +885,34 @@ def sample(cfg):
         codes = torch.cat([c[: len(c) // G * G] for c in vq_tokens(codec, tr_items)]).reshape(-1, G)
         walks[name] = (codes.numpy(), codec.K,
                        lambda z, codec=codec: decode_motion(codec, torch.as_tensor(z), betas))
-    extra = None
-    if cfg.stream:  # streaming must give the offline tokens: the listener never looks ahead
-        offline = lambda c: decode_cached(model, split_chunks(*build_sequence(
-            te[c], 0, G, V, tcfg.modalities.split("+"), tcfg.n_hist, ctx=tcfg.ctx)), V)
-        extra = {"model": metrics.stream_check(lambda c: stream(model, V, km, te[c], tcfg), offline,
-                                                 min(cfg.n_stream, len(te)))}
-    test = metrics.listener_windows(te_items, wins, T)
+    test, extra = metrics.listener_windows(te_items, wins, T), None
+    lr_gt = torch.stack([te[c]["lr"][f0 // R: f0 // R + G] for c, f0 in wins])
+    rows["baseline:vq_floor"] = decode_motion(vq, lr_gt, betas)   # the codec's floor: the true tokens decoded
+    seen, lid = {it["listener_id"] for it in tr_items}, [te_items[c]["listener_id"] for c, _ in wins]
+    if any(i not in seen for i in lid):  # Tab. 2 split into listeners seen in training and unseen ones
+        test["subsets"] = {k: [j for j, i in enumerate(lid) if (i in seen) == (k == "seen")]
+                           for k in ("seen", "unseen")}
+    swaps, swapped = data.load_swaps(path, cfg.split), {}
+    if swaps:  # Fig. 5 as a number: the same tokens decoded with other listeners' beta, against their answers
+        sw = [swaps[te_items[c]["name"]] for c, _ in wins]
+        test["swap"] = [m[:, f0:f0 + T] for (_, _, m), (_, f0) in zip(sw, wins)]
+        n, b = torch.tensor([len(s[0]) for s in sw]), [x for s in sw for x in s[1]]
+        for name, z in (("model", toks), ("baseline:vq_floor", lr_gt)):
+            flat = decode_motion(vq, torch.repeat_interleave(z, n, 0), b)
+            swapped[name] = [np.stack(flat[k - m:k]) for k, m in zip(n.cumsum(0).tolist(), n.tolist())]
+        ids = {f"beta {i}": x for i, x in zip(sw[0][0][:3], sw[0][1])}          # Fig. 5: one sequence, 3 listeners
+        pics = {f"{name} VQ ({codec.cfg.norm})": {k: decode_motion(codec, z[:1], [x])[0] for k, x in ids.items()}
+                for name, codec, z in [("this run's", vq, toks)] + [
+                    ("naive", c, vq_tokens(c, [te_items[wins[0][0]]])[0][None, wins[0][1] // R:][:, :G])
+                    for k, c in codecs if k == "naive" and vq.cfg.norm != "none,none"]}
+        metrics.render_swap(out / "samples" / "swap.png", pics)
+    test["events"] = data.load_ledger(path, te_items)          # the rule ledger of the synthetic twins, else None
+    test["item_of"] = [c for c, _ in wins]
+    if cfg.stream:  # streaming must give the offline tokens; its latency at the 60-s mark
+        extra = {"model": long_stream(model, V, km, te_items, tcfg, cfg.stream_seconds)}
     bank = metrics.listener_windows(tr_items, metrics.tiling(tr_items, T, R), T)
-    rows = metrics.evaluate_lm_listener(test, bank, rows, walks=walks, extra=extra, seed=cfg.seed)
+    rows = metrics.evaluate_lm_listener(test, bank, rows, walks=walks, extra=extra, seed=cfg.seed, swapped=swapped,
+                                        picture=out / "samples" / "channels.png")
     metrics.render_lm_listener(out / "samples", test, preds, betas, toks.numpy())
     metrics.write_metrics_json(rows, out / "metrics.json")
     print(f"[lm_listener] wrote {out / 'metrics.json'} and {out / 'samples'}")
@@ -830,6 +921,8 @@ def sample(cfg):
 
 def main(argv=None, mode="train"):
     cfg = parse_config(list(argv or []), mode)
+    if mode == "sample" and not any(a.split("=")[0] == "--data" for a in argv or []):
+        cfg.data = ""                 # sample: the checkpoint's data unless --data is given
     return train(cfg) if mode == "train" else sample(cfg)
 
 

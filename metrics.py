@@ -231,8 +231,8 @@ def dtw(a, b):
     R[0, 0] = 0, R[i, 0] = R[0, j] = inf and R[i, j] = C[i, j] + min(R[i-1, j], R[i, j-1], R[i-1, j-1]),
     DTW = sqrt(R[T_a, T_b]). a (T_a, d) or (T_a,), b (T_b, d).
 
-    A cell at a time, to read; fr_dist runs the same recursion batched (dtw_batch, the same numbers to
-    ~1e-16).
+    A cell at a time, to read; dtw_batch runs the same recursion batched over anti-diagonals, and fr_dist on the
+    CPU with the costs from matrix products (_dtw_one_to_many); the same numbers to ~1e-16 relative.
     """
     a, b = _arr(a, "a"), _arr(b, "b")
     a, b = (a[:, None] if a.ndim == 1 else a), (b[:, None] if b.ndim == 1 else b)
@@ -548,6 +548,75 @@ def dtw_batch(a, b, *, max_bytes=2 ** 21):
     return torch.cat(out)
 
 
+def _dtw_one_to_many(A, Bs, *, tau=1e-3, max_pairs=32, bufs=None):
+    """Squared dtw of every a in A (G, T_a, d) against every b in Bs (m, T_b, d), numpy float64 -> (G, m).
+    fr_dist's CPU path: each generated reaction against all its appropriate real ones.
+
+    The idea (why it beats tslearn's compiled loop from Python): the d-dim costs, which dominate the work, come
+    from matrix products, C[i, j] = |a_i|^2 + |b_j|^2 - 2 a_i . b_j (BLAS), not from d passes of differences; and
+    the products are written straight into a buffer ordered by anti-diagonal, D[i + j, i, pair], so that the
+    recursion (as in _dtw_sweep) reads each diagonal of every pair as one contiguous block. For fixed j and a,
+    the cells (i, j) over i and over the m b's form a plain (T_a, m) matrix inside D (row stride (T_a + 1) m),
+    so one matmul call with a strided `out` fills D.
+    Exactness: the product form has an absolute error per cell below 2 (d + 2) eps (|a|^2_max + |b|^2_max)
+    (frames shifted by A's mean first), so a path of T_a + T_b cells is off by at most (T_a + T_b) times that. A
+    pair whose result is below tau times that scale (nearly identical sequences) is recomputed from the
+    differences by _dtw_sweep, as dtw does (identical ones give exactly 0); the others agree with dtw to
+    ~1e-16 relative (at worst 2 (d + 2) eps / tau, ~4e-12).
+    """
+    G, Ta, d = A.shape
+    m, Tb = Bs.shape[:2]
+    mu = A.reshape(-1, d).mean(0)  # the costs are shift-invariant; shifting keeps |a|^2, |b|^2 small
+    B0 = Bs - mu
+    nb = np.einsum("mtk,mtk->mt", B0, B0)
+    Bj = np.concatenate([B0, np.ones((m, Tb, 1)), nb[..., None]], -1).transpose(1, 2, 0).copy()  # (T_b, d+2, m)
+    bufs = {} if bufs is None else bufs
+    out = np.empty((G, m))
+    gc = max(1, max_pairs // m)  # reactions a per sweep: about max_pairs pairs side by side
+    for g0 in range(0, G, gc):
+        Ag = A[g0:g0 + gc]
+        g = len(Ag)
+        A0 = Ag - mu
+        na = np.einsum("gtk,gtk->gt", A0, A0)
+        Aa = np.concatenate([-2 * A0, na[..., None], np.ones((g, Ta, 1))], -1)  # (g, T_a, d+2): rows [-2a, |a|^2, 1]
+        key = (Ta, Tb, g, m)
+        if key not in bufs:  # cells outside the grid are never written: inf (allocated once, reused)
+            bufs.clear()  # (one buffer at a time: ~9 MB per pair of 750-frame sequences)
+            bufs[key] = np.full((Ta + Tb - 1, Ta, g, m), np.inf)
+        D = bufs[key]
+        s0, s1, s2, s3 = D.strides
+        V = np.lib.stride_tricks.as_strided(D, (Tb, g, Ta, m), (s0, s2, s0 + s1, s3))  # V[j, a, i, b] = D[i+j, i, a, b]
+        np.matmul(Aa[None], Bj[:, None], out=V)  # C[i, j] = -2 a_i.b_j + |a_i|^2 + |b_j|^2, per (j, a): (T_a, m)
+        r = _dtw_sweep_costs(D.reshape(Ta + Tb - 1, Ta, g * m))
+        redo = np.flatnonzero(r < tau * (Ta + Tb) * (na.max() + nb.max()))  # nearly identical: exact differences
+        if len(redo):
+            a, b = Ag[redo // m], Bs[redo % m]
+            r[redo] = _dtw_sweep(a.transpose(2, 1, 0).copy(), b[:, ::-1].transpose(2, 1, 0).copy(), np)
+        out[g0:g0 + g] = r.reshape(g, m)
+    return out
+
+
+def _dtw_sweep_costs(D):
+    """_dtw_sweep's anti-diagonal recursion on precomputed costs D[s, i, p] of P pairs (cell (i, s - i), 0-based;
+    D (T_a + T_b - 1, T_a, P)) -> R[T_a, T_b] (P,)."""
+    S, Ta, P = D.shape
+    Tb = S - Ta + 1
+    R = [np.full((Ta + 1, P), np.inf) for _ in range(3)]  # R on diagonals s-2, s-1, s by padded row i in [0, T_a]
+    R[0][0] = 0.0
+    best = np.empty((Ta, P))
+    for s in range(2, Ta + Tb + 1):  # 1-based cells (i, s - i)
+        r2, r1, r0 = R[(s - 2) % 3], R[(s - 1) % 3], R[s % 3]
+        lo, hi = max(1, s - Tb), min(Ta, s - 1)
+        m = best[:hi - lo + 1]
+        np.minimum(r1[lo - 1:hi], r1[lo:hi + 1], out=m)  # R[i-1, j], R[i, j-1]
+        np.minimum(m, r2[lo - 1:hi], out=m)  # R[i-1, j-1]
+        np.add(m, D[s - 2, lo - 1:hi], out=r0[lo:hi + 1])  # + C[i-1, s-i-1] of every pair, one contiguous block
+        r0[lo - 1] = np.inf  # the grid's border, read by the next two diagonals
+        if hi < Ta:
+            r0[hi + 1] = np.inf
+    return R[(Ta + Tb) % 3][Ta]
+
+
 def _tlcc_lags(P, S, W, react_compat):
     """tlcc_offset's signed lag l* of B pairs: P, S (B, T, D) -> (B,) in [-W, W] (NaN where no lag is valid)."""
     B, T, D = P.shape
@@ -673,15 +742,26 @@ def fr_dist(preds, listeners, appropriate, *, blocks=REACT_BLOCKS, react_compat=
     """FRDist: S[k, i] = min over j in A_k of sum_blocks w * dtw(P[k, i][:, s:e], L_j[:, s:e]);
     {"sum": K * mean S, "mean"}. ↓.
 
-    All (k, i, j) triples go through dtw_batch, 512 at a time (device="cuda" runs them on a GPU).
+    On the CPU, per speaker and block, all K samples against the appropriate reactions in _dtw_one_to_many
+    (costs from matrix products, exact where frames nearly coincide); on another device (device="cuda") all
+    (k, i, j) triples go through dtw_batch, 512 at a time.
     react_compat=True rounds the inputs to float32 first, as the official code does.
-    Differs from original: batched anti-diagonal DTW instead of tslearn in a process pool (same numbers).
+    Differs from original: batched anti-diagonal DTW instead of tslearn in a process pool (same numbers, ~1e-16
+    relative).
     """
     P, L = _arr(preds, "preds", 4), _arr(listeners, "listeners", 3)
     if react_compat:
         P, L = P.astype(np.float32).astype(np.float64), L.astype(np.float32).astype(np.float64)
     N, K = P.shape[:2]
     A = _appropriate(appropriate, N, L.shape[0])
+    if torch.device(device).type == "cpu":
+        S, bufs = np.empty((N, K)), {}  # bufs: the diagonal-ordered cost buffers, allocated once
+        for k in range(N):
+            Lk, Dk = L[A[k]], np.zeros((K, int(A[k].sum())))  # Dk[i, j]: sum over blocks, added in block order
+            for s, e, w in blocks:
+                Dk += w * np.sqrt(_dtw_one_to_many(P[k][:, :, s:e], Lk[:, :, s:e], bufs=bufs))
+            S[k] = Dk.min(1)  # min over the appropriate reactions
+        return _sum_mean(S)
     kk, jj = np.nonzero(A)  # appropriate (speaker, reaction) pairs
     k3, i3, j3 = np.repeat(kk, K), np.tile(np.arange(K), len(kk)), np.repeat(jj, K)  # (k, i, j) triples
     D = np.zeros(len(k3))
@@ -926,8 +1006,9 @@ def write_metrics_json(rows, path):
 # 6a. Evaluation protocol: codec (vqvae.py): reconstruction, random walks over the codebook, MMLM Tab. 5
 # ---------------------------------------------------------------------------------------------------------
 
-# the Tab. 5 layout of MMLM (CVPR 2025): Rec., Commit., PPL; plus entropy, active codes and Rec. of unseen listeners
-TABLE5 = ["rec", "commit", "ppl", "entropy", "active", "rec_unseen"]
+# the Tab. 5 layout of MMLM (CVPR 2025): Rec., Commit., PPL; plus entropy, active codes and the codec floor (FD of the
+# test windows' own tokens decoded)
+TABLE5 = ["rec", "commit", "ppl", "entropy", "active", "fd/all"]
 
 
 def usage_stats(idx, K):
@@ -985,37 +1066,56 @@ def random_walk_motion(train_codes, lengths, K, decode, seed=0):
             for i, L in enumerate(lengths)]
 
 
+def windows_of(motions, T):
+    """Non-overlapping T-frame windows from frame 0 of each (T_i, D) motion (metrics.tiling's windows, the LM's)."""
+    return [m[f0:f0 + T] for m in motions for f0 in range(0, m.shape[0] - T + 1, T)]
+
+
 @torch.no_grad()
 def evaluate_codec(model, clips, train_clips, device, *, seed=0):
     """Every row of the codec's table, printed (all metrics, then the Tab. 5 layout).
 
-    clips: the evaluated clips (their items give the speaker motion and alternative listeners); train_clips: the
-    training clips (their tokens fit the random walk; their listeners are the seen ones). Rows: GT, model (with its
-    Tab. 5 numbers and the Rec of listeners unseen in training), baseline:random_walk, alt-GT (when the data has
-    alternatives); listener_metrics per row. -> (rows, gts, recons, walks), motions [(T_i, 56)] raw units"""
+    clips: the evaluated clips (x_norm, beta, item); train_clips: the training clips (their tokens fit the random
+    walk; their listeners are the seen ones). Rec / Commit / PPL (codec_stats) are over whole clips; listener_metrics
+    over the clips' non-overlapping T-frame windows, T = the training window (= the LM's 8-token window): the model
+    row's windows are the decoded tokens of each test window, so its FD is the codec floor as the LM uses it.
+    Rows: GT, model, model:seen / model:unseen (when some test listeners are not in train), model:whole_clip (every
+    clip encoded and decoded in one pass, not in training-length windows), baseline:random_walk, alt-GT.
+    -> (rows, gts, recons, walks), motions [(T_i, 56)] raw units"""
+    T, raw = model.cfg.window, lambda x: model.denormalize(x).cpu().numpy()  # z-units -> raw motion (T, 56)
+    gts = [raw(c[0]) for c in clips]
+    spk = [np.asarray(c[2]["speaker"], np.float32)[: g.shape[0]] for c, g in zip(clips, gts)]
+    score = lambda motions, keep=None: listener_metrics(  # keep: which clips (default all)
+        *(windows_of([m for i, m in enumerate(X) if keep is None or keep[i]], T) for X in (motions, gts, spk)))
     codec, recons = codec_stats(model, clips, device)
+    recons = [raw(x) for x in recons]
+    rows = {"GT": score(gts), "model": {**score(recons), **codec}}
     seen = {c[2]["listener_id"] for c in train_clips}
-    unseen = [c for c in clips if c[2]["listener_id"] not in seen]
-    if unseen:
-        codec["rec_unseen"] = codec_stats(model, unseen, device)[0]["rec"]
-    raw = lambda x: model.denormalize(x).cpu().numpy()  # z-units -> raw motion (T, 56)
-    gts, recons = [raw(c[0]) for c in clips], [raw(x) for x in recons]
+    known = [c[2]["listener_id"] in seen for c in clips]
+    if not all(known):
+        for name, keep in (("seen", known), ("unseen", [not k for k in known])):
+            if any(keep):
+                part = [c for c, k in zip(clips, keep) if k]
+                rows[f"model:{name}"] = {**score(recons, keep), **codec_stats(model, part, device)[0]}
+    chunk, model.chunk = model.chunk, 0
+    try:
+        whole, recons_whole = codec_stats(model, clips, device)
+    finally:
+        model.chunk = chunk
+    rows["model:whole_clip"] = {**score([raw(x) for x in recons_whole]), **whole}
     train_codes = [t.numpy() for t in codec_tokens(model, train_clips, device)]
 
     def decode(i, codes):  # codes (1, L) -> (T, 56) raw motion with clip i's identity
         return raw(model.decode(torch.as_tensor(codes, device=device), clips[i][1][None].to(device))[0])
     walk = random_walk_motion(train_codes, [g.shape[0] // model.r for g in gts], model.K, decode, seed)
-    spk = [np.asarray(c[2]["speaker"])[: g.shape[0]] for c, g in zip(clips, gts)]
-    rows = {"GT": listener_metrics(gts, gts, spk), "model": listener_metrics(recons, gts, spk),
-            "baseline:random_walk": listener_metrics(walk, gts, spk)}
-    alt = [(np.asarray(c[2]["alt_listener"][0])[: g.shape[0]], g, s) for c, g, s in zip(clips, gts, spk)
-           if c[2].get("alt_listener") is not None]
-    if alt:
-        rows["alt-GT"] = listener_metrics(*map(list, zip(*alt)))
-    rows["model"].update(codec)
+    rows["baseline:random_walk"] = score(walk)
+    if all(c[2].get("alt_listener") is not None for c in clips):
+        rows["alt-GT"] = score([np.asarray(c[2]["alt_listener"][0], np.float32)[: g.shape[0]]
+                                for c, g in zip(clips, gts)])
     print(format_table(rows))
-    print("\nTab. 5 layout (Rec = L_rec in z-units, Commit = mean |z_e - z_q|^2, PPL = exp of the code entropy):")
-    print(format_table({"model": rows["model"]}, TABLE5))
+    print(f"\nTab. 5 layout (Rec = L_rec in z-units, Commit = mean |z_e - z_q|^2, PPL = exp of the code entropy; "
+          f"fd/all of the model rows = the codec floor on {T}-frame windows):")
+    print(format_table({k: v for k, v in rows.items() if k.startswith("model")}, TABLE5))
     return rows, gts, recons, walk
 
 
@@ -1046,15 +1146,23 @@ def listener_baselines(test, bank, codec=None, seed=0):
 
 def long_stream(segs, seconds, r):
     """A speaker stream of about `seconds` from consecutive segments of a split, cut to n frames, a multiple of r.
-    segs: spk / lis (S, Ts, D), feat (S, 4 Ts, F), beta (S, D_id), words [S] lists of (text, end_s), fps. -> dict of
-    speaker (1, n, D), audio (1, 4n, F), words [[(text, end_s)]] shifted in time (history words of later segments
-    dropped), beta (1, D_id) and listener (1, n, D) (the GT) of the first segment's listener."""
-    Ts, fps = segs["spk"].shape[1], segs["fps"]
-    sel = [j % segs["spk"].shape[0] for j in range(max(1, math.ceil(seconds * fps / Ts)))]
-    words = [(w, e + j * Ts / fps) for j, i in enumerate(sel) for w, e in segs["words"][i] if e >= 0 or j == 0]
-    n = int(min(len(sel) * Ts, seconds * fps)) // r * r
-    return dict(speaker=segs["spk"][sel].flatten(0, 1)[None, :n], audio=segs["feat"][sel].flatten(0, 1)[None, :4 * n],
-                words=[words], beta=segs["beta"][sel[:1]], listener=segs["lis"][sel].flatten(0, 1)[None, :n])
+    segs: spk / lis (S, Ts, D), feat (S, 4 Ts, F), beta (S, D_id), words [S] lists of (text, end_s), fps, and n (S,)
+    the frames of each segment when they differ (zero-padded to Ts past n; default all Ts): each segment joins the
+    stream with its own length. -> dict of speaker (1, n, D), audio (1, 4n, F), words [[(text, end_s)]] shifted in
+    time (history words of later segments dropped), beta (1, D_id) and listener (1, n, D) (the GT) of the first
+    segment's listener."""
+    (S, Ts), fps = segs["spk"].shape[:2], segs["fps"]
+    length = [int(v) for v in segs["n"]] if segs.get("n") is not None else [Ts] * S
+    sel, total = [], 0
+    while not sel or total < seconds * fps:                           # segments 0, 1, ... (cycling) until long enough
+        sel.append(len(sel) % S)
+        total += length[sel[-1]]
+    start = np.cumsum([0] + [length[i] for i in sel]) / fps           # seconds at which each chosen segment begins
+    words = [(w, e + float(start[j])) for j, i in enumerate(sel) for w, e in segs["words"][i] if e >= 0 or j == 0]
+    n = int(min(total, seconds * fps)) // r * r
+    join = lambda x, k=1: torch.cat([x[i, :k * length[i]] for i in sel])[None, :k * n]  # (1, k n, ...)
+    return dict(speaker=join(segs["spk"]), audio=join(segs["feat"], 4), words=[words], beta=segs["beta"][sel[:1]],
+                listener=join(segs["lis"]))
 
 
 def long_conversation(segs, seconds, r, listen, every):
@@ -1097,32 +1205,111 @@ def time_sampler(segs, r, listen, steps, runs, batch, device):
     return {"sec_per_8s_sample": t1, "sec_per_8s_sample_fast10": tf, f"samples_per_s_batch{batch}": batch / tb}
 
 
+def best_baseline(rows):
+    """The baseline row of lowest FD, the codec floor (baseline:vq_floor, not a listener) aside."""
+    return min((k for k in rows if k.startswith("baseline:") and k != "baseline:vq_floor"),
+               key=lambda k: rows[k]["fd/all"])
+
+
 def gap_report(rows, model="model"):
     """How much of the FD gap between the best baseline (the codec floor aside) and alt-GT the model closes."""
-    bfd = min(v["fd/all"] for k, v in rows.items() if k.startswith("baseline:") and k != "baseline:vq_floor")
-    if "alt-GT" in rows:
-        closed = (bfd - rows[model]["fd/all"]) / max(bfd - rows["alt-GT"]["fd/all"], 1e-12)
+    bfd = rows[best_baseline(rows)]["fd/all"]
+    if "alt-GT" in rows and bfd <= rows["alt-GT"]["fd/all"]:
+        print(f"FD: best baseline {bfd:.3f} <= alt-GT {rows['alt-GT']['fd/all']:.3f}: no gap to close")
+    elif "alt-GT" in rows:
+        closed = (bfd - rows[model]["fd/all"]) / (bfd - rows["alt-GT"]["fd/all"])
         print(f"FD: best baseline {bfd:.3f}, {model} {rows[model]['fd/all']:.3f}, alt-GT {rows['alt-GT']['fd/all']:.3f}"
               f" -> {100 * closed:.0f}% of the gap closed")
 
 
-def evaluate_listener(test, bank, preds, *, codec=None, long=None, timing=None, valence_fn=None, seed=0):
+# the rule table's columns: the share of each rule's events a listener answers (sarcasm: answered, wrongly)
+RULE_COLUMNS = [f"rule/{r}" for r in ("pause", "amused", "laugh", "smile_seen", "loud", "valence", "sarcasm")]
+
+
+def stitch(x, seg):
+    """Windows x (n, T, D) whose segments seg (n,) come in order, each segment's windows its consecutive crops
+    from frame 0 (crop stride T) -> ([(k T, D)] one sequence per segment, the segments in order of appearance)."""
+    seg = np.asarray(seg)
+    order = list(dict.fromkeys(seg.tolist()))
+    return [np.concatenate(np.asarray(x)[seg == s]) for s in order], order
+
+
+def listener_rules(preds, rules):
+    """Which social rule each row's listener answers (rule_responses) over whole segments: each segment's windows
+    joined (stitch) and scored against its ledger events. preds: {row: [(n, T, D) per seed]}; rules: dict(seg (n,)
+    segment of each window, events [S] per segment (data.load_ledger), fps). -> {row: {"rule/<r>": share answered
+    (mean over seeds; sarcasm: share wrongly answered), "rule_n/<r>": events scored}}"""
+    out = {}
+    for row, runs in preds.items():
+        per = []
+        for x in runs:
+            seqs, order = stitch(x, rules["seg"])
+            per.append(rule_responses(seqs, [rules["events"][s] for s in order], rules["fps"]))
+        out[row] = {(f"rule_n/{k[2:]}" if k.startswith("n_") else f"rule/{k}"): float(np.mean([p[k] for p in per]))
+                    for k in per[0]}
+    return out
+
+
+def plot_key_channels(path, series, events, fps, title=""):
+    """PNG of the key channels of one sequence, head pitch (nods), smile and brow raise, one line per series
+    {name: (T, D)}, with the speaker's rule events (data.load_ledger's {rule: [t] or [[t, change]]}) as dashed
+    vertical lines, one colour per rule."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    T = min(len(v) for v in series.values())
+    colour = dict(zip(RULES, ["tab:olive", "tab:pink", "tab:purple", "tab:brown", "tab:red", "tab:cyan", "black"]))
+    seen = {}
+    fig, axes = plt.subplots(3, 1, figsize=(9, 5.6), sharex=True)
+    for ax, (ch, label) in zip(axes, [(data.PITCH, "head pitch (nods)"), (data.SMILE, "smile"),
+                                      (data.BROW_RAISE, "brow raise")]):
+        for name, x in series.items():
+            ax.plot(np.arange(T) / fps, np.asarray(x, np.float32)[:T, ch], lw=1.2, label=name)
+        for rule, ts in (events or {}).items():
+            for e in ts:
+                t = e[0] if isinstance(e, (list, tuple)) else e
+                if 0 <= t < T / fps:
+                    ax.axvline(t, color=colour.get(rule, "grey"), ls="--", lw=1.0)
+                    seen[rule] = colour.get(rule, "grey")
+        ax.set_ylabel(label, fontsize=8)
+    axes[0].legend(fontsize=7, loc="upper left", ncol=len(series))
+    if seen:
+        axes[1].legend([Line2D([], [], color=c, ls="--") for c in seen.values()], [f"speaker: {r}" for r in seen],
+                       fontsize=7, loc="upper left", ncol=len(seen))
+    axes[0].set_title(title, fontsize=9)
+    axes[-1].set_xlabel("seconds")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def evaluate_listener(test, bank, preds, *, codec=None, long=None, timing=None, valence_fn=None, seed=0, rules=None,
+                      picture=None):
     """Every row of a listening-head table, printed and returned ({row: {metric: value}}, listener_metrics).
 
     test / bank: the evaluated windows and a bank of training windows (see listener_baselines; test may hold alt,
     an alternative listener (n, T, D) -> row alt-GT); preds: {row: [predictions (n, T, D) per seed]}, a row's
     metrics are the mean over seeds; codec: adds baseline:random_walk and baseline:vq_floor; long: dict(joint,
-    independent, gt (T', D), every (frames)) -> seam ratios printed; timing: entries added to the "model" row.
+    independent, gt (T', D), every (frames)) -> seam ratios printed; timing: entries added to the "model" row;
+    rules: dict(seg, events, fps) (listener_rules; events None or all None: no rule table) -> rule/<r> and
+    rule_n/<r> in every row, printed as a rule table; picture: a PNG path -> plot_key_channels of the segment with
+    the most events, GT, the model (first seed) and the best baseline.
     Rows: GT, alt-GT, baseline:random, :nn_motion, :nn_audio, :nn_text, :random_walk, :vq_floor, then preds."""
     vfn = valence_fn or data.FaceModel().valence
     score = lambda p: listener_metrics(list(p), list(test["listener"]), list(test["speaker"]), valence_fn=vfn)
     rows = {"GT": score(test["listener"])}
+    seqs = {"GT": [test["listener"]]}
     if test.get("alt") is not None:
-        rows["alt-GT"] = score(test["alt"])
-    rows.update({f"baseline:{k}": score(v) for k, v in listener_baselines(test, bank, codec, seed).items()})
+        rows["alt-GT"], seqs["alt-GT"] = score(test["alt"]), [test["alt"]]
+    for k, v in listener_baselines(test, bank, codec, seed).items():
+        rows[f"baseline:{k}"], seqs[f"baseline:{k}"] = score(v), [v]
     for name, runs in preds.items():
         per = [score(x) for x in runs]
         rows[name] = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
+        seqs[name] = runs
         print(f"{name}: {len(runs)} seeds; std over seeds: " + ", ".join(
             f"{k} {np.std([p[k] for p in per]):.4f}" for k in ("mse/all", "fd/all", "pfd/all")))
     gap_report(rows)
@@ -1132,6 +1319,24 @@ def evaluate_listener(test, bank, preds, *, codec=None, long=None, timing=None, 
               f"{seam_ratio(long['independent'], long['every']):.2f}, GT {seam_ratio(long['gt'], long['every']):.2f}")
     rows["model"].update(timing or {})
     print(format_table(rows, LISTENER_TABLE))
+    if rules is not None and any(e is not None for e in rules["events"]):
+        for row, vals in listener_rules(seqs, rules).items():
+            rows[row].update(vals)
+        n = {c: rows["GT"][c.replace("rule/", "rule_n/")] for c in RULE_COLUMNS}
+        print("\nRules answered (share of each rule's events in whole test segments; sarcasm: share wrongly "
+              "answered; events: " + ", ".join(f"{c[5:]} {v:.0f}" for c, v in n.items()) + ")")
+        print(format_table(rows, RULE_COLUMNS, digits=2))
+        if picture is not None:
+            x, order = stitch(test["listener"], rules["seg"])
+            at = lambda e: e[0] if isinstance(e, (list, tuple)) else e
+            inside = lambda j: sum(0 <= at(e) < len(x[j]) / rules["fps"]  # events within segment j's joined windows
+                                   for ts in (rules["events"][order[j]] or {}).values() for e in ts)
+            j = max(range(len(order)), key=lambda j: (inside(j), len(x[j])))
+            best = best_baseline(rows)
+            series = {"GT": x[j], "model": stitch(preds["model"][0], rules["seg"])[0][j],
+                      best: stitch(seqs[best][0], rules["seg"])[0][j]}
+            plot_key_channels(picture, series, rules["events"][order[j]], rules["fps"],
+                              f"test segment {order[j]}: GT, model and the best baseline; the speaker's events dashed")
     return rows
 
 
@@ -1176,6 +1381,16 @@ def listener_windows(items, wins, T):
                 text=[window_text(items[i]["words"], f0 / data.FPS, (f0 + T) / data.FPS) for i, f0 in wins])
 
 
+def long_item(items, seconds):
+    """One speaker stream of `seconds` from consecutive items of a split (repeated if short; the history words of
+    all but the first dropped), as an item: audio, speaker_attr, words, listener."""
+    sel = [items[j % len(items)] for j in range(math.ceil(seconds * data.FPS / len(items[0]["listener"])))]
+    offs = np.cumsum([0] + [len(it["listener"]) / data.FPS for it in sel])
+    cat = lambda k: None if sel[0][k] is None else np.concatenate([it[k] for it in sel])
+    return dict(audio=cat("audio"), speaker_attr=cat("speaker_attr"), listener=cat("listener"), words=[
+        (w, e + o) for j, (it, o) in enumerate(zip(sel, offs)) for w, e in it["words"] if e > 0 or j == 0])
+
+
 def retrieval_baselines(test, bank, seed=0):
     """LM-Listener's baselines (arXiv 2308.10897, Tab. 1) from a bank of training windows (listener_windows of the
     train split): a random training listener, the listener of the nearest speaker motion, and of the nearest
@@ -1193,55 +1408,112 @@ def random_walk_codes(codes, n, G, K, decode, seed=0):
     return decode(baseline_random_walk_codes(np.asarray(codes), n, G, K, seed=seed))
 
 
-def stream_check(stream, offline, n):
-    """Streaming against offline decoding of windows 0..n-1: stream(c) -> (tokens, per-token latency in ms from a
-    group's last frame to its token), offline(c) -> tokens. Prints how many are equal; -> latency row entries."""
-    latency, same = [], 0
-    for c in range(n):
-        toks, ms = stream(c)
-        same += int(toks == offline(c))
-        latency += ms
-    print(f"streaming: {len(latency)} tokens, latency per token median {np.median(latency):.2f} ms, "
-          f"p95 {np.percentile(latency, 95):.2f} ms; {same}/{n} windows equal to offline decoding")
-    return {"stream_ms_median": float(np.median(latency)), "stream_ms_p95": float(np.percentile(latency, 95))}
-
-
 def render_lm_listener(folder, test, preds, betas, tokens):
-    """folder/: pred.npy (the first 16 predictions), tokens.npy, sample.gif (GT and prediction of the first two
-    windows, each with its listener's beta) and channels.png (GT, prediction and speaker of the first window)."""
+    """folder/: pred.npy (the first 16 predictions), tokens.npy and sample.gif (GT and prediction of the first two
+    windows, each with its listener's beta)."""
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "pred.npy", np.stack(preds[:16]))
     np.save(folder / "tokens.npy", tokens)
     k, gts = min(2, len(preds)), test["listener"]
     data.render_gif(folder / "sample.gif", [x for i in range(k) for x in (gts[i], preds[i])],
                     [b for i in range(k) for b in (betas[i], betas[i])], ["GT", "model"] * k)
-    data.plot_channels(folder / "channels.png", {"GT": gts[0], "model": preds[0], "speaker": test["speaker"][0]})
 
 
-def evaluate_lm_listener(test, bank, preds, *, walks=None, extra=None, seed=0, valence_fn=None):
+KEY_CHANNELS = {"head pitch (nods)": data.PITCH, "smile": data.SMILE, "brow raise": data.BROW_RAISE}
+EVENT_COLOURS = {"pause": "black", "amused": "magenta", "laugh": "magenta", "loud": "cyan", "sarcasm": "red",
+                 "valence": "olive"}
+
+
+def _panels(path, columns, events=None, fps=data.FPS):
+    """PNG: one row per key channel, one column per {title: {line name: (T, 56)}}, ledger events as dashed lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(len(KEY_CHANNELS), len(columns), figsize=(max(9, 5 * len(columns)), 5.5), squeeze=False,
+                           sharex=True)
+    for j, (title, lines) in enumerate(columns.items()):
+        ax[0, j].set_title(title, fontsize=9)
+        for i, (name, ch) in enumerate(KEY_CHANNELS.items()):
+            for k, m in lines.items():
+                ax[i, j].plot(np.arange(len(m)) / fps, np.asarray(m)[:, ch], lw=1, label=k)
+            for rule, ts in (events or {}).items():
+                for t in ts:
+                    t = t[0] if isinstance(t, (list, tuple)) else t
+                    if 0 <= t <= len(m) / fps:
+                        ax[i, j].axvline(t, ls="--", lw=0.8, c=EVENT_COLOURS.get(rule, "k"))
+            ax[i, 0].set_ylabel(name, fontsize=8)
+        ax[0, j].legend(fontsize=7, loc="upper right")
+    ax[-1, 0].set_xlabel("seconds", fontsize=8)
+    if events:
+        fig.suptitle("dashed: the speaker's ledger events (" + ", ".join(f"{r} {c}" for r, c in EVENT_COLOURS.items())
+                     + ")", fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def render_swap(path, columns):
+    """Fig. 5 of MMLM as a picture: {codec: {listener: (T, 56)}}, one token sequence decoded as several listeners."""
+    _panels(path, columns)
+
+
+def evaluate_lm_listener(test, bank, preds, *, walks=None, extra=None, seed=0, valence_fn=None, swapped=None,
+                         picture=None):
     """Every row of a listening-head table, printed (all metrics, then the Table 1 layout) and returned.
 
-    test: listener_windows of the evaluated windows (GT listener, speaker, text, alt); bank: listener_windows of
+    test: listener_windows of the evaluated windows (GT listener, speaker, text, alt), optionally with subsets
+    {name: [window index]} -> "mse/<name>", "fd/<name>", "pfd/<name>" per row (seen / unseen listeners); swap
+    [(S, T, 56)] the identity-swapped GT per window, with swapped {row: [(S, T, 56)]} the row's tokens decoded with
+    those identities' beta -> "swap_mse", "swap_fd" (Fig. 5 of MMLM as a number); events (per item, data.load_ledger)
+    and item_of (per window; an item's windows are consecutive from its frame 0) -> "rule:<rule>", the share of
+    ledger events answered (rule_responses) on each item's windows joined in time. bank: listener_windows of
     training windows (retrieval baselines); preds: {row name: [(T, 56)]}, the method's rows (e.g. "model",
-    "model:nucleus_0.9"); walks: {codec name: (codes (M, G), K, decode)} -> rows baseline:random_walk_<name>;
-    extra: {row name: {metric: value}} merged into those rows (e.g. streaming latency).
+    "model:nucleus_0.9", "baseline:vq_floor"); walks: {codec name: (codes (M, G), K, decode)} -> rows
+    baseline:random_walk_<name>; extra: {row name: {metric: value}} merged into those rows (e.g. streaming
+    latency); picture: a PNG path -> the key channels of the first item for GT, model and the best baseline by FD.
     Rows: GT, alt-GT (when the data has alternatives), baseline:random, baseline:nn_motion, baseline:nn_speech,
     baseline:random_walk_<name>..., then preds in order. Metrics: listener_metrics per row."""
     gts, spk = test["listener"], test["speaker"]
     vfn = valence_fn or data.FaceModel().valence
-    score = lambda p: listener_metrics(p, gts, spk, valence_fn=vfn, seed=seed)
-    rows = {"GT": score(gts)}
-    if test["alt"] is not None:
-        rows["alt-GT"] = score(test["alt"])
-    rows.update({name: score(p) for name, p in retrieval_baselines(test, bank, seed).items()})
+    score = lambda p, ix=None: listener_metrics([p[i] for i in ix], [gts[i] for i in ix], [spk[i] for i in ix],
+                                                valence_fn=vfn, seed=seed) if ix else listener_metrics(
+        p, gts, spk, valence_fn=vfn, seed=seed)
+    allp = {"GT": gts, **({"alt-GT": test["alt"]} if test["alt"] is not None else {})}
+    allp.update(retrieval_baselines(test, bank, seed))
     for name, (codes, K, decode) in (walks or {}).items():
-        rows[f"baseline:random_walk_{name}"] = score(random_walk_codes(codes, len(gts), np.shape(codes)[1], K, decode, seed))
-    rows.update({name: score(p) for name, p in preds.items()})
+        allp[f"baseline:random_walk_{name}"] = random_walk_codes(codes, len(gts), np.shape(codes)[1], K, decode, seed)
+    allp.update(preds)
+    rows = {name: score(p) for name, p in allp.items()}
+    for name, ix in (test.get("subsets") or {}).items():
+        for row, p in allp.items():
+            rows[row].update({f"{k[:-4]}/{name}": v for k, v in score(p, ix).items() if k in ("mse/all", "fd/all",
+                                                                                            "pfd/all")})
+    for name, sw in (swapped or {}).items():  # every (window, other identity) pair is one scored window
+        flat = lambda xs: [y for x in xs for y in x]
+        m = listener_metrics(flat(sw), flat(test["swap"]), [s for s, x in zip(spk, sw) for _ in x], seed=seed)
+        rows[name].update({"swap_mse": m["mse/all"], "swap_fd": m["fd/all"]})
+    if test.get("events") is not None:
+        items = list(dict.fromkeys(test["item_of"]))
+        for row, p in allp.items():
+            joined = [np.concatenate([p[w] for w, c in enumerate(test["item_of"]) if c == i]) for i in items]
+            got = rule_responses(joined, [test["events"][i] for i in items], data.FPS)
+            rows[row].update({f"rule:{k}": v for k, v in got.items() if not k.startswith("n_")})
+            rows[row].update({f"rule_n:{k[2:]}": v for k, v in got.items() if k.startswith("n_")} if row == "GT"
+                             else {})
     for name, more in (extra or {}).items():
         rows[name].update(more)
+    if picture is not None:
+        best = min((k for k in rows if k.startswith("baseline:") and k != "baseline:vq_floor"),
+                   key=lambda k: rows[k]["fd/all"])
+        first = [w for w, c in enumerate(test.get("item_of") or [0]) if c == (test.get("item_of") or [0])[0]]
+        lines = {k: np.concatenate([allp[k][w] for w in first]) for k in ("GT", "model", best) if k in allp}
+        ev = test["events"][test["item_of"][0]] if test.get("events") is not None else None
+        _panels(picture, {"one test item (its first windows joined)": lines}, ev)
     print(format_table(rows))
     print("\nTable 1 layout (L2 = mse/all, FD, Variation, Diversity, P-FD, L2-Affect; raw units, per window):")
-    print(format_table(rows, TABLE1))
+    print(format_table(rows, TABLE1 + [k for k in ("swap_mse", "swap_fd", "fd/seen", "fd/unseen") if k in rows["GT"]
+                                       or k in rows.get("model", {})]))
     return rows
 
 
@@ -1249,7 +1521,8 @@ def evaluate_lm_listener(test, bank, preds, *, walks=None, extra=None, seed=0, v
 # 6d. Evaluation protocol: REACT, Latent Behavior Diffusion (latent_diffusion.py)
 # ---------------------------------------------------------------------------------------------------------
 
-REACT_COLS = ["frcorr_sum", "frcorr_mean", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs", "frsyn", "K"]
+REACT_COLS = ["frcorr_sum", "frcorr_mean", "frcorr_official", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs",
+              "frsyn", "K"]
 MOTION_COLS = ["mse/all", "mse/exp", "mse/pose", "fd/all", "fd/exp", "fd/pose", "pfd/all", "var_pred/all",
                "div_pred/all"]
 
@@ -1270,14 +1543,32 @@ def evenly_spaced(items, n):
     return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
+def _others(it, T, key="alt_listener_attr"):
+    """An item's appropriate reactions other than its own GT: the synthetic world's re-simulated alternatives, or
+    on REACT data the real reactions of its neighbour clips (alt_listener_attr without the row's own clip)."""
+    alts = it.get(key)
+    alts = [] if alts is None else [a[:T] for a in np.asarray(alts)]
+    return [a for j, a in enumerate(alts) if j != it.get("alt_self", -1)]
+
+
+def appropriate_label(items):
+    """What the appropriate set of each speaker is, for the printout and the table caption."""
+    n = [len(_others(it, 1)) for it in items]
+    if "alt_self" in items[0]:
+        return f"own GT + the real reactions of {min(n)}-{max(n)} neighbour clips (appropriateness matrix)"
+    if max(n) == 0:
+        return "own GT only (the data has no appropriateness matrix or alternatives: FRCorr/FRDist are plain CCC/DTW)"
+    return f"own GT + {min(n)}-{max(n)} re-simulated alternatives"
+
+
 def appropriate_pool(items, T):
-    """The appropriate sets as one pool: each segment's GT reaction, then its K alternatives. Returns pool
-    (M, T, D) float64, A (N, M) bool (A[i, j]: pool entry j is appropriate for speaker i) and first (N,): the pool
-    index of each speaker's own GT."""
+    """The appropriate sets as one pool: each segment's GT reaction, then its other appropriate reactions (_others;
+    REACT: the neighbour clips' real reactions, as the official FRCorr / FRDist read them; the own GT counts, as
+    the matrix's unit diagonal says). Returns pool (M, T, D) float64, A (N, M) bool (A[i, j]: pool entry j is
+    appropriate for speaker i) and first (N,): the pool index of each speaker's own GT."""
     pool, owner = [], []
     for k, it in enumerate(items):
-        alts = it.get("alt_listener_attr")
-        block = [np.asarray(it["listener_attr"])[:T]] + ([a[:T] for a in np.asarray(alts)] if alts is not None else [])
+        block = [np.asarray(it["listener_attr"])[:T]] + _others(it, T)
         pool += block
         owner += [k] * len(block)
     A = np.asarray(owner)[None, :] == np.arange(len(items))[:, None]           # (N, M)
@@ -1285,21 +1576,24 @@ def appropriate_pool(items, T):
 
 
 def alt_gt_react(items, T, spk, fps):
-    """The alt-GT row: sample i of a speaker = its alternative i. FRCorr and FRDist score alternative i against
-    the appropriate set *without* it (leave-one-out: otherwise it would find itself); the set-level metrics
-    (FRDiv, FRVar, FRDvs, FRSyn) use all K alternatives at once."""
-    alts = np.stack([np.asarray(it["alt_listener_attr"])[:, :T] for it in items]).astype(np.float64)  # (N, K, T, D)
+    """The alt-GT row: sample i of a speaker = its appropriate reaction i other than its GT (_others; the first K
+    that every speaker has). FRCorr and FRDist score alternative i against the appropriate set *without* it
+    (leave-one-out: otherwise it would find itself); the set-level metrics (FRDiv, FRVar, FRDvs, FRSyn) use all K
+    alternatives at once."""
+    K = min(len(_others(it, T)) for it in items)
+    alts = np.stack([np.stack(_others(it, T)[:K]) for it in items]).astype(np.float64)  # (N, K, T, D)
     pool, A, first = appropriate_pool(items, T)
     row = react_metrics(alts, pool, spk, A, fps=fps)
-    corr, dist = [], []
-    for i in range(alts.shape[1]):
+    corr, dist, official = [], [], []
+    for i in range(K):
         Ai = A.copy()
         Ai[np.arange(len(items)), first + 1 + i] = False                        # leave alternative i out
         corr.append(fr_corr(alts[:, i:i + 1], pool, Ai)["mean"])
+        official.append(fr_corr(alts[:, i:i + 1], pool, Ai, react_compat=True)["mean"])
         dist.append(fr_dist(alts[:, i:i + 1], pool, Ai)["mean"])
-    K = alts.shape[1]
     row.update(frcorr_mean=float(np.mean(corr)), frcorr_sum=float(np.mean(corr) * K),
-               frdist_mean=float(np.mean(dist)), frdist_sum=float(np.mean(dist) * K))
+               frcorr_official=float(np.mean(official) * K), frdist_mean=float(np.mean(dist)),
+               frdist_sum=float(np.mean(dist) * K))
     return row
 
 
@@ -1344,14 +1638,16 @@ def evaluate_react(items, train_items, preds, motion=None, *, sec_per_speaker=No
     items: the scored segments (speaker_attr, listener_attr and, where the data has them, alt_listener_attr,
     speaker / listener motion, alt_listener); train_items: the baselines' bank; preds (N, K, T, 25) the model's
     attributes; motion (N, K, T, F) its 3DMM branch (sample 0 is scored with the listener-motion metrics).
-    model_only: only the model row, without FRDist (its DTWs are nearly all of the cost), as for the cells of an
-    ablation grid. Returns ({row: {metric: value}}, the two Markdown tables as text)."""
+    model_only: only the model row (FRDist included), as for the cells of an ablation grid. FRCorr uses the CCC
+    where equal constant channels score 1; frcorr_official (sum over K) the official CCC, where a constant channel
+    scores 0 (a binary AU that never fires, predicted never firing, scores 0 there). Returns ({row: {metric: value}}, the two Markdown tables as text)."""
     N, K, T, _ = preds.shape
     fps = int(items[0]["fps"])
     spk = frames(items, "speaker_attr", T).astype(np.float64)                  # (N, T, D)
     pool, A, _ = appropriate_pool(items, T)
-    score = lambda p: react_metrics(p, pool, spk, A, fps=fps, with_dist=not model_only)
-    has_alt = items[0].get("alt_listener_attr") is not None
+    score = lambda p: {**react_metrics(p, pool, spk, A, fps=fps),                # FRCorr with the sensible CCC,
+                       "frcorr_official": fr_corr(p, pool, A, react_compat=True)["sum"]}  # and the official one
+    has_alt = min(len(_others(it, T)) for it in items) > 0
     rows = {}
     if not model_only:
         rows["GT"] = score(np.repeat(frames(items, "listener_attr", T).astype(np.float64)[:, None], K, 1))
@@ -1364,8 +1660,8 @@ def evaluate_react(items, train_items, preds, motion=None, *, sec_per_speaker=No
         rows["model"].update(listener_metrics(list(motion[:, 0]), gt_m, spk_m))
         if not model_only:
             rows["GT"].update(listener_metrics(gt_m, gt_m, spk_m))
-            if items[0].get("alt_listener") is not None:
-                alt_m = [np.asarray(it["alt_listener"])[0, :T] for it in items]
+            if has_alt and items[0].get("alt_listener") is not None:
+                alt_m = [_others(it, T, "alt_listener")[0] for it in items]
                 rows["alt-GT"].update(listener_metrics(alt_m, gt_m, spk_m))
     text = format_table(rows, REACT_COLS)
     if motion is not None:
@@ -1375,14 +1671,39 @@ def evaluate_react(items, train_items, preds, motion=None, *, sec_per_speaker=No
 
 
 def render_react(out, items, preds, motion, fps):
-    """channels.png: valence, arousal and two emotion channels of the first speaker, its GT and three samples;
-    reactions.gif: that speaker and three samples of the 3DMM branch on the tiny face (56-d motion only)."""
-    out, T, k3, it = Path(out), preds.shape[2], min(3, preds.shape[1]), items[0]
-    spk, gt = (frames(items[:1], key, T)[0].astype(np.float64) for key in ("speaker_attr", "listener_attr"))
-    data.plot_channels(out / "channels.png", {"speaker": spk, "GT": gt, **{f"sample {k}": preds[0, k]
-                                                                            for k in range(k3)}},
-                       channels=[15, 16, 17, 18], fps=fps)
+    """reactions.png: for the first speaker, its arousal, then the listener's valence and smile (AU12) over time:
+    GT, the appropriate set (the band from its min to its max; AU12: the fraction of the set firing) and the K
+    samples (AU12: the fraction of samples firing). reactions.gif: the speaker and three samples of the 3DMM branch
+    on the tiny face (56-d motion only)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    out, (N, K, T, _), it = Path(out), preds.shape, items[0]
+    pool, A, _ = appropriate_pool(items[:1], T)                                # (M, T, D): speaker 0's set
+    spk, gt, sec = frames(items[:1], "speaker_attr", T)[0], pool[0], np.arange(T) / fps
+    fig, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True)
+    axes[0].plot(sec, spk[:, 16], color="tab:red", lw=1.2)
+    axes[0].set_ylabel("speaker\narousal")
+    for ax, ch, name in [(axes[1], 15, "listener\nvalence"), (axes[2], 7, "listener smile\n(AU12)")]:
+        if ch == 7:                                                             # binary AU: fraction firing
+            ax.plot(sec, preds[0, :, :, ch].mean(0), color="tab:blue", lw=1.2, label=f"{K} samples: fraction firing")
+            ax.plot(sec, pool[:, :, ch].mean(0), color="grey", lw=1.2, ls="--", label="appropriate set: fraction")
+        else:
+            ax.fill_between(sec, pool[:, :, ch].min(0), pool[:, :, ch].max(0), color="grey", alpha=0.3,
+                            label=f"appropriate set ({len(pool)}): min-max")
+            for k in range(K):
+                ax.plot(sec, preds[0, k, :, ch], color="tab:blue", lw=0.6, alpha=0.6,
+                        label=f"{K} samples" if k == 0 else None)
+        ax.plot(sec, gt[:, ch], color="black", lw=1.4, label="GT")
+        ax.set_ylabel(name)
+        ax.legend(fontsize=7, loc="upper right", ncol=3)
+    axes[-1].set_xlabel("seconds")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "reactions.png", dpi=90)
+    plt.close(fig)
     if motion.shape[-1] == data.MOTION_DIM:
+        k3 = min(3, K)
         data.render_gif(out / "reactions.gif", [frames(items[:1], "speaker", T)[0]] + [motion[0, k] for k in range(k3)],
                         [it["speaker_beta"]] + [it["listener_beta"]] * k3,
                         ["speaker"] + [f"reaction {k}" for k in range(k3)], fps=fps)
@@ -1416,13 +1737,14 @@ def median_ms(fn, warmup=2, reps=5):
 
 def style_averaged(predict, gts, templates, n_style, lip_idx, upper_idx, reps=1):
     """face_metrics of predict(style, seed) -> [(T, V, 3)], averaged over every training style and repetition;
-    with reps > 1 also lve_ci95 = 1.96 std / sqrt(reps) of the per-repetition LVE (styles averaged inside each)."""
+    with reps > 1 also <m>_ci95 = 1.96 std / sqrt(reps) of the per-repetition lve and lve_seq (styles averaged
+    inside each repetition), DiffSpeaker's mean +- 95 % interval."""
     rows = [face_metrics(predict(s, seed), gts, templates, lip_idx, upper_idx)
             for seed in TALKING_SEEDS[:reps] for s in range(n_style)]
     res = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    if reps > 1:
-        per = np.array([r["lve"] for r in rows]).reshape(reps, n_style).mean(1)  # (reps,)
-        res["lve_ci95"] = float(1.96 * per.std(ddof=1) / np.sqrt(reps))
+    for k in ("lve", "lve_seq") if reps > 1 else ():
+        per = np.array([r[k] for r in rows]).reshape(reps, n_style).mean(1)  # (reps,)
+        res[f"{k}_ci95"] = float(1.96 * per.std(ddof=1) / np.sqrt(reps))
     return res
 
 
@@ -1453,11 +1775,11 @@ def evaluate_talking(items, predict, n_style, lip_idx, upper_idx, *, references=
         rows.update(reference_rows(references, gts, templates, n_style, lip_idx, upper_idx))
     static = [np.repeat(tm[None], len(g), 0) for g, tm in zip(gts, templates)]  # the template, never moving
     rows["baseline:static_template"] = face_metrics(static, gts, templates, lip_idx, upper_idx)
-    for row, fn in (("baseline:autoregressive", baseline), ("model", predict)):
+    for row, fn, r in (("baseline:autoregressive", baseline, 1), ("model", predict, reps)):  # AR: deterministic
         if fn is not None:
             t0 = time.time()
-            rows[row] = style_averaged(fn, gts, templates, n_style, lip_idx, upper_idx, reps)
-            print(f"{row}: {len(items)} clips x {n_style} styles x {reps} reps in {time.time() - t0:.1f} s")
+            rows[row] = style_averaged(fn, gts, templates, n_style, lip_idx, upper_idx, r)
+            print(f"{row}: {len(items)} clips x {n_style} styles x {r} reps in {time.time() - t0:.1f} s")
     for row, (fn, warmup, n) in (timers or {}).items():
         rows.setdefault(row, {})["ms_per_10s"] = median_ms(fn, warmup, n)
     print(format_table(rows))
@@ -1469,15 +1791,55 @@ def evaluate_talking(items, predict, n_style, lip_idx, upper_idx, *, references=
     return rows
 
 
-def render_samples(out, items, preds, lip0, label):
-    """Predictions beside GT: <name>.npy, .gif and a plot .png of the three channels of lip vertex lip0.
-    items: clips {"name", "vertices" (T, V, 3), "template" (V, 3), "disp" (T, V*3)}; preds: [(T, V, 3)]."""
-    for it, v in zip(items, preds):
-        name = re.sub(r"[^\w.-]", "_", it["name"])
-        np.save(out / f"{name}.npy", v)
-        data.render_vertices_gif(out / f"{name}.gif", [v, it["vertices"]], [label, "GT"])
-        data.plot_channels(out / f"{name}.png", {label: (v - it["template"]).reshape(len(v), -1),
-                                                 "GT": it["disp"]}, channels=[3 * lip0, 3 * lip0 + 1, 3 * lip0 + 2])
+def mouth_pair(gt, lip_idx):
+    """The two lip vertices whose distance moves most over a GT sequence (T, V, 3): the mouth opening of any mesh,
+    no landmark list needed -> (i, j) vertex indices."""
+    lip = _region(lip_idx, "lip_idx")
+    d = np.linalg.norm(gt[:, lip, None] - gt[:, None, lip], axis=-1).std(0)  # (L, L) std over time
+    a, b = np.unravel_index(d.argmax(), d.shape)
+    return int(lip[a]), int(lip[b])
+
+
+def speech_envelope(wave, T, fps=data.FPS):
+    """RMS of the waveform per motion frame: (S,) -> (T,)."""
+    n = int(round(data.SR / fps))
+    w = np.pad(np.asarray(wave, np.float64), (0, max(0, T * n - len(wave))))[:T * n]
+    return np.sqrt((w.reshape(T, n) ** 2).mean(1))
+
+
+def render_samples(out, item, curves, lip_idx, size=360):
+    """One unseen-subject sentence: <name>.gif (the first curve beside GT, size px per face), <name>.npy of it, and
+    lip_distance.png: the mouth opening (mouth_pair's lip distance) over time of GT, every curve and the static
+    template, under the speech envelope. item: {"name", "vertices" (T, V, 3), "template" (V, 3), "audio"};
+    curves: {label: (T, V, 3)}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    name, gt = re.sub(r"[^\w.-]", "_", item["name"]), np.asarray(item["vertices"])
+    label, first = next(iter(curves.items()))
+    np.save(out / f"{name}.npy", first)
+    data.render_vertices_gif(out / f"{name}.gif", [first, gt], [label, "GT"], size=size)
+    i, j = mouth_pair(gt, lip_idx)
+    T, dist = len(gt), lambda v: np.linalg.norm(v[:, i] - v[:, j], axis=-1)
+    t = np.arange(T) / data.FPS
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    env = speech_envelope(item["audio"], T)
+    ax2 = ax.twinx()
+    ax2.fill_between(t, 0, env, color="0.85", lw=0)
+    ax2.set_ylim(0, 3 * env.max() + 1e-12), ax2.set_yticks([]), ax.set_zorder(1), ax.patch.set_visible(False)
+    ax.plot(t, dist(gt), "k", lw=2, label="GT")
+    for (k, v), c in zip(curves.items(), ("tab:red", "tab:blue", "tab:green", "tab:purple")):
+        ax.plot(t, dist(np.asarray(v)[:T]), c, lw=1.3, label=k)
+    ax.plot(t, np.full(T, dist(np.asarray(item["template"])[None])[0]), "0.5", ls="--", lw=1, label="static template")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, lo + 1.25 * (hi - lo))  # room for the legend above the curves
+    ax.set_xlabel("seconds"), ax.set_ylabel(f"lip distance (vertices {i}, {j})")
+    ax.set_title(f"{item['name']}: mouth opening (grey: speech envelope)", fontsize=10)
+    ax.legend(fontsize=8, ncol=len(curves) + 2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out / "lip_distance.png", dpi=100)
+    plt.close(fig)
+    return out / "lip_distance.png"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1560,22 +1922,25 @@ def _fr_dist_reference(P, L, A, blocks=REACT_BLOCKS):
 
 
 def _side_by_side(what, ours, reference, missing, n=1):
-    """Run ours() and reference() n times each; print CPU seconds per run, the ratio and the largest difference."""
+    """Run ours() and reference() n times each, alternating (so that load from other processes hits both); print
+    the best CPU seconds per run of each, the ratio and the largest difference."""
     def timed(f):
-        f() if n > 1 else None  # warm-up when averaging
         t = time.process_time()
-        for _ in range(n):
-            r = f()
-        return r, (time.process_time() - t) / n
-    r1, t1 = timed(ours)
-    try:
-        r2, t2 = timed(reference)
-    except ImportError:
-        print(f"{what}: ours {t1:.4g} s; reference: {missing} not installed")
-        return
+        r = f()
+        return r, time.process_time() - t
+    t1 = t2 = math.inf
+    for _ in range(n):
+        r1, t = timed(ours)
+        t1 = min(t1, t)
+        try:
+            r2, t = timed(reference)
+        except ImportError:
+            print(f"{what}: ours {t1:.4g} s; reference: {missing} not installed")
+            return
+        t2 = min(t2, t)
     diff = max(abs(r1[k] - r2[k]) for k in r1) if isinstance(r1, dict) else abs(r1 - r2)
     print(f"{what}: ours {t1:.4g} s, reference {t2:.4g} s, ratio ours / reference {t1 / t2:.2f}, "
-          f"largest difference {diff:.2g}")
+          f"largest difference {diff:.2g}" + (f" (best of {n})" if n > 1 else ""))
 
 
 def bench(n_speakers=20, K=10, n_appropriate=11, T=750, fd_frames=10000):
@@ -1583,15 +1948,15 @@ def bench(n_speakers=20, K=10, n_appropriate=11, T=750, fd_frames=10000):
     uses it), one thread each, in this process. Times are process CPU seconds, steadier than wall time on a
     shared machine."""
     threads, limits = torch.get_num_threads(), None
-    torch.set_num_threads(1)
     try:
-        from threadpoolctl import threadpool_limits
-        limits = threadpool_limits(1)  # numpy's BLAS on one thread too
-    except ImportError:
-        print("threadpoolctl not installed: run with OMP_NUM_THREADS=1 to keep numpy's BLAS on one thread")
-    try:
+        torch.set_num_threads(1)
+        try:
+            from threadpoolctl import threadpool_limits
+            limits = threadpool_limits(1)  # numpy's BLAS on one thread too
+        except ImportError:
+            print("threadpoolctl not installed: run with OMP_NUM_THREADS=1 to keep numpy's BLAS on one thread")
         _bench(n_speakers, K, n_appropriate, T, fd_frames)
-    finally:  # leave the process as it was
+    finally:  # leave the process as it was, whatever happened
         if limits is not None:
             limits.restore_original_limits()
         torch.set_num_threads(threads)
@@ -1601,7 +1966,7 @@ def _bench(n_speakers, K, n_appropriate, T, fd_frames):
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((fd_frames, 56)), rng.standard_normal((fd_frames, 56)) + 0.1
     _side_by_side(f"FD of two ({fd_frames}, 56) frame sets", lambda: frechet_distance(a, b),
-                  lambda: _fd_reference(a, b), "scipy", n=5)
+                  lambda: _fd_reference(a, b), "scipy", n=20)
     N, m = n_speakers, n_appropriate
     P, L = rng.random((N, K, T, 25)), rng.random((N * m, T, 25))
     A = np.kron(np.eye(N, dtype=bool), np.ones((1, m), dtype=bool))  # speaker k: reactions k*m .. k*m + m - 1

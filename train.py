@@ -46,6 +46,9 @@ class Run(NamedTuple):
 
 
 NAIVE, IDENT = "--vq {runs}/vqvae_naive/ckpt.pt", "--vq {runs}/vqvae/ckpt.pt"
+DD128 = "--data trevor --vq {runs}/vqvae_naive/ckpt.pt"  # vqvae_naive: trevor, K = 128
+DD_PAPER = ("--data trevor --vq {runs}/vqvae_naive_k256/ckpt.pt --no-identity --replace-mass 0.1 --mask-end 0.9 "
+            "--fuse-stride 1 --sample-steps 0")  # DiffListener as the paper configures it (discrete_diffusion.py)
 LM = " --vq-naive {runs}/vqvae_naive/ckpt.pt --cache {runs}/lm_listener --modalities "  # ablations share its features
 # Order matters: a run comes after the runs it needs.
 RUNS = [
@@ -54,30 +57,50 @@ RUNS = [
     Run("vqvae_ln_ln", "vqvae", "--norm LN,LN", smoke=False),
     Run("vqvae_ln_adaln", "vqvae", "--norm LN,AdaLN", smoke=False),
     Run("vqvae_in_in", "vqvae", "--norm IN,IN", smoke=False),
-    Run("vqvae_naive_k256", "vqvae", "--norm none,none --codebook-size 256", smoke=False),
-    Run("vqvae_naive_k512", "vqvae", "--norm none,none --codebook-size 512", smoke=False),
-    Run("discrete_diffusion", "discrete_diffusion", NAIVE),
-    Run("discrete_diffusion_no_identity", "discrete_diffusion", NAIVE + " --no-identity", smoke=False),
-    Run("discrete_diffusion_no_diff", "discrete_diffusion", NAIVE + " --no-diff", smoke=False),
-    Run("discrete_diffusion_no_text", "discrete_diffusion", NAIVE + " --no-text", smoke=False),
-    Run("discrete_diffusion_k256", "discrete_diffusion", "--vq {runs}/vqvae_naive_k256/ckpt.pt", smoke=False),
-    Run("discrete_diffusion_k512", "discrete_diffusion", "--vq {runs}/vqvae_naive_k512/ckpt.pt", smoke=False),
+    *[Run("vqvae_realtalk" + name, "vqvae", f"--data realtalk --norm {norm}", "--data realtalk", smoke=smoke)
+      for name, norm, smoke in [("", "IN,AdaIN", True), ("_naive", "none,none", True), ("_ln_ln", "LN,LN", False),
+                                ("_ln_adaln", "LN,AdaLN", False), ("_in_in", "IN,IN", False)]],  # Tab. 5, RealTalk
+    # DiffListener on trevor (its default data): vqvae_naive is K = 128 (ours); 256 (the paper's) and 512
+    *[Run(f"vqvae_naive_k{k}", "vqvae", f"--data trevor --norm none,none --codebook-size {k}", smoke=False)
+      for k in (256, 512)],
+    Run("discrete_diffusion", "discrete_diffusion", DD128),                # `model`: our defaults
+    Run("discrete_diffusion_paper", "discrete_diffusion", DD_PAPER, sample="--sample-steps 0"),  # `paper`
+    *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", DD128 + flags, smoke=False)
+      for name, flags in [("no_diff", " --no-diff"), ("no_text", " --no-text"),
+                          ("no_text_no_diff", " --no-text --no-diff")]],  # the paper's 22 %: no_text vs no_text_no_diff
+    *[Run(f"discrete_diffusion_k{k}", "discrete_diffusion", DD128.replace("vqvae_naive/", f"vqvae_naive_k{k}/"), smoke=False)
+      for k in (256, 512)],
     *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", sample=f"{flags} --n-samples 1", of="discrete_diffusion",
-          smoke=False) for name, flags in [("steps100", "--sample-steps 0"), ("steps25", "--sample-steps 25"),
-                                           ("steps10", "--sample-steps 10"), ("no_truncation", "--truncation 1.0")]],
-    Run("lm_listener", "lm_listener", IDENT + " --vq-naive {runs}/vqvae_naive/ckpt.pt"),
-    Run("lm_listener_w", "lm_listener", IDENT + LM + "W", smoke=False),       # Tab. 3: speaker modalities
-    Run("lm_listener_w_sa", "lm_listener", IDENT + LM + "W+SA", smoke=False),
-    Run("lm_listener_w_emo", "lm_listener", IDENT + LM + "W+emo", smoke=False),
-    Run("lm_listener_naive_w", "lm_listener", NAIVE + LM + "W", smoke=False),  # Tab. 4: the naive codec
-    Run("lm_listener_naive_w_sa_emo", "lm_listener", NAIVE + LM + "W+SA+emo", smoke=False),
+          smoke=False) for name, flags in [("steps100", "--sample-steps 0"), ("steps10", "--sample-steps 10"),
+                                           ("no_truncation", "--truncation 1.0")]],
+    *[Run(f"{run}_val", "discrete_diffusion", sample=f"--split val {flags}".strip(), of=run, smoke=False)
+      for run, flags in [("discrete_diffusion", ""), ("discrete_diffusion_paper", "--sample-steps 0")]],  # the choice
+    Run("lm_listener", "lm_listener", IDENT + " --vq-naive {runs}/vqvae_naive/ckpt.pt", "--stream"),
+    Run("lm_listener_paper", "lm_listener", IDENT + LM + "W+SA+emo --clip-frames 240 --n-hist 32 --ctx 512 --lr 3e-4 "
+        "--warmup 500", smoke=False),                                      # the paper's recipe on our small GPT
+    Run("lm_listener_lag1", "lm_listener", IDENT + LM + "W+SA+emo --speaker-lag 1", smoke=False),  # Eq. 4's order
+    Run("lm_listener_w", "lm_listener", IDENT + LM + "W", smoke=False),       # Tab. 4 "ID only"
+    *[Run("lm_listener_naive_" + m.lower().replace("+", "_"), "lm_listener", NAIVE + LM + m, smoke=False)
+      for m in ("W", "W+SA", "W+emo", "W+SA+emo", "W+iSC", "W+iSC+emo")],  # Tab. 3 on the naive codec (+ Tab. 4)
+    *[Run(f"lm_listener{v}_realtalk", "lm_listener", f"--data realtalk --vq {{runs}}/vqvae_realtalk{c}/ckpt.pt "
+          f"--vq-naive {{runs}}/vqvae_realtalk_naive/ckpt.pt --cache {{runs}}/lm_listener_realtalk --modalities {m}",
+          smoke=not v) for v, c, m in [("", "", "W+SA+emo"), ("_naive", "_naive", "W+SA+emo"),
+                                      ("_naive_w", "_naive", "W")]],        # Tab. 2 and Fig. 5 on RealTalk
     Run("latent_diffusion", "latent_diffusion"),
+    Run("latent_diffusion_paper", "latent_diffusion", "--param eps", smoke=False),      # Eq. 7: ε-prediction
+    Run("latent_diffusion_uncond", "latent_diffusion", "--cond none", smoke=False),     # no speaker: the sanity check
     *[Run(f"latent_diffusion_plms{k}_s{s}", "latent_diffusion", of="latent_diffusion", smoke=(k, s) == (1, 10),
           sample=f"--plms-order {k} --sample-steps {s} --model-only")
       for k in (1, 2, 3, 4) for s in (10, 25, 50, 100)],                  # PLMS order x steps, one checkpoint
-    Run("diff_transformer", "diff_transformer"),
     Run("diff_transformer_ar", "diff_transformer", "--arch ar"),           # the FaceFormer-style baseline
-    Run("diff_transformer_plain", "diff_transformer", "--self-bias none --cross-mask full"),
+    Run("diff_transformer", "diff_transformer", sample="--ar-ckpt {runs}/diff_transformer_ar/ckpt.pt"),  # 10 reps
+    Run("diff_transformer_last", "diff_transformer", sample="--no-keep-best --reps 1", of="diff_transformer",
+        smoke=False),
+    Run("diff_transformer_paper", "diff_transformer", "--no-zero-snr --no-norm --no-final-ln --no-keep-best",
+        smoke=False),
+    Run("diff_transformer_nobias", "diff_transformer", "--self-bias none", "--reps 1", smoke=False),
+    Run("diff_transformer_nodiag", "diff_transformer", "--cross-mask full", "--reps 1", smoke=False),
+    Run("diff_transformer_plain", "diff_transformer", "--self-bias none --cross-mask full", "--reps 1"),
 ]
 # Listener metrics of the three listening-head tables.
 LISTEN = ["mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all", "affect_l2"]
@@ -94,41 +117,78 @@ class Table(NamedTuple):
 
 
 TABLES = [
-    Table("vq_norms", "Listener tokens: VQ-VAE normalisation (MMLM Tab. 5)",
-          "Reconstruction of test windows through encode → decode, and random walks over the codebooks; the "
-          "`model` row is (IN, AdaIN), the others the other normalisations (encoder, decoder).",
-          ["rec", "commit", "ppl", "active", "mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all"], "vqvae",
-          [("ablation:none,none", "vqvae_naive"), ("ablation:LN,LN", "vqvae_ln_ln"),
-           ("ablation:LN,AdaLN", "vqvae_ln_adaln"), ("ablation:IN,IN", "vqvae_in_in"),
-           ("baseline:random_walk_naive", "vqvae_naive", "baseline:random_walk")]),
-    Table("diff_listener", "Listening heads: DiffListener",
-          "Raw motion units (56-d: 50 expression + 6 pose), per window, synthetic test split; ablations retrained "
-          "without the listener's identity, the facial differential or the text, and with K = 256 / 512 codes; "
-          "`ablation:steps<S>` / `no_truncation`: the main checkpoint sampled with S steps (100 = every step of the "
-          "chain) or without truncation, one sampling seed.",
-          LISTEN, "discrete_diffusion",
-          [("ablation:no_identity", "discrete_diffusion_no_identity"),
-           ("ablation:no_diff", "discrete_diffusion_no_diff"), ("ablation:no_text", "discrete_diffusion_no_text"),
+    *[Table(f"vq_norms{sfx}", f"Listener tokens: VQ-VAE normalisation (MMLM Tab. 5, {twin})",
+            f"{twin} test clips (240 frames) through encode → decode, coded in 64-frame windows like the training "
+            "crops; Rec / Commit / PPL over clips, the other columns over 64-frame windows (fd/all of a model row = "
+            "the codec floor: the FD of the windows' own tokens decoded, as the LM decodes them); `model` is "
+            "(IN, AdaIN), ablations the other normalisations (encoder, decoder); `:whole_clip` codes each clip in one "
+            "pass" + ("; `:seen` / `:unseen` listeners of the training split or not." if sfx else "."),
+            ["rec", "commit", "ppl", "active", "mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all"],
+            f"vqvae{sfx}", [("ablation:none,none", f"vqvae{sfx}_naive"), ("ablation:LN,LN", f"vqvae{sfx}_ln_ln"),
+                            ("ablation:LN,AdaLN", f"vqvae{sfx}_ln_adaln"), ("ablation:IN,IN", f"vqvae{sfx}_in_in"),
+                            ("baseline:random_walk_naive", f"vqvae{sfx}_naive", "baseline:random_walk")])
+      for sfx, twin in [("", "trevor"), ("_realtalk", "realtalk")]],
+    Table("diff_listener", "Listening heads: DiffListener on trevor",
+          "Raw motion units (56-d: 50 expression + 6 pose), per window, test split of the trevor twin (one listener). "
+          "`paper`: K = 256, T = 100 steps sampled one by one, mask-and-replace (10 % replace), no listener identity, "
+          "per-frame fusion; `model`: our defaults (K = 128, 20 exact-jump steps, the released schedule). Ablations "
+          "retrained from `model`: without the facial differential, without text, both (the paper's ≈ 22 % FD is "
+          "no_text vs no_text_no_diff), K = 256 / 512; `steps<S>` / `no_truncation`: the `model` checkpoint sampled "
+          "with S steps (100 = every step) or without truncation, one seed; `val:*`: the val split, on which the "
+          "default was chosen. rule/*: share of the speaker's ledger events answered in whole test segments "
+          "(sarcasm: answered wrongly).",
+          LISTEN + ["rule/pause", "rule/amused", "rule/laugh", "rule/smile_seen", "rule/loud", "rule/valence",
+                    "rule/sarcasm"], "discrete_diffusion",
+          [("paper", "discrete_diffusion_paper"),
+           *[(f"ablation:{n}", f"discrete_diffusion_{n}") for n in ("no_diff", "no_text", "no_text_no_diff")],
            ("ablation:K256", "discrete_diffusion_k256"), ("ablation:K512", "discrete_diffusion_k512"),
-           *[(f"ablation:{n}", f"discrete_diffusion_{n}")
-             for n in ("steps100", "steps25", "steps10", "no_truncation")]]),
-    Table("lm_listener", "Listening heads: multimodal LM listener (MMLM Tab. 1, 3, 4)",
-          "Raw motion units, per window, synthetic test split; ablations: speaker modalities (Tab. 3) and the naive "
-          "codec (Tab. 4), each decoded greedily and with nucleus sampling.",
-          LISTEN, "lm_listener",
-          [("ablation:W", "lm_listener_w"), ("ablation:W+SA", "lm_listener_w_sa"),
-           ("ablation:W+emo", "lm_listener_w_emo"), ("ablation:naive_W", "lm_listener_naive_w"),
-           ("ablation:naive_W+SA+emo", "lm_listener_naive_w_sa_emo")]),
+           *[(f"ablation:{n}", f"discrete_diffusion_{n}") for n in ("steps100", "steps10", "no_truncation")],
+           ("val:model", "discrete_diffusion_val"), ("val:paper", "discrete_diffusion_paper_val")]),
+    Table("lm_listener", "Listening heads: multimodal LM listener (MMLM Tab. 1, 3, 4; trevor)",
+          "Raw motion units, 8-s test windows of the trevor twin (a 64-frame-trained model slides its context); "
+          "`paper`: 240-frame training windows, N' = 32, lr 3e-4, warm-up 500 (our 4 x 128 GPT); `model`: ours; "
+          "`speaker_lag_1`: LR_i after speaker group i-1 (Eq. 4, no look-ahead); `naive_*`: Tab. 3 modalities on the "
+          "naive codec (naive_W = LM-Listener = Tab. 4 Naive, naive_W+SA+emo = MM only; W = ID only; model = Full); "
+          "rule:* = share of the ledger's events answered (sarcasm: wrongly answered); baseline:vq_floor = the true "
+          "tokens decoded; stream_ms_at_60s = ms per token over the last 5 s of a 60-s stream (2 CPU threads).",
+          LISTEN + ["rule:pause", "rule:amused", "rule:loud", "rule:valence", "rule:sarcasm", "stream_ms_at_60s"],
+          "lm_listener",
+          [("paper", "lm_listener_paper"), ("ablation:speaker_lag_1", "lm_listener_lag1"),
+           ("ablation:W", "lm_listener_w"),
+           *[(f"ablation:naive_{m}", "lm_listener_naive_" + m.lower().replace("+", "_"))
+             for m in ("W", "W+SA", "W+emo", "W+SA+emo", "W+iSC", "W+iSC+emo")]]),
+    Table("lm_listener_realtalk", "Listening heads: multimodal LM listener on RealTalk (MMLM Tab. 2, Fig. 5)",
+          "RealTalk twin, 8-s test windows; `/seen`, `/unseen`: listeners in the training split or only in test; "
+          "swap_*: the row's tokens decoded with other listeners' beta against those listeners' answers to the same "
+          "events (Fig. 5 as a number; a naive codec ignores beta); naive_W = LM-Listener's recipe.",
+          ["mse/all", "fd/all", "pfd/all", "mse/seen", "fd/seen", "mse/unseen", "fd/unseen", "swap_mse", "swap_fd",
+           "var_pred/all", "div_pred/all", "affect_l2"], "lm_listener_realtalk",
+          [("ablation:naive", "lm_listener_naive_realtalk"), ("ablation:naive_W", "lm_listener_naive_w_realtalk")]),
     Table("react", "Diverse reactions, REACT protocol (Latent Behavior Diffusion)",
-          "25-d attributes, 10 samples per speaker, appropriate set = GT + 10 re-simulated reactions; "
-          "`ablation:plms<k>_s<S>`: the same checkpoint sampled with PLMS order k and S steps (LBD Tab. 3).",
-          ["frcorr_sum", "frcorr_mean", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs", "frsyn"],
-          "latent_diffusion", [(f"ablation:plms{k}_s{s}", f"latent_diffusion_plms{k}_s{s}")
-                               for k in (1, 2, 3, 4) for s in (10, 25, 50, 100)]),
+          "REACT twin, test split, 25-d attributes (AUs binarised at 0.5), 10 samples per speaker; appropriate set = "
+          "the own GT + the real reactions of the neighbour clips of the appropriateness matrix (alt-GT: those "
+          "neighbours, leave-one-out). FRCorr/FRDist: sum over the 10 samples (mean). frcorr: CCC where equal constant "
+          "channels score 1; frcorr_official: the official CCC, where a constant channel scores 0. fd/all, "
+          "var_pred/all: the 3DMM branch (sample 0). `paper`: ε-prediction (Eq. 7); `model`: x0-prediction; "
+          "`ablation:uncond`: no speaker condition; `ablation:plms<k>_s<S>`: the model's checkpoint sampled with PLMS "
+          "order k and S steps (LBD Tab. 3).",
+          ["frcorr_sum", "frcorr_mean", "frcorr_official", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs",
+           "frsyn", "fd/all", "var_pred/all"],
+          "latent_diffusion", [("paper", "latent_diffusion_paper"), ("ablation:uncond", "latent_diffusion_uncond"),
+                               *[(f"ablation:plms{k}_s{s}", f"latent_diffusion_plms{k}_s{s}")
+                                 for k in (1, 2, 3, 4) for s in (10, 25, 50, 100)]]),
     Table("talking_face", "Talking face from speech (DiffSpeaker)",
-          "Vertex units of the synthetic face, unseen test subjects averaged over the 8 training styles.",
-          ["lve", "fdd", "fdd_abs", "mve"], "diff_transformer",
-          [("baseline:autoregressive", "diff_transformer_ar"), ("ablation:plain_attention", "diff_transformer_plain")]),
+          "VOCASET twin, vertex units; unseen test subjects, each animated under the 8 training styles, averaged "
+          "(DiffSpeaker's protocol). lve: pooled over all frames (CodeTalker); lve_seq: per sequence, then the mean "
+          "(DiffSpeaker). model, paper: 10 repetitions (seeds 1234, 0, 10, ..., 80), mean and *_ci95 = "
+          "1.96·std/√10; other rows one (the AR baseline is deterministic). paper: the paper's schedule, raw "
+          "displacements, no LayerNorm before the head, last step; model: zero terminal SNR, motion / σ, that "
+          "LayerNorm, best-val weights; last_step: the model's last weights; nobias: no periodic self-attention "
+          "bias; nodiag: full cross-attention; plain_attention: both. ms_per_10s: 10 s of speech, batch 1, CPU.",
+          ["lve", "lve_ci95", "lve_seq", "lve_seq_ci95", "fdd", "fdd_abs", "mve", "ms_per_10s"], "diff_transformer",
+          [("paper", "diff_transformer_paper"), ("ablation:last_step", "diff_transformer_last"),
+           ("ablation:nobias", "diff_transformer_nobias"), ("ablation:nodiag", "diff_transformer_nodiag"),
+           ("ablation:plain_attention", "diff_transformer_plain")]),
 ]
 # Config keys that do not change the trained weights: a checkpoint that differs only in these is reused.
 IGNORED = {"out", "resume", "ckpt", "split", "device", "compile", "threads", "cache", "eval_speakers", "model_only"}
@@ -229,10 +289,12 @@ def plan(tables=(), only=(), preset="default"):
 # Reuse a checkpoint only when it was trained the way this run would train now
 
 def world_of(value, preset):
-    """The dataset a config's `data` means, as one comparable path: "" is the synthetic world of the preset, and a
-    world's listener/ or vocaset/ folder stands for the world itself."""
-    root = getattr(data, "DATA_ROOT", ROOT / "data")
-    p = Path(value) if value else root / ("tiny" if preset in ("smoke", "tiny") else "world")
+    """The dataset a config's `data` means, as one comparable path: "" is the synthetic world of the preset, a twin's
+    name (data.TWINS) its folder, and a world's listener/ or vocaset/ folder stands for the world itself."""
+    root, tiny = getattr(data, "DATA_ROOT", ROOT / "data"), preset in ("smoke", "tiny")
+    if value in data.TWINS:  # a twin's name, where data.generate_twin writes it (not a folder ./NAME)
+        return str((root / (value + ("-tiny" if tiny else ""))).resolve())
+    p = Path(value) if value else root / ("tiny" if tiny else "world")
     p = p.resolve()
     if p.name in ("listener", "vocaset") and (p.parent / "listener").is_dir() and (p.parent / "vocaset").is_dir():
         p = p.parent

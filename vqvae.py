@@ -4,18 +4,20 @@ A 1-D conv encoder maps z-normalised 56-d listener motion (expression 50 | head 
 r frames; an EMA codebook with dead-code reset quantises it (Eq. 5 of MMLM: idx = argmin_j |z - c_j|^2); a conv
 decoder maps tokens back to motion. The identity-disentangled variant of MMLM puts InstanceNorm in the encoder (the
 per-sequence channel statistics, mostly identity, are erased) and AdaIN(beta) in the decoder (the listener's shape
-beta puts them back), so one code means one identity-free "atomic listener motion". `--norm` picks a Tab. 5 row.
+beta puts them back), so one code means one identity-free "atomic listener motion". `--norm` picks a Tab. 5 row. IN's
+statistics depend on the length, so every clip is coded in windows of the training crops' length (`windowed`).
 
 Papers: MMLM, "LLM-driven Multimodal and Multi-Identity Listening Head Generation", CVPR 2025 (Sec. 3.2, Eq. 5, Tab. 5;
 no arXiv); VQ-VAE arXiv 1711.00937; LM-Listener arXiv 2308.10897 and T2M-GPT arXiv 2301.06052 (backbone, quantiser);
 Learning2Listen arXiv 2204.08451; InstanceNorm arXiv 1607.08022; AdaIN arXiv 1703.06868. Nothing pretrained is needed;
-the synthetic world's listener identity vector stands in for the FLAME shape beta. Used by discrete_diffusion.py and
+the twins' listener identity vector stands in for the FLAME shape beta. Used by discrete_diffusion.py and
 lm_listener.py through load_vqvae and the model's encode / decode / normalize / denormalize.
 
 Shapes: B batch, T frames, L = T/r tokens, D = 56 motion dims, D_id identity dims, C code dim, W width, K codes, N = B*L
 
-    python vqvae.py --preset smoke                   # seconds on a CPU: tiny world -> runs/vqvae-smoke/ckpt.pt
-    python train.py --model vqvae                    # default: the synthetic world -> runs/vqvae/ckpt.pt
+    python vqvae.py --preset smoke                   # seconds on a CPU: tiny trevor twin -> runs/vqvae-smoke/ckpt.pt
+    python train.py --model vqvae                    # default: the trevor twin -> runs/vqvae/ckpt.pt
+    python train.py --model vqvae --data realtalk --out runs/vqvae_realtalk   # many listeners (Tab. 5, right half)
     python sample.py --model vqvae                   # reconstruct test clips + a random walk, print the tables
     python train.py --model vqvae --norm none,none --out runs/vqvae_naive    # the naive codec (a Tab. 5 row)
     python train.py --model vqvae --resume           # continue <out>/ckpt.pt exactly where it stopped
@@ -52,7 +54,7 @@ METHOD = "vqvae"
 
 @dataclasses.dataclass
 class Config:
-    data: str = ""                 # listener data (segments/l2l folder or world root); "" = the synthetic world
+    data: str = "trevor"           # listener data: a twin (trevor, realtalk), a folder, "" = the synthetic world
     out: str = "runs/vqvae"        # output folder: ckpt.pt, config.json, pictures, metrics.json
     preset: str = "default"        # smoke (seconds, tiny world) | default (CPU) | full (paper sizes, GPU)
     norm: str = "IN,AdaIN"         # ENC,DEC norms, a row of Tab. 5: none,none | LN,LN | LN,AdaLN | IN,IN | IN,AdaIN
@@ -354,11 +356,6 @@ class Decoder(nn.Module):
         return self.out2(F.relu(self.out1(h)))  # (B, D, T)
 
 
-def straight_through(z_e, z_q):
-    """Forward value z_q, gradient of z_e (arXiv 1711.00937): z_e + sg(z_q - z_e)."""
-    return z_e + (z_q - z_e).detach()
-
-
 def all_ranks(z):
     """Under torchrun, the latents (B/world, L, C) of every rank in the order of the global batch that shard() split:
     global row i * world + rank. The EMA update then sees the single-process batch on every rank."""
@@ -430,7 +427,8 @@ class Quantizer(nn.Module):
         if self.training:
             self.update(every, idx if every.shape[0] == flat.shape[0] else self.assign(every))
         z_q = self.codebook[idx].view(B, L, C).detach()
-        z_st = straight_through(z_e.to(z_q.dtype), z_q) if self.training else z_q  # eval: decode exactly the codes
+        z_e = z_e.to(z_q.dtype)  # straight-through (arXiv 1711.00937): value z_q, gradient of z_e; eval: the codes
+        z_st = z_e + (z_q - z_e).detach() if self.training else z_q
         return z_st, idx.view(B, L), z_q
 
 
@@ -446,15 +444,33 @@ def velocity_loss(x_hat, x):
     return F.smooth_l1_loss(x_hat[..., 1:, :] - x_hat[..., :-1, :], x[..., 1:, :] - x[..., :-1, :])
 
 
+def windowed(f, x, size, *extra):
+    """f over `size`-step windows of x (B, n, ...) along time (dim 1), all in one batch: non-overlapping from step 0,
+    the last one flush with the end (only its new part kept); n <= size or size 0: f(x). IN and AdaIN statistics
+    depend on the length, so a clip is encoded and decoded in the training crops' length, whatever its own; extra:
+    per-row inputs (beta), repeated per window. -> f's output (B, n * f's steps per input step, ...)"""
+    n = x.shape[1]
+    if size <= 0 or n <= size:
+        return f(x, *extra)
+    starts = list(range(0, n - size + 1, size))
+    tail = n - starts[-1] - size  # steps after the last whole window
+    starts += [n - size] if tail else []
+    ys = f(torch.cat([x[:, s:s + size] for s in starts]), *(e.repeat(len(starts), 1) for e in extra))
+    ys = list(ys.chunk(len(starts)))  # per window (B, m, ...)
+    if tail:
+        ys[-1] = ys[-1][:, ys[-1].shape[1] * (size - tail) // size:]
+    return torch.cat(ys, 1)
+
+
 class VQVAE(nn.Module):
     """Encoder (N_enc) -> Quantizer -> Decoder (N_dec, beta); motion and beta z-norm statistics live in buffers."""
 
     def __init__(self, cfg: Config):
         super().__init__()
         self.cfg, self.K, self.r = cfg, cfg.codebook_size, cfg.r
-        enc_norm, dec_norm = cfg.norm.split(",")
-        self.encoder, self.decoder = Encoder(cfg, enc_norm), Decoder(cfg, dec_norm)
+        self.encoder, self.decoder = (f(cfg, n) for f, n in zip((Encoder, Decoder), cfg.norm.split(",")))
         self.quantizer = Quantizer(cfg.codebook_size, cfg.code_dim, cfg.ema_decay)
+        self.chunk = cfg.window  # frames per encode / decode window (0 = the whole sequence at once)
         for name, dim, val in [("mean", cfg.motion_dim, 0.0), ("std", cfg.motion_dim, 1.0),
                                ("beta_mean", cfg.beta_dim, 0.0), ("beta_std", cfg.beta_dim, 1.0)]:
             self.register_buffer(name, torch.full((dim,), val))
@@ -470,21 +486,21 @@ class VQVAE(nn.Module):
         return x_norm * self.std.to(x_norm) + self.mean.to(x_norm)
 
     def encode_latent(self, x):
-        B, T, D = x.shape
-        assert T % self.r == 0, f"T = {T} must be a multiple of r = {self.r} (crop, don't pad)"
-        return rearrange(self.encoder(rearrange(x, "b t d -> b d t")), "b c l -> b l c")  # (B, T, D) -> (B, L, C)
+        """x_norm (B, T, D) -> z_e (B, L, C), in training-length windows (see windowed)."""
+        assert x.shape[1] % self.r == 0, f"T = {x.shape[1]} must be a multiple of r = {self.r} (crop, don't pad)"
+        enc = lambda x: rearrange(self.encoder(rearrange(x, "b t d -> b d t")), "b c l -> b l c")
+        return windowed(enc, x, self.chunk)
 
     def encode(self, x, beta=None):
         """x_norm (B, T, D), beta_raw (B, D_id) (unused: the encoder is beta-free) -> idx (B, T/r) int64."""
         z_e = self.encode_latent(x)  # (B, L, C)
-        B, L, C = z_e.shape
-        return self.quantizer.assign(z_e.reshape(-1, C)).view(B, L)
+        return self.quantizer.assign(z_e.flatten(0, 1)).view(z_e.shape[:2])
 
     def decode_latent(self, z_q, beta):
         """z_q (B, L, C), beta_raw (B, D_id) -> x_norm (B, T, D); beta is z-normalised with the train statistics."""
         beta_n = (beta.to(self.beta_mean) - self.beta_mean) / self.beta_std  # (B, D_id)
-        z = rearrange(z_q, "b l c -> b c l").to(self.quantizer.codebook.dtype)
-        return rearrange(self.decoder(z, beta_n), "b d t -> b t d")
+        dec = lambda z, b: rearrange(self.decoder(rearrange(z, "b l c -> b c l"), b), "b d t -> b t d")
+        return windowed(dec, z_q.to(self.quantizer.codebook.dtype), self.chunk // self.r, beta_n)
 
     def decode(self, idx, beta):
         """idx (B, L) int64, beta_raw (B, D_id) -> x_norm (B, L*r, D)."""
@@ -527,13 +543,9 @@ def to_clips(items, model):
 
 def random_crops(clips, batch, window, gen):
     """Random `window`-frame crops, clip and offset uniform (offsets over the whole clip). -> (B, W, D), (B, D_id)"""
-    xs, bs = [], []
-    for i in torch.randint(len(clips), (batch,), generator=gen).tolist():
-        x, b, _ = clips[i]
-        o = int(torch.randint(x.shape[0] - window + 1, (1,), generator=gen))
-        xs.append(x[o:o + window])
-        bs.append(b)
-    return torch.stack(xs), torch.stack(bs)
+    picks = [clips[i] for i in torch.randint(len(clips), (batch,), generator=gen).tolist()]
+    offs = [int(torch.randint(x.shape[0] - window + 1, (1,), generator=gen)) for x, _, _ in picks]
+    return torch.stack([x[o:o + window] for (x, _, _), o in zip(picks, offs)]), torch.stack([b for _, b, _ in picks])
 
 
 def build(cfg: Config, device):
@@ -573,15 +585,14 @@ def resume(path, cfg, model, opt, scaler, gen, device):
 @torch.no_grad()
 def report(step, cfg, model, o, first_rec, val_clips, train_clips, device):
     """Validation (rank 0): the Tab. 5 numbers on the val split, a picture of one reconstruction. -> metrics"""
-    val = metrics.codec_stats(model, val_clips, device)[0] if val_clips else {}
-    met = {**{f"val_{k}": v for k, v in val.items()}, "train_rec": float(o["rec"]), "train_rec_first": first_rec}
+    clips = val_clips or train_clips[:1]  # codec_stats sets eval mode: no codebook update
+    val, x_hats = metrics.codec_stats(model, clips, device)
+    met = {**({f"val_{k}": v for k, v in val.items()} if val_clips else {}), "train_rec": float(o["rec"]),
+           "train_rec_first": first_rec}
     tqdm.write(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in met.items()))
-    x, beta, _ = (val_clips or train_clips)[0]
-    model.eval()  # no codebook update (codec_stats sets it too, but the val split may be empty)
-    x_hat = model(x[None].to(device), beta[None].to(device))["x_hat"][0]  # (T, D)
     try:
-        data.plot_channels(Path(cfg.out) / "recon.png", {"real": model.denormalize(x).numpy(), "reconstruction":
-                           model.denormalize(x_hat).cpu().numpy()}, channels=[0, 1, 2, 50, 51, 53])
+        data.plot_channels(Path(cfg.out) / "recon.png", {"real": model.denormalize(clips[0][0]).numpy(),
+                           "reconstruction": model.denormalize(x_hats[0]).numpy()}, channels=[0, 1, 2, 50, 51, 53])
     except Exception as e:  # a picture must never kill a training run
         tqdm.write(f"(plot skipped: {e})")
     return met
@@ -654,7 +665,7 @@ def sample(cfg: Config):
     seed_all(cfg.seed)
     out = Path(cfg.out)
     model = load_vqvae(cfg.ckpt or out / "ckpt.pt", device)
-    path = cfg.data or model.cfg.data
+    path = data.resolve_data(cfg.data, "listener", model.cfg.preset) if cfg.data else model.cfg.data
     clips = to_clips(data.load_listener(path, cfg.split), model)[: cfg.max_eval or None]
     rows, gts, preds, walk = metrics.evaluate_codec(model, clips, to_clips(data.load_listener(path, "train"), model),
                                                       device, seed=cfg.seed)
@@ -670,7 +681,10 @@ def sample(cfg: Config):
 
 
 def main(argv=None, mode="train"):
-    cfg = parse_config(list(sys.argv[1:] if argv is None else argv), mode)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_config(argv, mode)
+    if mode == "sample" and not any(a.split("=")[0] == "--data" for a in argv):
+        cfg.data = ""  # sample the checkpoint's own data unless --data names another
     return sample(cfg) if mode == "sample" else train(cfg)
 
 

@@ -250,6 +250,50 @@ def test_determinism():
 
 
 
+# --- the paper row's flags and the paper's protocol ------------------------------------------------------------------
+
+def test_paper_row_flags(tiny_world):
+    """Default data: the vocaset twin. --no-norm trains on raw displacements (sigma 1), --no-final-ln drops the
+    LayerNorm before the zero head (the output is still 0 at init), --no-zero-snr keeps abar_T > 0."""
+    assert dt.parse_config([]).data == "vocaset"
+    cfg = dt.parse_config(["--preset", "smoke", "--data", str(tiny_world), "--no-norm", "--no-final-ln"])
+    items, _, stats = dt.load_data(cfg)
+    assert stats["sigma"] == 1.0 and dt.load_data(replace(cfg, norm=True))[2]["sigma"] < 0.1
+    x0, *_ = dt.make_batch(items, cfg, np.random.default_rng(0), stats["sigma"])
+    assert x0.abs().max() < 1.0  # raw metres-like displacements, not unit variance
+    m = small_model(randomise_head=False, final_ln=False)
+    assert isinstance(m.ln, nn.Identity) and isinstance(small_model(arch="ar", final_ln=False).ln, nn.Identity)
+    mem = m.encode([torch.randn(30, NF)], [17])
+    assert torch.equal(m(torch.randn(1, 17, 12), torch.tensor([3]), mem, torch.tensor([1]), m.masks(17)),
+                       torch.zeros(1, 17, 12))
+    assert dt.scaled_linear_abar()[-1] > 1e-5 and dt.scaled_linear_abar(zero_snr=True)[-1] == 0
+
+
+def test_repetitions_interval_and_both_lves():
+    """reps > 1: lve and lve_seq are means over the repetitions (styles averaged inside each) with 1.96 std / sqrt(n);
+    pooled and per-sequence LVE differ when sequences differ in length."""
+    rng = np.random.default_rng(0)
+    gts = [rng.standard_normal((T, 4, 3)) for T in (5, 9)]
+    shift = {seed: 0.1 * (k + 1) for k, seed in enumerate(dt.metrics.TALKING_SEEDS)}
+    predict = lambda style, seed: [g + shift[seed] * (1 + style) * (i + 1) for i, g in enumerate(gts)]
+    res = dt.metrics.style_averaged(predict, gts, [g[0] for g in gts], 2, [0, 1], [2, 3], reps=3)
+    for k, per_seq in (("lve", False), ("lve_seq", True)):
+        per = [np.mean([dt.metrics.lip_vertex_error(predict(s, seed), gts, [0, 1], per_sequence=per_seq)
+                        for s in range(2)]) for seed in dt.metrics.TALKING_SEEDS[:3]]
+        assert math.isclose(res[k], np.mean(per), rel_tol=1e-12)
+        assert math.isclose(res[f"{k}_ci95"], 1.96 * np.std(per, ddof=1) / math.sqrt(3), rel_tol=1e-12)
+    assert res["lve"] > res["lve_seq"]  # the longer clip has the larger error: pooling weights it more
+
+
+def test_mouth_pair_finds_the_opening_lips():
+    t = np.arange(40)[:, None]
+    gt = np.zeros((40, 5, 3))
+    gt[..., 1] = np.arange(5)  # a column of vertices, 1 apart
+    gt[:, 3, 1] -= 0.5 * (1 + np.sin(t[:, 0] / 3))  # vertex 3 drops and rises: it opens against the others
+    gt[:, 1, 1] += 0.2 * np.sin(t[:, 0] / 3)  # vertex 1 moves the other way
+    assert sorted(dt.metrics.mouth_pair(gt, [0, 1, 3, 4])) == [1, 3]
+
+
 # --- the command line: train -> sample, any-rate audio, user errors -----------------------------------------------
 
 def train_run(world, out, *flags):
@@ -289,11 +333,12 @@ def test_cli_train_then_sample(smoke_run):
     ck["best"]["model"] = {k: v + 1 for k, v in ck["best"]["model"].items()}
     torch.save(ck, out / "edited.pt")
     assert torch.equal(dt.load_model(out / "edited.pt")[0].state_dict()[w], ck["best"]["model"][w])
-    del ck["best"]  # --no-keep-best: the last weights
+    assert torch.equal(dt.load_model(out / "edited.pt", best=False)[0].state_dict()[w], ck["model"][w])  # sample
+    del ck["best"]  # trained with --no-keep-best: the last weights                                  # --no-keep-best
     torch.save(ck, out / "last.pt")
     assert torch.equal(dt.load_model(out / "last.pt")[0].state_dict()[w], ck["model"][w])
     r = subprocess.run([sys.executable, "sample.py", "--model", "diff_transformer", "--ckpt", str(out / "ckpt.pt"),
-                        "--out", str(out), "--ar-ckpt", str(out / "ar" / "ckpt.pt"), "--ddim-steps", "5",
+                        "--out", str(out), "--ar-ckpt", str(out / "ar" / "ckpt.pt"), "--ddim-steps", "5", "--reps", "2",
                         "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((out / "metrics.json").read_text())
@@ -308,7 +353,8 @@ def test_cli_train_then_sample(smoke_run):
     for k in ("lve", "mve"):
         assert rows["oracle:speech_only_style_mean"][k] <= rows["oracle:speech_only_train_styles"][k]
     assert rows["alt-GT"]["lve"] > 0
-    assert list(out.glob("*.gif")) and list(out.glob("*.npy")) and list(out.glob("*.png"))
+    assert list(out.glob("*.gif")) and list(out.glob("*.npy")) and (out / "lip_distance.png").exists()
+    assert "10 s of speech" in r.stdout and rows["model"]["lve_ci95"] > 0 and "lve_seq_ci95" in rows["model"]
 
 
 @pytest.mark.parametrize("rate,channels,seconds", [(16000, 1, 1.3), (44100, 2, 0.9), (8000, 1, 2.05)])

@@ -130,21 +130,36 @@ def test_absorbing_limits():
             assert torch.allclose(lim, dd.posterior(oh, torch.tensor([[x]]), t, t - 1, ab)[0, 0], atol=1e-9)
 
 
-def test_truncation():
+def test_truncation_hand_checked():
+    """VQ-Diffusion's rule on p = (0.05, 0.5, 0.15, 0.3), r = 0.86: sorted 0.5, 0.3, 0.15, 0.05 with cumulative mass
+    0.5, 0.8, 0.95, 1.0; 0.15 crosses r and is kept, 0.05 dropped; the kept mass 0.95 renormalised to 1."""
+    p = torch.tensor([[0.05, 0.5, 0.15, 0.3]], dtype=torch.float64)
+    q = dd.truncate(p, 0.86)
+    assert torch.allclose(q, torch.tensor([[0.0, 0.5, 0.15, 0.3]], dtype=torch.float64) / 0.95, atol=1e-15)
+    assert torch.allclose(dd.truncate(p, 0.5), torch.tensor([[0.0, 1.0, 0.0, 0.0]], dtype=torch.float64))  # 0.5 = r
+    assert torch.allclose(dd.truncate(p, 0.51), torch.tensor([[0, 0.5, 0, 0.3]], dtype=torch.float64) / 0.8)
+    assert torch.equal(dd.truncate(p, 1.0), p)
+    # the reverse step keeps its chance of unmasking: stay masked w.p. gbar_s / gbar_t, as without truncation
+    for sc in (dd.make_schedule(100, 4), dd.make_schedule(100, 4, replace_mass=0.0)):
+        post = dd.posterior(q[None], torch.tensor([[4]]), 50, 40, sc)[0, 0]
+        assert abs(post.sum() - 1) < 1e-12 and abs(post[4] - sc["gbar"][40] / sc["gbar"][50]) < 1e-12
+    assert post[0] == 0                                                # absorbing: a dropped code is never drawn
+
+
+def test_truncation_random_rows():
     gen = torch.Generator().manual_seed(0)
     p = torch.softmax(3 * torch.randn(64, 20, generator=gen, dtype=torch.float64), -1)
     p[0] = 0
     p[0, 5] = 1.0                                                      # a one-hot row keeps only its top-1
     q = dd.truncate(p, 0.86)
-    assert torch.equal(q[p > 0][(q[p > 0] > 0)], p[q > 0])            # kept values are not renormalised
+    assert torch.allclose(q.sum(-1), torch.ones(64, dtype=torch.float64))  # renormalised
     sp, order = p.sort(-1, descending=True)
-    kept = (q.gather(-1, order) > 0)
-    assert kept[:, 0].all()                                            # top-1 always kept
-    assert (kept[:, 1:].int() <= kept[:, :-1].int()).all()            # the kept set is a sorted prefix
-    mass = q.sum(-1)
-    only_top = kept.sum(-1) == 1
-    assert (mass[~only_top] < 0.86).all()
-    assert torch.equal(dd.truncate(p, 1.0), p)
+    kept = q.gather(-1, order) > 0
+    assert kept[:, 0].all() and (kept[:, 1:].int() <= kept[:, :-1].int()).all()  # top-1 always; a sorted prefix
+    mass = (p * (q > 0)).sum(-1)                                       # the kept share of the original mass
+    last = sp.gather(-1, kept.sum(-1, keepdim=True) - 1)[:, 0]         # the last code kept
+    assert (mass >= 0.86).all() and (mass - last < 0.86).all()        # it is the one that crosses r
+    assert torch.allclose(q[q > 0], (p / mass[:, None])[q > 0])        # kept codes in proportion
 
 
 def test_loss_by_hand():
@@ -282,9 +297,25 @@ def test_determinism():
     assert torch.equal(s1, s2) and not torch.equal(s1, s3)
 
 
-def test_cli_train_then_sample(tiny_world, tiny_vq_naive, tmp_path):
-    out = tmp_path / "dd"
-    common = ["--data", str(tiny_world), "--out", str(out), "--preset", "smoke", "--vq", str(tiny_vq_naive)]
+@pytest.fixture(scope="module")
+def trevor(tmp_path_factory):
+    """The tiny trevor twin (the default data: one listener, a rule ledger) and a smoke naive VQ-VAE trained on it."""
+    import vqvae
+    root = data.generate_twin("trevor", "tiny", root=tmp_path_factory.mktemp("twin") / "trevor")
+    out = tmp_path_factory.mktemp("vq_trevor")
+    vqvae.main(["--data", str(root), "--out", str(out), "--preset", "smoke", "--norm", "none,none"], mode="train")
+    return root, out / "ckpt.pt"
+
+
+def test_default_data_is_trevor():
+    assert dd.Config().data == "trevor" and dd.parse_config(["--preset", "smoke"]).data == "trevor"
+    assert "trevor" in data.TWINS
+
+
+def test_cli_train_then_sample(trevor, tmp_path):
+    """On the trevor twin: train, sample, every row, the rule table from the ledger and the key-channel picture."""
+    (world, vq), out = trevor, tmp_path / "dd"
+    common = ["--data", str(world), "--out", str(out), "--preset", "smoke", "--vq", str(vq)]
     r = subprocess.run([sys.executable, "train.py", "--model", "discrete_diffusion", *common, "--steps", "40"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -304,6 +335,88 @@ def test_cli_train_then_sample(tiny_world, tiny_vq_naive, tmp_path):
     assert np.load(out / "samples" / "long_listener.npy").shape == (296, 56)  # 10 s of 8-frame tokens
     assert (out / "samples" / "window0.gif").exists() and (out / "samples" / "window0.png").exists()
     assert "| model |" in r.stdout
+    # the rule table: every row scored on the ledger's events; GT answers the pauses, stays quiet on sarcasm
+    for row in ("GT", "alt-GT", "baseline:nn_motion", "baseline:vq_floor", "model"):
+        assert set(dd.metrics.RULE_COLUMNS) <= set(rows[row]), row
+    assert rows["GT"]["rule_n/pause"] > 0 and rows["GT"]["rule/pause"] > 0.5
+    assert "Rules answered" in r.stdout and (out / "samples" / "key_channels.png").stat().st_size > 10_000
+
+
+def test_vocabulary_comes_from_the_training_words(trevor, tmp_path):
+    """Items whose words are not in the synthetic world's list: the vocabulary is their training split's words,
+    stored in the checkpoint and used at sample time; the words get their ids, not <unk> (a word seen only in test
+    is <unk>)."""
+    import vqvae
+    import worldtools
+    world, _ = trevor
+    rename = lambda w: "q" + w[::-1] + "z"                             # no such word in data.VOCAB
+    root = tmp_path / "renamed"
+    for split in ("train", "val", "test"):
+        items = [{**it, "words": [(rename(w), e) for w, e in it["words"]], "audio": None}  # (wav names would clash)
+                 for it in data.load_listener(world, split)]
+        if split == "test":
+            items[0]["words"][0] = ("neverseen", items[0]["words"][0][1])
+        worldtools.write_segments(root, split, items)
+    (root / "wav").rmdir()
+    train_words = {w for it in data.load_listener(root, "train") for w, _ in it["words"]}
+    assert train_words and not train_words & {w.lower() for w in data.VOCAB}
+    vq = tmp_path / "vq"
+    vqvae.main(["--data", str(root), "--out", str(vq), "--preset", "smoke", "--norm", "none,none", "--steps", "4",
+                "--eval-every", "4"], "train")
+    out = tmp_path / "dd"
+    dd.main(["--preset", "smoke", "--data", str(root), "--vq", str(vq / "ckpt.pt"), "--out", str(out), "--steps", "2",
+             "--eval-every", "2"], "train")
+    ck = dd.load_checkpoint(out / "ckpt.pt")
+    vocab = ck["meta"]["vocab"]
+    assert set(vocab) == train_words and vocab == dd.build_vocab(data.load_listener(root, "train"))
+    model = dd.build(dd.Config(**ck["config"]), ck["meta"], "cpu")
+    assert model.fusion.text.emb.num_embeddings == len(vocab) + 3
+    te = dd.load_windows(root, "test", vqvae.load_vqvae(vq / "ckpt.pt"), 32, 32, 20, vocab)
+    ids = te["wid"][te["wid"] > dd.START]                              # every word slot but pad / start
+    assert (ids != dd.UNK).float().mean() > 0.9                        # the words are known, not <unk>
+    first = te["wid"][0, 0, 1].item()                                  # test item 0's first word: seen only in test
+    assert te["words"][0][0][0] == "neverseen" and first == dd.UNK
+    assert dd.window_words([("Hello,", 0.1)], 0, 32, 30, dd.word_ids(["hello"])) == [(dd.START, 0.0), (3, 3.0)]
+
+
+def test_long_stream_segments_of_different_lengths():
+    """metrics.long_stream joins each segment with its own length: no padding inside, word times shifted by the
+    lengths before them; equal lengths (no n) give the same stream as n = Ts."""
+    S, Ts, lengths, fps = 3, 10, [10, 6, 8], 30
+    frame = torch.arange(Ts, dtype=torch.float32)
+    spk = torch.stack([100 * i + frame for i in range(S)])[..., None].repeat(1, 1, 2)      # (S, Ts, 2)
+    for i, n in enumerate(lengths):
+        spk[i, n:] = 0                                                  # padding past the segment
+    segs = dict(spk=spk, lis=-spk, feat=spk.repeat_interleave(4, 1), beta=torch.randn(S, 4), fps=fps, n=lengths,
+                words=[[("a", -0.1), ("b", 0.1)], [("c", -0.05), ("d", 0.15)], [("e", 0.2)]])
+    st = dd.metrics.long_stream(segs, 1.0, 2)                           # 30 frames: segments 0, 1, 2, 0 -> cut at 30
+    want = torch.cat([100 * i + frame[:lengths[i]] for i in (0, 1, 2, 0)])[:30]
+    assert st["speaker"].shape == (1, 30, 2) and torch.equal(st["speaker"][0, :, 0], want)
+    assert torch.equal(st["listener"][0, :, 0], -want) and st["audio"].shape == (1, 120, 2)
+    assert torch.equal(st["audio"][0, ::4, 0], want)
+    got = [(w, round(e, 6)) for w, e in st["words"][0]]
+    assert got == [("a", -0.1), ("b", 0.1), ("d", round(0.15 + 10 / fps, 6)), ("e", round(0.2 + 16 / fps, 6)),
+                   ("b", round(0.1 + 24 / fps, 6))]
+    eq = dict(segs, n=None, spk=spk[:, :6], lis=-spk[:, :6], feat=segs["feat"][:, :24])
+    a, b = dd.metrics.long_stream(eq, 0.5, 2), dd.metrics.long_stream(dict(eq, n=[6, 6, 6]), 0.5, 2)
+    assert a["speaker"].shape == (1, 14, 2) and torch.equal(a["speaker"], b["speaker"]) and a["words"] == b["words"]
+
+
+def test_rules_over_whole_segments():
+    """metrics.stitch joins each segment's windows in order; listener_rules scores them against the ledger."""
+    x = np.arange(5 * 4 * 1, dtype=np.float32).reshape(5, 4, 1)          # 5 windows of 4 frames
+    seqs, order = dd.metrics.stitch(x, np.array([3, 3, 3, 7, 7]))
+    assert order == [3, 7] and [s.shape[0] for s in seqs] == [12, 8] and np.array_equal(seqs[1][:, 0], np.arange(12, 20))
+    fps, T = 30, 120
+    quiet = np.zeros((2, T // 2, 56), np.float32)
+    nod = quiet.copy()
+    t = np.arange(T // 2) / fps
+    nod[1, :, dd.data.PITCH] = 0.2 * np.sin(2 * np.pi * 2 * t) * (t > 0.2)  # a nod after the pause at 2.0 s
+    events = [{"pause": [2.0]}, None]                                   # segment 0 (windows 0, 1); 1 has no ledger
+    rules = dict(seg=np.array([0, 0]), events=events, fps=fps)
+    got = dd.metrics.listener_rules({"quiet": [quiet], "nods": [nod]}, rules)
+    assert got["quiet"]["rule/pause"] == 0 and got["nods"]["rule/pause"] == 1 and got["nods"]["rule_n/pause"] == 1
+    assert np.isnan(got["nods"]["rule/loud"]) and got["nods"]["rule_n/loud"] == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

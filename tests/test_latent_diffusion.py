@@ -189,23 +189,36 @@ def test_generate_determinism_and_diversity():
     m = tiny_model()
     torch.nn.init.normal_(m.den.last.weight, std=0.1)  # x0-head is zero at init (x0 = mean, no diversity): wake it
     spk = torch.randn(2, 3 * m.cfg.window - 5, 25)                             # T not a multiple of w
-    z1, y1 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3), torch.ones(len(spk), 100))
-    z2, y2 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3), torch.ones(len(spk), 100))
-    _, y3 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(4), torch.ones(len(spk), 100))
+    z1, y1 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3))
+    z2, y2 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(3))
+    _, y3 = m.generate(spk, 10, 4, 10, torch.Generator().manual_seed(4))
     assert y1.shape == (2, 10, spk.shape[1], 25) and z1.shape == (2, 10, 3, m.cfg.latent)
     assert torch.equal(y1, y2) and not torch.equal(y1, y3)
     d = (y1[:, :, None] - y1[:, None]).pow(2).mean((-1, -2))                   # (B, K, K) pairwise
     assert (d + torch.eye(10) > 1e-6).all()                                    # all 10 samples differ
 
 
-def test_identity_conditioning():
-    """beta moves eps_theta; the model refuses to run without it."""
-    m = tiny_model()
-    torch.nn.init.normal_(m.den.last.weight, std=0.1)                          # eps-hat is 0 at init: wake it
-    x, t, c = torch.randn(2, m.n * m.cfg.latent), torch.tensor([10.0, 500.0]), torch.randn(2, m.n * m.cfg.latent)
-    assert not torch.allclose(m.eps(x, t, c, torch.zeros(2, 100)), m.eps(x, t, c, torch.ones(2, 100)))
-    with pytest.raises(TypeError, match="beta"):
-        m.eps(x, t, c)
+def test_no_listener_identity_and_cond_none_is_unconditional():
+    """Nothing in the model reads who listens (no β input or buffer); the speaker's code moves ε_θ, and with
+    --cond none it does not."""
+    for cond in ("speaker", "none"):
+        m = tiny_model(cond=cond)
+        assert not any("beta" in k or "ident" in k for k in m.state_dict())
+        torch.nn.init.normal_(m.den.last.weight, std=0.1)                      # x0-head is 0 at init: wake it
+        x, t = torch.randn(2, m.n * m.cfg.latent), torch.tensor([10.0, 500.0])
+        c1, c2 = torch.randn(2, m.n * m.cfg.latent), torch.randn(2, m.n * m.cfg.latent)
+        assert torch.allclose(m.eps(x, t, c1), m.eps(x, t, c2)) == (cond == "none")
+
+
+def test_codebook_loss_has_no_commitment_term():
+    """Stage 1b's VQ loss reaches the codebook only: E_r is frozen, so a commitment term could not train anything."""
+    torch.manual_seed(0)
+    vq = ld.Codebook(16, 4)
+    z = torch.randn(10, 4, requires_grad=True)
+    _, _, loss = vq(z)
+    loss.backward()
+    assert z.grad is None or z.grad.abs().max() == 0
+    assert torch.allclose(loss, F.mse_loss(vq.codes[vq(z)[1]], z.detach()))
 
 
 def test_x0_parameterisation_implies_eps():
@@ -213,9 +226,9 @@ def test_x0_parameterisation_implies_eps():
     for param in ("x0", "eps"):
         m = tiny_model(param=param)
         torch.nn.init.normal_(m.den.last.weight, std=0.1)
-        x, c, b = torch.randn(3, m.n * m.cfg.latent), torch.randn(3, m.n * m.cfg.latent), torch.randn(3, 100)
+        x, c = torch.randn(3, m.n * m.cfg.latent), torch.randn(3, m.n * m.cfg.latent)
         t = torch.tensor([1.0, 300.0, 1000.0])
-        out, e = m.net(x, t, c, b), m.eps(x, t, c, b)
+        out, e = m.net(x, t, c), m.eps(x, t, c)
         if param == "eps":
             assert torch.equal(out, e)
         else:
@@ -229,7 +242,7 @@ def test_long_sequence_outpainting_keeps_overlap():
     assert ld.chunk_starts(7, 3, 1) == [0, 2, 4]
     assert ld.chunk_starts(6, 3, 1) == [0, 2, 3]
     spk = torch.randn(1, 7 * w, 25)                                            # 7 windows > n = 3
-    z, y = m.generate(spk, 2, 4, 10, torch.Generator().manual_seed(0), torch.ones(len(spk), 100))
+    z, y = m.generate(spk, 2, 4, 10, torch.Generator().manual_seed(0))
     assert z.shape == (1, 2, 7, m.cfg.latent) and y.shape == (1, 2, 7 * w, 25) and torch.isfinite(y).all()
     # a chunk decoded alone agrees with the cross-faded sequence away from the fades
     z0 = z[0, :1]
@@ -237,12 +250,34 @@ def test_long_sequence_outpainting_keeps_overlap():
     assert torch.allclose(alone[:, :w], y[0, :1, :w], atol=1e-5)
 
 
+def test_react_appropriate_set_is_the_neighbours_real_reactions():
+    """REACT way: speaker k's set = the real reactions of the clips its matrix row marks (its own GT among them,
+    counted once); without a matrix the set is the own GT and the label says so."""
+    import data
+    import metrics
+    path = data.generate_twin("react", "tiny")
+    items, M, T = data.load_listener(path, "test"), np.load(path / "neighbour_emotion_test.npy"), 60
+    pool, A, first = metrics.appropriate_pool(items, T)
+    for k, it in enumerate(items):
+        want = [items[j]["listener_attr"][:T] for j in np.flatnonzero(M[k] == 1)]
+        got = pool[A[k]]
+        assert len(got) == len(want) == 3 and all(any(np.array_equal(g, w) for g in got) for w in want)
+        assert np.array_equal(pool[first[k]], it["listener_attr"][:T])
+    assert "real reactions of 2-2 neighbour clips" in metrics.appropriate_label(items)
+    bare = [{k: v for k, v in it.items() if not k.startswith("alt")} for it in items]
+    assert metrics.appropriate_pool(bare, T)[1].sum() == len(bare)
+    assert metrics.appropriate_label(bare).startswith("own GT only")
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_train_then_sample(tiny_world, tmp_path):
+def test_cli_train_then_sample(tmp_path):
+    """The default data: the REACT twin (react-tiny under the smoke preset); its appropriate sets are the real
+    reactions of the neighbour clips that the appropriateness matrix marks."""
+    assert ld.Config().data == "react"
     out = tmp_path / "run"
-    common = ["--data", str(tiny_world), "--out", str(out), "--preset", "smoke", "--threads", "1"]
+    common = ["--out", str(out), "--preset", "smoke", "--threads", "1"]
     r = subprocess.run([sys.executable, "train.py", "--model", "latent_diffusion", *common], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -263,19 +298,21 @@ def test_cli_train_then_sample(tiny_world, tmp_path):
     assert rows["model"]["frdiv"] > 0 and "mse/all" in rows["model"] and "sec_per_speaker" in rows["model"]
     preds = np.load(out / "test_reactions.npy")
     assert preds.shape[:2] == (2, 3) and preds.shape[-1] == 25
-    assert (out / "channels.png").exists() and (out / "reactions.gif").exists()
+    assert (out / "reactions.png").exists() and (out / "reactions.gif").exists()
+    assert "real reactions of 2-2 neighbour clips" in r.stdout and "10 reactions of 8.0 s" in r.stdout
+    assert rows["GT"]["frcorr_mean"] == 1 and 0 < rows["model"]["frcorr_official"] < rows["model"]["frcorr_sum"]
     # one cell of LBD Tab. 3: the same checkpoint, other PLMS flags, its own folder, the model row only
     cell = tmp_path / "plms1_s10"
-    ld.main(["--data", str(tiny_world), "--ckpt", str(out / "ckpt.pt"), "--out", str(cell), "--preset", "smoke",
+    ld.main(["--ckpt", str(out / "ckpt.pt"), "--out", str(cell), "--preset", "smoke",
              "--plms-order", "1", "--sample-steps", "10", "--model-only"], "sample")
     rows1 = json.loads((cell / "metrics.json").read_text())
-    assert list(rows1) == ["model"] and rows1["model"]["frdist_sum"] is None and rows1["model"]["frcorr_sum"] > 0
+    assert list(rows1) == ["model"] and rows1["model"]["frdist_sum"] > 0 and rows1["model"]["frcorr_sum"] > 0
     assert rows1["model"]["frcorr_sum"] != rows["model"]["frcorr_sum"]         # other sampler, other samples
 
 
 @pytest.mark.parametrize("argv, words", [
     (["--steps", "-5"], "expected 0 or more"), (["--ae-steps", "0"], "positive"), (["--plms-order", "5"], "one of"),
-    (["--param", "v"], "one of"), (["--d-model", "30"], "multiple of --heads"), (["--preset", "huge"], "one of"),
+    (["--param", "v"], "one of"), (["--cond", "audio"], "one of"), (["--d-model", "30"], "multiple of --heads"), (["--preset", "huge"], "one of"),
     (["sample", "--ckpt", "/nonexistent/ckpt.pt"], "no checkpoint"), (["--device", "tpu"], "expected auto")])
 def test_user_mistakes_are_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:

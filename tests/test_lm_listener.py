@@ -148,13 +148,71 @@ def test_kv_cache_equals_uncached_and_greedy_consistency(V):
         clip = random_clip(V, G=4, seed=s)
         ids, kind = L.build_sequence(clip, 0, 4, V, MODS, n_hist=8)
         chunks = L.split_chunks(ids, kind)
-        toks = L.decode_cached(model, chunks, V)
-        assert toks == decode_full(model, chunks, V) == L.decode_cached(model, chunks, V)
+        toks = L.decode(model, V, *L.speaker_groups(clip, 0, 4, V, MODS), 8, max_groups=4)
+        assert toks == decode_full(model, chunks, V) == L.decode(model, V, *L.speaker_groups(clip, 0, 4, V, MODS), 8, 4)
         ids_d, kind_d = L.build_sequence(dict(clip, lr=torch.tensor(toks)), 0, 4, V, MODS, n_hist=8)
         with torch.no_grad():
             h = model(torch.tensor([ids_d]))[0]
         lr_in = [p - 1 for p, k in enumerate(kind_d) if k == 2]
         assert model.lr_head(h[lr_in]).argmax(-1).tolist() == toks
+
+
+def test_sliding_context_decodes_past_ctx(V):
+    """30 groups (> ctx 128 tokens) decode; each LR_i equals a from-scratch forward pass over the context the rule
+    says: [<bos>, the last n_hist words before the kept groups, the kept groups (at most 3 before it: a restart every
+    4 keeps the last 2), group i's block, <lr>]."""
+    torch.manual_seed(2)
+    model = L.GPT(V.size, V.v_lr, tiny_cfg()).eval()
+    clip = random_clip(V, G=30, seed=3)
+    assert len(L.build_sequence(clip, 0, 30, V, MODS, n_hist=8)[0]) > 128
+    hist, groups = L.speaker_groups(clip, 0, 30, V, MODS)
+    toks = L.decode(model, V, hist, groups, 3, max_groups=4)
+    start, ref = 0, []                                       # first group in context
+    for i, (_, blk) in enumerate(groups):
+        if i - start >= 4:
+            start = i - 2
+        words = hist + [w for ws, _ in groups[:start] for w in ws]
+        seq = [V.w2i["<bos>"]] + words[-3:]
+        for j in range(start, i):
+            seq += groups[j][1] + [V.b["<lr>"], V.lr0 + ref[j], V.b["</lr>"]]
+        with torch.no_grad():
+            ref.append(int(model.lr_head(model(torch.tensor([seq + blk + [V.b["<lr>"]]]))[0, -1]).argmax()))
+    assert toks == ref and len(toks) == 30
+
+
+def test_speaker_lag_one_is_strictly_causal(V):
+    """--speaker-lag 1: LR_i follows speaker group i-1's block (Eq. 4), so group i's speaker tokens cannot change LR_i;
+    with lag 0 (Eq. 1) they can."""
+    torch.manual_seed(0)
+    model = L.GPT(V.size, V.v_lr, tiny_cfg()).eval()
+    clip = random_clip(V, G=4)
+    hist0, g0 = L.speaker_groups(clip, 8, 3, V, MODS)
+    hist1, g1 = L.speaker_groups(clip, 8, 3, V, MODS, lag=1)
+    assert [b for _, b in g1[1:]] == [b for _, b in g0[:2]] and len(hist1) <= len(hist0)
+    assert g1[0][1][-2] == V.emo0 + int(clip["emo"][0])                                 # group 1's emo before LR_2
+    assert L.speaker_groups(clip, 0, 2, V, MODS, lag=1)[1][0][1][-3:] != [V.b["<emo>"]] * 3  # no emo before frame 0
+    changed = dict(clip, emo=clip["emo"].clone())
+    changed["emo"][2] = (clip["emo"][2] + 1) % 8                                        # speaker group 3
+    out = {}
+    for lag in (0, 1):
+        for c in (clip, changed):
+            ids, kind = L.build_sequence(c, 0, 4, V, MODS, n_hist=8, lag=lag)
+            lr_in = [p - 1 for p, k in enumerate(kind) if k == 2]
+            with torch.no_grad():
+                out.setdefault(lag, []).append(model.lr_head(model(torch.tensor([ids]))[0, lr_in[2]]))
+    assert (out[1][0] - out[1][1]).abs().max() < 1e-6 and (out[0][0] - out[0][1]).abs().max() > 1e-6
+
+
+def test_training_windows_are_uniform_over_all_windows():
+    """Clips of 3 and 30 groups, windows of 2 groups: 2 and 29 windows, so clip 0 is drawn 2/31 of the time (not 1/2)
+    and every start of a clip equally often."""
+    tr = [dict(T=3 * L.R), dict(T=30 * L.R)]
+    w = L.window_starts(tr, 2, np.random.default_rng(0), 31000)
+    c = np.array([a for a, _ in w])
+    assert abs((c == 0).mean() - 2 / 31) < 0.005
+    starts = np.array([f0 for a, f0 in w if a == 1]) // L.R
+    assert starts.min() == 0 and starts.max() == 28 and np.bincount(starts).std() / np.bincount(starts).mean() < 0.05
+    assert all(f0 + 2 * L.R <= tr[a]["T"] for a, f0 in w)
 
 
 def test_nucleus_pick_keeps_the_top_p_head():
@@ -205,7 +263,7 @@ def test_overfit_one_batch(V):
     model, seqs, loss = _train_steps(V, clips, 150, seed=0)
     assert loss < 0.1
     for c, (ids, kind) in zip(clips, seqs):
-        assert L.decode_cached(model, L.split_chunks(ids, kind), V) == c["lr"].tolist()
+        assert L.decode(model, V, *L.speaker_groups(c, 0, 4, V, MODS), 8, 4) == c["lr"].tolist()
 
 
 def test_determinism(V):
@@ -213,8 +271,8 @@ def test_determinism(V):
     m1, seqs, _ = _train_steps(V, clips, 10, seed=3)
     m2, _, _ = _train_steps(V, clips, 10, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
-    ch = L.split_chunks(*seqs[0])
-    assert L.decode_cached(m1, ch, V) == L.decode_cached(m2, ch, V)
+    sp = L.speaker_groups(clips[0], 0, 4, V, MODS)
+    assert L.decode(m1, V, *sp, 8, 4) == L.decode(m2, V, *sp, 8, 4)
 
 
 def _have_deps():
@@ -250,10 +308,10 @@ def weights(path):
 
 
 @needs_deps
-def test_cli_train_then_sample_stream(tiny_world, tiny_vq, tiny_vq_naive, tmp_path):
+def test_cli_train_then_sample_stream(tmp_path):
+    """The default data (the tiny trevor twin, with its rule ledger); a smoke run trains its own VQ-VAEs."""
     out = tmp_path / "lm"
-    common = ["--data", str(tiny_world), "--out", str(out), "--vq", str(tiny_vq), "--vq-naive", str(tiny_vq_naive)]
-    r = subprocess.run([sys.executable, "train.py", "--model", "lm_listener", "--preset", "smoke", *common],
+    r = subprocess.run([sys.executable, "train.py", "--model", "lm_listener", "--preset", "smoke", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=240, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(out / "ckpt.pt", weights_only=True)
@@ -266,12 +324,32 @@ def test_cli_train_then_sample_stream(tiny_world, tiny_vq, tiny_vq_naive, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((out / "metrics.json").read_text())
     assert list(rows) == ["GT", "alt-GT", "baseline:random", "baseline:nn_motion", "baseline:nn_speech",
-                          "baseline:random_walk_naive", "baseline:random_walk_identity", "model", "model:nucleus_0.9"]
-    assert all(np.isfinite(r["mse/all"]) and r["n_windows"] == 12 for r in rows.values())
-    assert rows["GT"]["mse/all"] == 0 and rows["model"]["stream_ms_median"] > 0
-    assert "windows equal to offline decoding" in r.stdout
+                          "baseline:random_walk_naive", "baseline:random_walk_identity", "model", "model:nucleus_0.9",
+                          "baseline:vq_floor"]
+    assert all(np.isfinite(r["mse/all"]) and r["n_windows"] == 6 for r in rows.values())     # 2 items x 3 windows
+    assert rows["GT"]["mse/all"] == 0 and rows["model"]["stream_ms_at_60s"] > 0
+    assert rows["model"]["stream_equals_offline"] == 1 and "equal to offline decoding" in r.stdout
+    assert rows["GT"]["rule:pause"] == 1 and "rule:pause" in rows["model"]                # the rule ledger
     pred = np.load(out / "samples" / "pred.npy")
     assert pred.shape[1:] == (64, 56) and (out / "samples" / "sample.gif").exists()
+
+
+@needs_deps
+def test_seen_unseen_and_identity_swap_rows():
+    """evaluate_lm_listener: subsets -> mse/<name> over those windows only; swapped -> swap_mse = the mean over every
+    (window, other identity) pair of the L2 against the swapped GT."""
+    import metrics
+    g = np.random.default_rng(0)
+    win = lambda: [g.standard_normal((16, 56)).astype(np.float32) for _ in range(4)]
+    test = dict(listener=win(), speaker=win(), alt=None, text=["a b"] * 4, subsets={"seen": [0, 1], "unseen": [2, 3]},
+                swap=[g.standard_normal((2, 16, 56)).astype(np.float32) for _ in range(4)])
+    bank = dict(listener=win() + win(), speaker=win() + win(), text=["a"] * 8)
+    pred = win()
+    sw = [x + 0.5 for x in test["swap"]]
+    rows = metrics.evaluate_lm_listener(test, bank, {"model": pred}, swapped={"model": sw})
+    m = rows["model"]
+    assert abs(m["mse/unseen"] - np.mean([((pred[i] - test["listener"][i]) ** 2).mean() for i in (2, 3)])) < 1e-6
+    assert abs(m["swap_mse"] - 0.25) < 1e-6 and rows["GT"]["mse/seen"] == 0 and "swap_mse" not in rows["GT"]
 
 
 @needs_deps
@@ -285,7 +363,7 @@ def test_ablation_flags_make_the_table_rows(tiny_world, tiny_vq_naive, tmp_path)
     assert tuple(weights(tmp_path / "ckpt.pt")["wte.weight"].shape) == (V.size, 32)
     rows = L.main(["--preset", "smoke", "--out", str(tmp_path), "--max-eval", "4", "--nucleus", "0"], "sample")
     assert list(rows) == ["GT", "alt-GT", "baseline:random", "baseline:nn_motion", "baseline:nn_speech",
-                          "baseline:random_walk_naive", "model"]                # no identity codec in this run
+                          "baseline:random_walk_naive", "model", "baseline:vq_floor"]   # no identity codec here
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -321,6 +399,7 @@ def test_a_vq_of_another_preset_is_not_reused(tiny_world, tiny_vq, tmp_path, cap
     cfg = L.parse_config(["--preset", "smoke", "--data", str(tiny_world), "--out", str(tmp_path / "b")], "train")
     assert cfg.vq == str(tmp_path / "b" / "vq" / "ckpt.pt") and cfg.out == str(tmp_path / "b")
     assert L.parse_config(["--preset", "smoke"], "train").out == "runs/lm_listener-smoke"
+    assert L.parse_config([], "train").data == "trevor"                                   # the LM-Listener twin
     assert L.vq_mismatch(tiny_vq, tmp_path, "smoke").startswith("was trained on")
     assert L.vq_mismatch(tmp_path / "none.pt", tiny_world, "smoke") == "is missing"
 

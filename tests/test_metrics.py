@@ -290,6 +290,39 @@ def test_dtw_batch_agrees_with_the_cdist_cost():
         assert np.isclose(got.item(), math.sqrt(Rm[-1, -1]), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("d", [1, 2, 8, 15])
+def test_dtw_one_to_many_equals_plain_dtw(d):
+    # fr_dist's CPU path: costs from matrix products written in anti-diagonal order, exact redo where needed
+    r = rng(10 + d)
+    for Ta, Tb in [(23, 23), (31, 9), (9, 31), (1, 12), (12, 1)]:
+        A, B = r.random((5, Ta, d)) * 3 + 100, r.random((4, Tb, d)) * 3 + 100  # an offset, as raw units have
+        if Ta == Tb:
+            B[1] = A[2]  # identical: exactly 0
+            B[2] = A[3] + 1e-7 * r.standard_normal((Ta, d))  # nearly identical: recomputed from the differences
+        bufs = {}
+        for max_pairs in (1, 8, 64):  # several reactions per sweep, or one
+            out = M._dtw_one_to_many(A, B, max_pairs=max_pairs, bufs=bufs)
+            ref = np.array([[M.dtw(a, b) ** 2 for b in B] for a in A])
+            assert np.allclose(out, ref, rtol=1e-12, atol=0)
+            if Ta == Tb:
+                assert out[2, 1] == 0.0 and np.isclose(out[3, 2], ref[3, 2], rtol=1e-12, atol=0)
+
+
+def test_fr_dist_cpu_path_equals_the_batched_path():
+    r = rng(11)
+    P, L = r.random((3, 4, 40, 25)), r.random((5, 40, 25))
+    L[2] = P[1, 0]  # speaker 1's first sample is a real reaction: its best match is exactly 0
+    A = np.array([[1, 1, 0, 0, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    fast = M.fr_dist(P, L, A)
+    kk, jj = np.nonzero(A)  # the generic path: every (k, i, j) triple through dtw_batch
+    S = np.full((3, 4), np.inf)
+    for k, j in zip(kk, jj):
+        D = sum(w * M.dtw_batch(P[k, :, :, s:e], np.repeat(L[j][None, :, s:e], 4, 0)).numpy()
+                for s, e, w in M.REACT_BLOCKS)
+        S[k] = np.minimum(S[k], D)
+    assert np.isclose(fast["mean"], S.mean(), rtol=1e-13) and S[1, 0] == 0.0
+
+
 def test_dtw_torch_sweep_matches_numpy():
     # the loop that dtw_batch runs on a GPU, run here in torch on the CPU
     r = rng(9)
@@ -551,10 +584,16 @@ def test_tiny_world_tables(tiny_world):
 
 def test_bench_runs_and_prints_both_sides(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tslearn.metrics", None)  # as if not installed (its JIT compile takes ~30 s)
-    M.bench(n_speakers=2, K=2, n_appropriate=2, T=30, fd_frames=200)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        M.bench(n_speakers=2, K=2, n_appropriate=2, T=30, fd_frames=200)
+        assert torch.get_num_threads() == 2  # the bench runs on one thread and restores the count
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "FD of two (200, 56) frame sets: ours" in out and "FRDist, 2 speakers x 2 samples x 2 appropriate" in out
     assert "reference: tslearn not installed" in out
     for line in out.splitlines():  # a reference that is installed (scipy) agrees with ours
         if "largest difference" in line:
-            assert float(line.rsplit(" ", 1)[1]) < 1e-9, line
+            assert float(line.split("largest difference ")[1].split()[0]) < 1e-9, line

@@ -181,6 +181,13 @@ def test_why_retrain_compares_the_recorded_config(fake, tmp_path, monkeypatch):
     monkeypatch.setattr(data, "DATA_ROOT", tmp_path)                 # "" is the synthetic world under DATA_ROOT,
     assert train.why_retrain(m, ck, argv + ["--data", str(tmp_path / "world" / "listener")]) is None  # as its root
     assert train.why_retrain(m, ck, argv + ["--data", str(tmp_path)]).startswith("data ")
+    # a twin's name is its folder under DATA_ROOT (not ./trevor): a checkpoint that recorded either form is reused
+    assert train.world_of("trevor", "default") == train.world_of(str(tmp_path / "trevor"), "default")
+    assert train.world_of("trevor", "smoke") == str((tmp_path / "trevor-tiny").resolve())
+    m.main(argv + ["--data", "trevor"], "train")
+    assert train.why_retrain(m, ck, argv + ["--data", str(tmp_path / "trevor")]) is None
+    assert train.why_retrain(m, ck, argv + ["--data", "realtalk"]).startswith("data ")
+    m.main(argv, "train")
     dep = tmp_path / "dep.pt"
     dep.write_bytes(b"x")
     os.utime(dep, (ck.stat().st_mtime + 10,) * 2)

@@ -69,8 +69,8 @@ def test_lm_listener_release_trains_both_listener_methods(lm_release, tmp_path, 
     said = capsys.readouterr().out
     assert sum("have no audio" in ln for ln in said.splitlines()) == 1 and "W+SA+emo -> W+emo" in said
     assert torch.load(tmp_path / "lm" / "ckpt.pt", weights_only=True)["config"]["modalities"] == "W+emo"
-    rows = L.main(["--preset", "smoke", "--out", str(tmp_path / "lm"), "--max-eval", "4", "--stream", "--n-stream",
-                   "1"], "sample")
+    rows = L.main(["--preset", "smoke", "--out", str(tmp_path / "lm"), "--max-eval", "4", "--stream",
+                   "--stream-seconds", "3"], "sample")
     assert np.isfinite(rows["model"]["fd/all"])
     assert json.loads((tmp_path / "lm" / "metrics.json").read_text())
 

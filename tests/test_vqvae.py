@@ -214,6 +214,44 @@ def test_naive_fixture_and_full_clip_tokens(tiny_vq_naive):
         assert idx.shape == (x.shape[0] // 8,) and 0 <= int(idx.min()) and int(idx.max()) < m.K
 
 
+def test_long_clips_are_coded_in_training_length_windows():
+    """A 240-frame clip is encoded and decoded as the 64-frame training crops are: windows from frame 0, the last one
+    flush with the end (its new tokens kept), so the LM's 8-token windows decode exactly the clip's reconstruction.
+    In one pass (chunk 0) IN's statistics over 240 frames give other latents."""
+    torch.manual_seed(0)
+    m = vqvae.VQVAE(small_cfg(norm="IN,AdaIN")).eval()
+    for mod in m.decoder.modules():
+        if isinstance(mod, vqvae.Norm) and mod.kind == "AdaIN":
+            torch.nn.init.normal_(mod.head.weight, std=0.1)
+    x, b = smooth_batch(2, T=240)
+    x = x + torch.linspace(0, 3, 240)[None, :, None]  # a drift: every 64-frame window has its own statistics
+    z = m.encode_latent(x)
+    parts = [m.encode_latent(x[:, s:s + 64]) for s in (0, 64, 128)] + [m.encode_latent(x[:, 176:])[:, 2:]]
+    assert z.shape == (2, 30, 32) and torch.allclose(z, torch.cat(parts, 1), atol=1e-5)
+    idx = m.encode(x)
+    x_hat = m.decode(idx, b)
+    assert x_hat.shape == (2, 240, 56) and torch.equal(m(x, b)["x_hat"], x_hat)
+    for s in (0, 64, 128):  # the codec floor as the LM decodes it
+        assert torch.allclose(x_hat[:, s:s + 64], m.decode(idx[:, s // 8:s // 8 + 8], b), atol=1e-5)
+    assert torch.allclose(x_hat[:, 192:], m.decode(idx[:, 22:], b)[:, 16:], atol=1e-5)
+    m.chunk = 0
+    assert (m.encode_latent(x) - z).abs().max() > 0.1 and (m.decode(idx, b) - x_hat).abs().max() > 0.01
+
+
+def test_codec_table_splits_seen_and_unseen_listeners(capsys):
+    """Rows per listener group when the test split holds listeners absent from train (realtalk), the whole-clip row
+    beside the windowed one; listener metrics on the 64-frame windows (the codec floor as the LM scores it)."""
+    torch.manual_seed(0)
+    m = vqvae.VQVAE(small_cfg()).eval()
+    clip = lambda i, lid: (smooth_batch(1, 128, seed=i)[0][0], torch.randn(100),
+                           {"listener_id": lid, "speaker": smooth_batch(1, 128, seed=50 + i)[0][0].numpy()})
+    rows = metrics.evaluate_codec(m, [clip(0, 0), clip(1, 7), clip(2, 7)], [clip(3, 0), clip(4, 1)], "cpu")[0]
+    assert {"GT", "model", "model:seen", "model:unseen", "model:whole_clip", "baseline:random_walk"} == set(rows)
+    assert rows["model"]["n_windows"] == 6 and rows["model:seen"]["n_windows"] == 2
+    assert rows["model:unseen"]["n_windows"] == 4 and rows["model:seen"]["rec"] != rows["model:unseen"]["rec"]
+    assert rows["model:whole_clip"]["rec"] != rows["model"]["rec"] and "fd/all" in capsys.readouterr().out
+
+
 def test_codec_stats_keep_clip_order_across_lengths():
     """Clips of mixed lengths are batched by length; reconstructions and tokens still come back in clip order."""
     torch.manual_seed(0)
@@ -261,7 +299,7 @@ def test_every_table5_config_trains_a_step(norm):
 def test_smoke_runs_have_their_own_folder():
     assert vqvae.parse_config(["--preset", "smoke"]).out == "runs/vqvae-smoke"
     assert vqvae.parse_config(["--preset", "smoke", "--out", "elsewhere"]).out == "elsewhere"
-    assert vqvae.parse_config([]).out == "runs/vqvae"
+    assert vqvae.parse_config([]).out == "runs/vqvae" and vqvae.parse_config([]).data == "trevor"
 
 
 @pytest.mark.parametrize("argv, words", [(["--steps", "-5"], "--steps -5: expected a positive"),
