@@ -46,30 +46,34 @@ class Run(NamedTuple):
 
 
 NAIVE, IDENT = "--vq {runs}/vqvae_naive/ckpt.pt", "--vq {runs}/vqvae/ckpt.pt"
-DD128 = "--data trevor --vq {runs}/vqvae_naive/ckpt.pt"  # vqvae_naive: trevor, K = 128
-DD_PAPER = ("--data trevor --vq {runs}/vqvae_naive_k256/ckpt.pt --no-identity --replace-mass 0.1 --mask-end 0.9 "
+DD_MODEL = "--data trevor --vq {runs}/vqvae_naive_paper/ckpt.pt"  # the paper's codec: K = 256, per-channel std
+DD_PAPER = ("--data trevor --vq {runs}/vqvae_naive_paper/ckpt.pt --no-identity --replace-mass 0.1 --mask-end 0.9 "
             "--fuse-stride 1 --sample-steps 0")  # DiffListener as the paper configures it (discrete_diffusion.py)
 LM = " --vq-naive {runs}/vqvae_naive/ckpt.pt --cache {runs}/lm_listener --modalities "  # ablations share its features
 # Order matters: a run comes after the runs it needs.
 RUNS = [
     Run("vqvae_naive", "vqvae", "--norm none,none"),                       # the codec of DiffListener
     Run("vqvae", "vqvae", "--norm IN,AdaIN"),                              # the identity codec of the LM listener
+    Run("vqvae_channel", "vqvae", "--norm IN,AdaIN --scale channel", smoke=False),  # Tab. 5's recipe: per-channel std
     Run("vqvae_ln_ln", "vqvae", "--norm LN,LN", smoke=False),
     Run("vqvae_ln_adaln", "vqvae", "--norm LN,AdaLN", smoke=False),
     Run("vqvae_in_in", "vqvae", "--norm IN,IN", smoke=False),
     *[Run("vqvae_realtalk" + name, "vqvae", f"--data realtalk --norm {norm}", "--data realtalk", smoke=smoke)
       for name, norm, smoke in [("", "IN,AdaIN", True), ("_naive", "none,none", True), ("_ln_ln", "LN,LN", False),
                                 ("_ln_adaln", "LN,AdaLN", False), ("_in_in", "IN,IN", False)]],  # Tab. 5, RealTalk
-    # DiffListener on trevor (its default data): vqvae_naive is K = 128 (ours); 256 (the paper's) and 512
-    *[Run(f"vqvae_naive_k{k}", "vqvae", f"--data trevor --norm none,none --codebook-size {k}", smoke=False)
-      for k in (256, 512)],
-    Run("discrete_diffusion", "discrete_diffusion", DD128),                # `model`: our defaults
+    # DiffListener's codec on trevor (its default data): the paper's K = 256 with per-channel std; K = 128 and 512
+    Run("vqvae_naive_paper", "vqvae", "--data trevor --norm none,none --codebook-size 256 --scale channel"),
+    *[Run(f"vqvae_naive_k{k}", "vqvae", f"--data trevor --norm none,none --scale channel --codebook-size {k}",
+          smoke=False) for k in (128, 512)],
+    Run("discrete_diffusion", "discrete_diffusion", DD_MODEL),             # `model`: our defaults
+    Run("discrete_diffusion_one_std", "discrete_diffusion", "--data trevor --vq {runs}/vqvae_naive/ckpt.pt",
+        smoke=False),                                                      # on vqvae.py's default codec (K = 128)
     Run("discrete_diffusion_paper", "discrete_diffusion", DD_PAPER, sample="--sample-steps 0"),  # `paper`
-    *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", DD128 + flags, smoke=False)
+    *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", DD_MODEL + flags, smoke=False)
       for name, flags in [("no_diff", " --no-diff"), ("no_text", " --no-text"),
                           ("no_text_no_diff", " --no-text --no-diff")]],  # the paper's 22 %: no_text vs no_text_no_diff
-    *[Run(f"discrete_diffusion_k{k}", "discrete_diffusion", DD128.replace("vqvae_naive/", f"vqvae_naive_k{k}/"), smoke=False)
-      for k in (256, 512)],
+    *[Run(f"discrete_diffusion_k{k}", "discrete_diffusion", DD_MODEL.replace("vqvae_naive_paper/", f"vqvae_naive_k{k}/"),
+          smoke=False) for k in (128, 512)],
     *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", sample=f"{flags} --n-samples 1", of="discrete_diffusion",
           smoke=False) for name, flags in [("steps100", "--sample-steps 0"), ("steps10", "--sample-steps 10"),
                                            ("no_truncation", "--truncation 1.0")]],
@@ -121,19 +125,22 @@ TABLES = [
             f"{twin} test clips (240 frames) through encode → decode, coded in 64-frame windows like the training "
             "crops; Rec / Commit / PPL over clips, the other columns over 64-frame windows (fd/all of a model row = "
             "the codec floor: the FD of the windows' own tokens decoded, as the LM decodes them); `model` is "
-            "(IN, AdaIN), ablations the other normalisations (encoder, decoder); `:whole_clip` codes each clip in one "
+            "(IN, AdaIN) with one std for all channels, `paper` the same with per-channel std (--scale channel); "
+            "Rec of the two is in their own units; ablations the other normalisations (encoder, decoder); `:whole_clip` codes each clip in one "
             "pass" + ("; `:seen` / `:unseen` listeners of the training split or not." if sfx else "."),
             ["rec", "commit", "ppl", "active", "mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all"],
-            f"vqvae{sfx}", [("ablation:none,none", f"vqvae{sfx}_naive"), ("ablation:LN,LN", f"vqvae{sfx}_ln_ln"),
+            f"vqvae{sfx}", [*([("paper", "vqvae_channel")] if not sfx else []),
+                            ("ablation:none,none", f"vqvae{sfx}_naive"), ("ablation:LN,LN", f"vqvae{sfx}_ln_ln"),
                             ("ablation:LN,AdaLN", f"vqvae{sfx}_ln_adaln"), ("ablation:IN,IN", f"vqvae{sfx}_in_in"),
                             ("baseline:random_walk_naive", f"vqvae{sfx}_naive", "baseline:random_walk")])
       for sfx, twin in [("", "trevor"), ("_realtalk", "realtalk")]],
     Table("diff_listener", "Listening heads: DiffListener on trevor",
           "Raw motion units (56-d: 50 expression + 6 pose), per window, test split of the trevor twin (one listener). "
-          "`paper`: K = 256, T = 100 steps sampled one by one, mask-and-replace (10 % replace), no listener identity, "
-          "per-frame fusion; `model`: our defaults (K = 128, 20 exact-jump steps, the released schedule). Ablations "
-          "retrained from `model`: without the facial differential, without text, both (the paper's ≈ 22 % FD is "
-          "no_text vs no_text_no_diff), K = 256 / 512; `steps<S>` / `no_truncation`: the `model` checkpoint sampled "
+          "Both rows use the paper's codec (naive VQ-VAE, K = 256, per-channel std). `paper`: T = 100 steps sampled one "
+          "by one, mask-and-replace (10 % replace), no listener identity, per-frame fusion; `model`: our defaults (20 "
+          "exact-jump steps, the released schedule, patches of 4 frames, Linear(beta)). Ablations retrained from "
+          "`model`: without the facial differential, without text, both (the paper's ≈ 22 % FD is no_text vs "
+          "no_text_no_diff), K = 128 / 512, and `one_std_K128` on vqvae.py's default codec (one std, K = 128); `steps<S>` / `no_truncation`: the `model` checkpoint sampled "
           "with S steps (100 = every step) or without truncation, one seed; `val:*`: the val split, on which the "
           "default was chosen. rule/*: share of the speaker's ledger events answered in whole test segments "
           "(sarcasm: answered wrongly).",
@@ -141,7 +148,8 @@ TABLES = [
                     "rule/sarcasm"], "discrete_diffusion",
           [("paper", "discrete_diffusion_paper"),
            *[(f"ablation:{n}", f"discrete_diffusion_{n}") for n in ("no_diff", "no_text", "no_text_no_diff")],
-           ("ablation:K256", "discrete_diffusion_k256"), ("ablation:K512", "discrete_diffusion_k512"),
+           ("ablation:K128", "discrete_diffusion_k128"), ("ablation:K512", "discrete_diffusion_k512"),
+           ("ablation:one_std_K128", "discrete_diffusion_one_std"),
            *[(f"ablation:{n}", f"discrete_diffusion_{n}") for n in ("steps100", "steps10", "no_truncation")],
            ("val:model", "discrete_diffusion_val"), ("val:paper", "discrete_diffusion_paper_val")]),
     Table("lm_listener", "Listening heads: multimodal LM listener (MMLM Tab. 1, 3, 4; trevor)",
@@ -418,7 +426,8 @@ def contact_sheet(gifs, path, n=4, time_across=False):
 
 def figures(runs: Path):
     """The README's figures from the GIFs the evaluations wrote: listeners (DiffListener window: speaker |
-    DiffListener | GT; LM listener: GT | model), 3 LBD reactions, and a DiffSpeaker talking-face strip."""
+    DiffListener | GT; LM listener: GT | model), 3 LBD reactions, and a DiffSpeaker talking-face strip; and copies
+    of the evaluations' plots (key channels over a window, identity swap, LBD curves, lip distance)."""
     made = []
     listen = [g for g in (runs / "discrete_diffusion/samples/window0.gif", runs / "lm_listener/samples/sample.gif")
               if g.exists()]
@@ -429,6 +438,15 @@ def figures(runs: Path):
     face = sorted((runs / "diff_transformer").glob("*.gif"))
     if face:
         made.append(contact_sheet(face[:1], runs / "figures" / "talking_face.png", n=6, time_across=True))
+    plots = {"discrete_diffusion/samples/key_channels.png": "diff_listener_channels.png",  # the evaluations' plots
+             "lm_listener/samples/channels.png": "lm_listener_channels.png",
+             "lm_listener_realtalk/samples/swap.png": "lm_listener_swap.png",
+             "latent_diffusion/reactions.png": "react_curves.png", "diff_transformer/lip_distance.png": "lip_distance.png"}
+    for src, name in plots.items():
+        if (runs / src).exists():
+            (runs / "figures").mkdir(parents=True, exist_ok=True)
+            (runs / "figures" / name).write_bytes((runs / src).read_bytes())
+            made.append(runs / "figures" / name)
     return made
 
 

@@ -38,7 +38,7 @@ def test_plan_follows_tables_dependencies_and_smoke():
     lm = [r.name for r in train.plan(["lm_listener"])]
     assert lm[:2] == ["vqvae_naive", "vqvae"] and "lm_listener_w" in lm and "discrete_diffusion" not in lm
     dl = [r.name for r in train.plan(["diff_listener"])]
-    assert {"vqvae_naive_k256", "discrete_diffusion_k512"} <= set(dl) and "vqvae" not in dl
+    assert {"vqvae_naive_paper", "vqvae_naive_k128", "discrete_diffusion_k512"} <= set(dl) and "vqvae" not in dl
     smoke = [r.name for r in train.plan(preset="smoke")]
     assert {r.name for r in train.RUNS if r.smoke} <= set(smoke) < set(every)
     assert "latent_diffusion_plms1_s10" in smoke and "latent_diffusion" in smoke  # a sample-only run brings its source

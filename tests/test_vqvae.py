@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+import data
 import metrics
 import vqvae
 
@@ -38,6 +40,18 @@ def smooth_batch(B=4, T=64, D=56, seed=0):
     f = torch.rand(B, 1, D, generator=g) * 0.2 + 0.02
     ph = torch.rand(B, 1, D, generator=g) * 6.28
     return torch.sin(f * t + ph), torch.randn(B, 100, generator=g)
+
+
+def test_scale_global_is_one_std_and_channel_is_per_channel(tiny_world):
+    """--scale global divides by the RMS of the train split's channel stds (one number), --scale channel by each."""
+    mean, std = data.load_stats(tiny_world / "listener" if (tiny_world / "listener").is_dir() else tiny_world)
+    for scale in ("global", "channel"):
+        cfg = vqvae.parse_config(["--preset", "smoke", "--data", str(tiny_world), "--scale", scale])
+        model = vqvae.build(cfg, "cpu")[0]
+        want = np.full_like(std, np.sqrt(np.mean(np.maximum(std, 1e-6) ** 2))) if scale == "global" else std
+        assert np.allclose(model.std.numpy(), want[:cfg.motion_dim], rtol=1e-5)
+        assert np.allclose(model.mean.numpy(), mean[:cfg.motion_dim])
+    assert vqvae.parse_config([]).scale == "global"
 
 
 def test_shapes_and_bad_length():
