@@ -256,7 +256,7 @@ def test_readme_results_section_has_the_pipeline_layout():
     """The README's results are runs/results.md pasted in: each table has the header results_markdown writes, and
     every row names a pipeline run (so a hand-edited or stale-format table shows up here)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Results on the synthetic world", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Results on the synthetic twins", 1)[1].split("\n## ", 1)[0]
     section = section.split("The papers' own numbers", 1)[0]         # the reference table is not generated
     assert "Preset `default`. Hardware: " in section
     for t in train.TABLES:
