@@ -19,11 +19,11 @@ The paper's configuration (train.py's `discrete_diffusion_paper` run): T = 100 s
 one (`--sample-steps 0`), mask-and-replace as the VQ-Diffusion paper describes it (`--replace-mass 0.1 --mask-end
 0.9`: 10 % uniform replacement by t = T, 90 % masked), no listener identity (`--no-identity`: one listener), the
 fusion per frame (`--fuse-stride 1`). Our defaults differ in: 20 exact-jump sampling steps (5x faster, the 0.25 s
-budget of an 8-s listener); the released VQ-Diffusion schedule (mask-only in effect: replace mass 1e-6); the fusion reads patches of `fuse_stride` = 4 frames (CPU speed); the
-denoiser is told who listens (Linear(listener beta) added to the timestep embedding; a constant on trevor, needed on
-multi-listener data where the paper trains one model per listener). Also ours: cosine lr decay; no importance
-sampling of t, no weight EMA. Substitute: BERT -> a word encoder trained from scratch (no pretrained weights ship
-with the repo).
+budget of an 8-s listener); the released VQ-Diffusion schedule (mask-only in effect: replace mass 1e-6); the
+fusion reads patches of `fuse_stride` = 4 frames (CPU speed); the denoiser is told who listens (Linear(listener
+beta) added to the timestep embedding; a constant on trevor, needed on multi-listener data where the paper trains
+one model per listener). Also ours: cosine lr decay; no importance sampling of t, no weight EMA. Substitute: BERT
+-> a word encoder trained from scratch (no pretrained weights ship with the repo).
 
 Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index K), D = 56 motion dims, F audio
 features (4 rows per frame), N words, W windows, d model width.

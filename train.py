@@ -52,7 +52,7 @@ DD_PAPER = ("--data trevor --vq {runs}/vqvae_naive_paper/ckpt.pt --no-identity -
 LM = " --vq-naive {runs}/vqvae_naive/ckpt.pt --cache {runs}/lm_listener --modalities "  # ablations share its features
 # Order matters: a run comes after the runs it needs.
 RUNS = [
-    Run("vqvae_naive", "vqvae", "--norm none,none"),                       # the codec of DiffListener
+    Run("vqvae_naive", "vqvae", "--norm none,none"),                       # naive codec, one std (LM naive rows)
     Run("vqvae", "vqvae", "--norm IN,AdaIN"),                              # the identity codec of the LM listener
     Run("vqvae_channel", "vqvae", "--norm IN,AdaIN --scale channel", smoke=False),  # Tab. 5's recipe: per-channel std
     Run("vqvae_ln_ln", "vqvae", "--norm LN,LN", smoke=False),
@@ -72,8 +72,8 @@ RUNS = [
     *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", DD_MODEL + flags, smoke=False)
       for name, flags in [("no_diff", " --no-diff"), ("no_text", " --no-text"),
                           ("no_text_no_diff", " --no-text --no-diff")]],  # the paper's 22 %: no_text vs no_text_no_diff
-    *[Run(f"discrete_diffusion_k{k}", "discrete_diffusion", DD_MODEL.replace("vqvae_naive_paper/", f"vqvae_naive_k{k}/"),
-          smoke=False) for k in (128, 512)],
+    *[Run(f"discrete_diffusion_k{k}", "discrete_diffusion",
+          DD_MODEL.replace("vqvae_naive_paper/", f"vqvae_naive_k{k}/"), smoke=False) for k in (128, 512)],
     *[Run(f"discrete_diffusion_{name}", "discrete_diffusion", sample=f"{flags} --n-samples 1", of="discrete_diffusion",
           smoke=False) for name, flags in [("steps100", "--sample-steps 0"), ("steps10", "--sample-steps 10"),
                                            ("no_truncation", "--truncation 1.0")]],
@@ -126,8 +126,9 @@ TABLES = [
             "crops; Rec / Commit / PPL over clips, the other columns over 64-frame windows (fd/all of a model row = "
             "the codec floor: the FD of the windows' own tokens decoded, as the LM decodes them); `model` is "
             "(IN, AdaIN) with one std for all channels, `paper` the same with per-channel std (--scale channel); "
-            "Rec of the two is in their own units; ablations the other normalisations (encoder, decoder); `:whole_clip` codes each clip in one "
-            "pass" + ("; `:seen` / `:unseen` listeners of the training split or not." if sfx else "."),
+            "Rec of the two is in their own units; ablations the other normalisations (encoder, decoder); "
+            "`:whole_clip` codes each clip in one pass"
+            + ("; `:seen` / `:unseen` listeners of the training split or not." if sfx else "."),
             ["rec", "commit", "ppl", "active", "mse/all", "fd/all", "pfd/all", "var_pred/all", "div_pred/all"],
             f"vqvae{sfx}", [*([("paper", "vqvae_channel")] if not sfx else []),
                             ("ablation:none,none", f"vqvae{sfx}_naive"), ("ablation:LN,LN", f"vqvae{sfx}_ln_ln"),
@@ -136,13 +137,14 @@ TABLES = [
       for sfx, twin in [("", "trevor"), ("_realtalk", "realtalk")]],
     Table("diff_listener", "Listening heads: DiffListener on trevor",
           "Raw motion units (56-d: 50 expression + 6 pose), per window, test split of the trevor twin (one listener). "
-          "Both rows use the paper's codec (naive VQ-VAE, K = 256, per-channel std). `paper`: T = 100 steps sampled one "
-          "by one, mask-and-replace (10 % replace), no listener identity, per-frame fusion; `model`: our defaults (20 "
-          "exact-jump steps, the released schedule, patches of 4 frames, Linear(beta)). Ablations retrained from "
+          "Both rows use the paper's codec (naive VQ-VAE, K = 256, per-channel std). `paper`: T = 100 steps sampled "
+          "one by one, mask-and-replace (10 % replace), no listener identity, per-frame fusion; `model`: our defaults "
+          "(20 exact-jump steps, the released schedule, patches of 4 frames, Linear(beta)). Ablations retrained from "
           "`model`: without the facial differential, without text, both (the paper's ≈ 22 % FD is no_text vs "
-          "no_text_no_diff), K = 128 / 512, and `one_std_K128` on vqvae.py's default codec (one std, K = 128); `steps<S>` / `no_truncation`: the `model` checkpoint sampled "
-          "with S steps (100 = every step) or without truncation, one seed; `val:*`: the val split, on which the "
-          "default was chosen. rule/*: share of the speaker's ledger events answered in whole test segments "
+          "no_text_no_diff), K = 128 / 512, and `one_std_K128` on vqvae.py's default codec (one std, K = 128); "
+          "`steps<S>` / `no_truncation`: the `model` checkpoint sampled with S steps (100 = every step) or without "
+          "truncation, one seed; `val:*`: the val split, on which the default was chosen. rule/*: share of the "
+          "speaker's ledger events answered in whole test segments "
           "(sarcasm: answered wrongly).",
           LISTEN + ["rule/pause", "rule/amused", "rule/laugh", "rule/smile_seen", "rule/loud", "rule/valence",
                     "rule/sarcasm"], "discrete_diffusion",
@@ -441,10 +443,11 @@ def figures(runs: Path):
     plots = {"discrete_diffusion/samples/key_channels.png": "diff_listener_channels.png",  # the evaluations' plots
              "lm_listener/samples/channels.png": "lm_listener_channels.png",
              "lm_listener_realtalk/samples/swap.png": "lm_listener_swap.png",
-             "latent_diffusion/reactions.png": "react_curves.png", "diff_transformer/lip_distance.png": "lip_distance.png"}
+             "latent_diffusion/reactions.png": "react_curves.png",
+             "diff_transformer/lip_distance.png": "lip_distance.png"}
+    (runs / "figures").mkdir(parents=True, exist_ok=True)
     for src, name in plots.items():
         if (runs / src).exists():
-            (runs / "figures").mkdir(parents=True, exist_ok=True)
             (runs / "figures" / name).write_bytes((runs / src).read_bytes())
             made.append(runs / "figures" / name)
     return made

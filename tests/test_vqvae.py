@@ -44,7 +44,7 @@ def smooth_batch(B=4, T=64, D=56, seed=0):
 
 def test_scale_global_is_one_std_and_channel_is_per_channel(tiny_world):
     """--scale global divides by the RMS of the train split's channel stds (one number), --scale channel by each."""
-    mean, std = data.load_stats(tiny_world / "listener" if (tiny_world / "listener").is_dir() else tiny_world)
+    mean, std = data.load_stats(tiny_world)
     for scale in ("global", "channel"):
         cfg = vqvae.parse_config(["--preset", "smoke", "--data", str(tiny_world), "--scale", scale])
         model = vqvae.build(cfg, "cpu")[0]
