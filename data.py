@@ -23,8 +23,14 @@ Public API
     readers     resolve_data(path, kind, preset) -> Path; load_listener(path, split, l2l_listener=None) -> [item]
                 (layouts: segments = LM-Listener, l2l = Learning2Listen, react = REACT 2023/2024);
                 load_stats(path, who="listener") -> (mean, std); ListenerWindows(items, window, stride, mean, std);
-                load_talking(path, split) -> [item] (VOCASET); talking_regions(path) -> (lip_idx, upper_idx)
-    audio       load_wav(path, sr=SR) -> (S,) mono; resample(wave, sr_in, sr_out); mfcc(wave, sr, rate, n_mfcc, n_rows)
+                load_listener_split(path, split) (none -> UserError); whole_windows(items, window) -> tensors;
+                random_crops(gen, B, L, *xs); react_attributes(y) (valid REACT attributes);
+                load_talking(path, split) -> [item] (VOCASET); talking_regions(path) -> (lip_idx, upper_idx);
+                talking_items / talking_train_val / talking_batch (VOCASET items with features, stats, crops)
+    windows     load_windows(path, split, vq, T, stride, n_mfcc, vocab) -> every crop, its VQ tokens and word ids
+                (discrete_diffusion.py); get_batch, all_windows, draw_windows; build_vocab, word_ids, window_words
+    audio       load_wav(path, sr=SR) -> (S,) mono; resample(wave, sr_in, sr_out); mfcc(wave, sr, rate, n_mfcc, n_rows);
+                mfcc_deltas(wave, rate, n_mfcc) (+ deltas, CMVN)
     face model  FaceModel(seed): template(beta), vertices(motion, beta), valence/arousal/aus/emotion_probs/attributes
     pictures    render_gif(path, motions, betas, titles), render_vertices_gif(path, vertices, titles),
                 plot_channels(path, series, channels)
@@ -38,14 +44,20 @@ Public API
 `python data.py [--preset tiny] [--root DIR] [--twin NAME]` makes (or reuses) the world (or a twin) under data/.
 """
 import argparse
+import collections
 import csv
+import dataclasses
 import functools
+import inspect
+import itertools
 import json
 import math
 import os
 import re
 import pickle
+import random
 import shutil
+import string
 import sys
 import time
 import uuid
@@ -54,6 +66,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torch.distributed as dist
 
 # ----------------------------------------------------------------------------------------------------------------
 # Errors of the user's making
@@ -71,6 +84,150 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (try --help)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run-time plumbing every method file uses the same way: flags from its Config, user errors, the exact random
+# state, atomic checkpoints, torchrun (DDP). A method file keeps only a short shared block (device, dtype, seed and
+# thin wrappers that name the method); tests/test_shared.py checks both.
+
+
+def parse_config(Config, presets, check_config, argv, mode, prog, doc):
+    """Flags generated from a method's Config (help = the field's comment); explicit flag > --preset > default."""
+    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
+    p = ArgParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    for f in dataclasses.fields(Config):
+        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
+        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
+                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
+    given = vars(p.parse_args(argv))  # only the flags on the command line
+    preset = given.get("preset", Config.preset)
+    if preset not in presets:
+        raise UserError(f"--preset {preset!r}: expected one of {', '.join(presets)}")
+    cfg = Config(**{**presets[preset], **given})
+    check_config(cfg, mode)
+    return cfg
+
+
+def cli(main, argv=None, mode="train"):
+    """`python <method>.py [train|sample] [flags]` -> main(argv, mode); a UserError -> one line `error: ...`, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["train"], ["sample"]):
+        mode, argv = argv[0], argv[1:]
+    try:
+        return main(argv, mode)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def pick_device(name):
+    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
+    if not ok.get(name.split(":")[0], False):
+        raise UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
+                        if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
+    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+
+
+def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+
+def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
+    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
+def seed_all(seed):  # python, numpy and torch's global generators
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def rng_state(gens=()):
+    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
+    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
+
+
+def set_rng_state(state, gens=()):
+    random.setstate(state["python"])
+    kind, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for g, s in zip(gens, state["gens"]):
+        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
+
+
+def save_checkpoint(path, method, obj):
+    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
+    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
+    if is_main():
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"method": method, "data_version": VERSION, **obj}, tmp)
+        os.replace(tmp, path)
+
+
+def load_checkpoint(path, method, device="cpu"):
+    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path} (train first: python {method}.py --out {path.parent})")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
+    if not isinstance(ck, dict) or ck.get("method") != method:
+        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
+        raise UserError(f"{path} is a checkpoint of {who}, not of {method}.py")
+    return ck
+
+
+def ddp_setup(device):
+    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_in_sync(module):
+    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
+    an EMA codebook, must be all-reduced by the method); raises if not."""
+    if dist.is_initialized():
+        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        if not torch.equal(flat, ref):
+            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
+
+
+def shard(x):
+    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
+    ranks then equals the single-process gradient of the whole batch."""
+    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+
+
+def mean_over_ranks(loss):
+    """The mean of a (scalar) loss over ranks, for the log: the loss of the whole global batch (DDP already
+    averages the gradient). -> float"""
+    v = loss.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(v)
+        v /= dist.get_world_size()
+    return v.item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -533,6 +690,43 @@ class ListenerWindows(torch.utils.data.Dataset):
         return x * torch.as_tensor(self.std, device=x.device) + torch.as_tensor(self.mean, device=x.device)
 
 
+def load_listener_split(path, split):
+    """load_listener(path, split), where a split without items is the user's mistake (a one-line UserError)."""
+    items = load_listener(path, split)
+    if not items:
+        raise UserError(f"{path}: no {split} segments (expected a listener dataset with a {split} split)")
+    return items
+
+
+def whole_windows(items, window, min_windows=1, keys=("listener_attr", "speaker_attr", "listener")):
+    """Each key of the items as one float32 tensor (M, L, D) of a common length L: the whole `window`-frame windows
+    of the shortest item (by listener_attr), at least min_windows; a shorter item repeats its last frame."""
+    L = max(min_windows, min(len(it["listener_attr"]) for it in items) // window) * window
+    cut = lambda a: np.concatenate([a, np.repeat(a[-1:], max(0, L - len(a)), 0)])[:L]  # (L, D)
+    return [torch.from_numpy(np.stack([cut(np.asarray(it[k], np.float32)) for it in items])) for k in keys]
+
+
+def random_crops(gen, B, L, *xs):
+    """B random rows of L consecutive frames (or window latents) at offsets uniform over the clip, the same rows and
+    offsets for every x (M, T, ·) -> each x's crop (B, L, ·). All draws from the torch generator gen."""
+    idx = torch.randint(len(xs[0]), (B,), generator=gen)
+    off = torch.randint(xs[0].shape[1] - L + 1, (B,), generator=gen)
+    ar = (off[:, None] + torch.arange(L)).to(xs[0].device)                    # (B, L) frame indices
+    return [x[idx.to(x.device)[:, None], ar] for x in xs]
+
+
+def react_attributes(y):
+    """A model's (..., 25) output, de-normalised -> valid REACT attributes: AU occurrences binary (>= 0.5), valence
+    and arousal in [-1, 1], emotion probabilities non-negative and summing to 1 (the REACT features are binary AUs,
+    and the sensible CCC scores a never-firing AU predicted as exactly 0 with 1, as 0.01 with 0). Other widths are
+    returned as they are."""
+    if y.shape[-1] != ATTR_DIM:
+        return y
+    au, va, em = y[..., :15], y[..., 15:17], y[..., 17:].clamp_min(0)
+    em = em / em.sum(-1, keepdim=True).clamp_min(1e-6)
+    return torch.cat([(au >= 0.5).to(y.dtype), va.clamp(-1, 1), em], -1)
+
+
 def load_talking(path, split, fps=None):
     """Talking items of `split` from the VOCASET layout: wav/<subject>_sentenceXX.wav, vertices_npy/<subject>_
     sentenceXX.npy (T, V*3), templates.pkl {subject: (V, 3)}; FaceFormer's subject split (TRAIN/VAL/TEST_SUBJECTS),
@@ -622,6 +816,326 @@ def _flame_regions(f):
         raise _err(f, f"lacks regions {miss} (expected FLAME's masks with lips, forehead, eye_region; found {found})")
     idx = lambda k: np.asarray(masks[k]).astype(np.int64).reshape(-1)
     return np.unique(idx("lips")), np.unique(np.concatenate([idx("forehead"), idx("eye_region")]))
+
+
+def talking_items(path, split, features):
+    """load_talking's items with a method's audio features "feats" = features(audio) (N, F) and the flat
+    displacements from the template "disp" (T, V*3) float32 added (diff_transformer.py)."""
+    items = load_talking(path, split)  # the readers raise UserError for a user's missing or bad files
+    for it in items:
+        it["feats"] = features(it["audio"])
+        it["disp"] = (it["vertices"] - it["template"][None]).reshape(len(it["vertices"]), -1).astype(np.float32)
+    return items
+
+
+def talking_train_val(where, preset, features, norm=True):
+    """Train and val talking_items of resolve_data(where, "talking", preset), and what a talking-face checkpoint
+    keeps of the data: sigma (the global scalar of the motion: the displacements' RMS, 1.0 without norm), the data
+    path, D, the number of styles, a template per style and the lip / upper-face vertex indices."""
+    if not is_main():
+        dist.barrier()  # rank 0 makes the synthetic world first
+    path = str(resolve_data(where, "talking", preset))
+    if is_main() and dist.is_initialized():
+        dist.barrier()
+    train_items, val_items = talking_items(path, "train", features), talking_items(path, "val", features)
+    lip, upper = talking_regions(path)
+    n_style = max(it["style"] for it in train_items) + 1
+    templates = np.stack([next(it["template"] for it in train_items if it["style"] == s) for s in range(n_style)])
+    rms = float(np.sqrt(np.mean(np.concatenate([it["disp"] for it in train_items]) ** 2)))
+    stats = {"sigma": rms if norm else 1.0, "data_path": path,
+             "D": train_items[0]["disp"].shape[1], "n_style": n_style, "templates": torch.from_numpy(templates),
+             "lip_idx": torch.from_numpy(lip), "upper_idx": torch.from_numpy(upper)}
+    return train_items, val_items, stats
+
+
+def talking_batch(items, rng, sigma, batch_size, min_frames, max_frames, rate):
+    """batch_size random crops of talking_items, of one length L in [min_frames, max_frames] (shorter clips stay
+    whole, so batches mix lengths), with the feature rows (`rate` per second) under each crop -> x0 (B, T, D)
+    divided by sigma and zero-padded, feats [(N_i, F)], lens [T_i], styles (B,), pad (B, T) True = padding."""
+    L = int(rng.integers(min_frames, max_frames + 1))
+    xs, feats, lens, styles = [], [], [], []
+    for k in rng.integers(0, len(items), batch_size):
+        it = items[k]
+        T = len(it["disp"])
+        n = min(L, T)
+        f0 = int(rng.integers(0, T - n + 1))
+        r0 = round(f0 * rate / it["fps"])
+        r1 = max(r0 + 1, min(len(it["feats"]), round((f0 + n) * rate / it["fps"])))
+        xs.append(torch.from_numpy(it["disp"][f0:f0 + n] / sigma))  # normalised: one global scalar
+        feats.append(it["feats"][r0:r1]), lens.append(n), styles.append(it["style"])
+    x0 = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (B, T, D)
+    pad = torch.arange(x0.shape[1])[None] >= torch.tensor(lens)[:, None]  # (B, T) True = padding
+    return x0, feats, lens, torch.tensor(styles), pad
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token windows of listener data (discrete_diffusion.py): every crop of a split, the VQ tokens of each crop (encoded
+# once), word ids time-aligned to the window
+# ----------------------------------------------------------------------------------------------------------------
+HISTORY_S = 3.0  # seconds of words before the window the text encoder sees (LM-Listener)
+PAD, UNK, START = 0, 1, 2  # word ids below the vocabulary's: padding, a word not in it, the start of every window
+
+
+def norm_word(w):
+    """The vocabulary's spelling of a transcript word: lower case, punctuation at either end stripped."""
+    return w.lower().strip(string.punctuation + " ")
+
+
+def build_vocab(items):
+    """The training split's words (norm_word), most frequent first (ties alphabetical): the text encoder's vocabulary,
+    stored in the checkpoint and used again at sample time; any other word is UNK."""
+    count = collections.Counter(norm_word(w) for it in items for w, _ in it["words"])
+    count.pop("", None)
+    return sorted(count, key=lambda w: (-count[w], w))
+
+
+def word_ids(vocab):
+    return {w: i + 3 for i, w in enumerate(vocab)}
+
+
+def window_words(words, c0, T, fps, ids):
+    """Segment words [(text, end_s)] -> [(id, end frame relative to the window start c0)] for ends in [-3 s, T);
+    ids: word_ids of the vocabulary."""
+    sel = [(ids.get(norm_word(w), UNK), e * fps - c0) for w, e in words if -HISTORY_S * fps <= e * fps - c0 < T]
+    return [(START, 0.0)] + sel
+
+
+def pad_words(lists):
+    """Lists of (id, end) -> ids (n, N) int64 (pad 0), ends (n, N) float32."""
+    pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return (pad([torch.tensor([i for i, _ in w]) for w in lists]),
+            pad([torch.tensor([e for _, e in w], dtype=torch.float32) for w in lists]))
+
+
+def audio_rows(it, n_rows, n_mfcc):
+    """Speaker audio rows (n_rows = 4 per frame, F): precomputed rows (L2L files), mfcc of the waveform, or zeros
+    when the item has no audio (the LM-Listener release): the audio encoder then sees a constant."""
+    if it.get("audio") is None and it.get("audio_rows") is None:
+        return torch.zeros(n_rows, n_mfcc)
+    if it.get("audio_rows") is not None:
+        return torch.as_tensor(np.asarray(it["audio_rows"][:n_rows]), dtype=torch.float32)
+    return torch.as_tensor(mfcc(it["audio"], rate=4.0 * it["fps"], n_mfcc=n_mfcc, n_rows=n_rows))
+
+
+@torch.no_grad()
+def load_windows(path, split, vq, T, stride, n_mfcc, vocab=None):
+    """Every item of a split, its crops of T frames at `stride`, and the VQ tokens of each crop (encoded once by vq,
+    a vqvae.py model). Returns a dict of tensors: spk/lis (S, Ts, D) raw, feat (S, 4Ts, F), beta (S, 100), alt
+    (S, Ts, D) or None, starts (C,), tok (S, C, L), wid/wend (S, C, N), the items' words [S] (lists of (text,
+    end_s)), n (S,) frames, no_audio (items without audio), vocab (the word list of wid: `vocab`, or built from these
+    items when None, as for the train split) and events (load_ledger: per item the rule events of a synthetic twin,
+    else None). Segments of different lengths are zero-padded to the longest Ts; each gives its own crops (those
+    inside it: all_windows), as the original loaders window every segment."""
+    items = [it for it in load_listener(path, split) if len(it["listener"]) >= T]
+    if not items:
+        raise UserError(f"{path}: no {split} item of at least {T} frames (--clip-frames {T})")
+    n = torch.tensor([len(it["listener"]) for it in items])
+    Ts, fps = int(n.max()), items[0]["fps"]
+    f32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
+    pad = lambda x, m=Ts: torch.nn.functional.pad(f32(x), (0, 0, 0, m - len(x)))  # rows (n, D) -> (m, D), zeros after n
+    stack = lambda k: torch.stack([pad(it[k][:Ts]) for it in items])
+    has_alt = all(it.get("alt_listener") is not None for it in items)
+    d = dict(spk=stack("speaker"), lis=stack("listener"), fps=fps, T=T, words=[it["words"] for it in items],
+             beta=torch.stack([f32(it["listener_beta"]) for it in items]),
+             feat=torch.stack([pad(audio_rows(it, 4 * len(it["listener"]), n_mfcc), 4 * Ts) for it in items]), n=n,
+             no_audio=sum(it.get("audio") is None and it.get("audio_rows") is None for it in items),
+             vocab=build_vocab(items) if vocab is None else list(vocab), events=load_ledger(path, items),
+             alt=torch.stack([pad(it["alt_listener"][0][:Ts]) for it in items]) if has_alt else None)
+    starts = torch.arange(0, Ts - T + 1, stride)                      # (C,) crop starts in frames
+    S, C = len(items), len(starts)
+    fr, chunk = starts[:, None] + torch.arange(T), max(1, 2048 // C)   # (C, T) frames of each crop
+    toks = []
+    for i in range(0, S, chunk):                                       # encode the crops in chunks
+        x = d["lis"][i:i + chunk][:, fr]                               # (s, C, T, D)
+        b = d["beta"][i:i + chunk][:, None].expand(-1, C, -1)          # (s, C, D_id)
+        toks.append(vq.encode(vq.normalize(x.flatten(0, 1)), b.flatten(0, 1)).view(x.shape[0], C, -1))  # (s, C, L)
+    ids, ends = pad_words([window_words(w, int(c), T, fps, word_ids(d["vocab"])) for w in d["words"] for c in starts])
+    d.update(tok=torch.cat(toks), starts=starts, wid=ids.view(S, C, -1), wend=ends.view(S, C, -1))  # (S, C, ...)
+    return d
+
+
+def get_batch(d, seg, crop):
+    """Windows (seg[i], crop[i]) of a load_windows dict -> batch dict of (B, T, D), (B, 4T, F), (B, N), (B, L)."""
+    T = d["T"]
+    c0 = d["starts"][crop]                                             # (B,)
+    fr = c0[:, None] + torch.arange(T)                                 # (B, T)
+    rows = 4 * c0[:, None] + torch.arange(4 * T)                       # (B, 4T)
+    return dict(spk=d["spk"][seg[:, None], fr], lis=d["lis"][seg[:, None], fr], feat=d["feat"][seg[:, None], rows],
+                wid=d["wid"][seg, crop], wend=d["wend"][seg, crop], tok=d["tok"][seg, crop], beta=d["beta"][seg],
+                alt=None if d["alt"] is None else d["alt"][seg[:, None], fr])
+
+
+def all_windows(d):
+    """Every (segment, crop) pair of a split with the crop inside the segment, segment-major: two (n,) index tensors."""
+    S, C = d["tok"].shape[:2]
+    seg, crop = torch.arange(S).repeat_interleave(C), torch.arange(C).repeat(S)
+    keep = d["starts"][crop] + d["T"] <= d["n"][seg]
+    return seg[keep], crop[keep]
+
+
+def draw_windows(d, B, gen):
+    """B training windows: a segment, then one of its crops (segments of different lengths: uniform over windows)."""
+    (S, C), (seg, crop) = d["tok"].shape[:2], all_windows(d)
+    if len(seg) == S * C:
+        return torch.randint(S, (B,), generator=gen), torch.randint(C, (B,), generator=gen)
+    i = torch.randint(len(seg), (B,), generator=gen)
+    return seg[i], crop[i]
+
+
+def stream_windows(spk, feat, words, c0, T, fps, ids):
+    """Windows of T frames starting at frames c0 of B speaker streams, sample-major: spk (B, Tall, D), feat
+    (B, 4 Tall, F), words B lists of (text, end_s), ids: word_ids. -> spk (B*W, T, D), feat (B*W, 4T, F), word ids
+    and ends (B*W, N) (pad_words)."""
+    B = len(spk)
+    spk_w = torch.stack([spk[b, c:c + T] for b in range(B) for c in c0])                # (B*W, T, D)
+    feat_w = torch.stack([feat[b, 4 * c:4 * (c + T)] for b in range(B) for c in c0])    # (B*W, 4T, F)
+    return (spk_w, feat_w, *pad_words([window_words(words[b], c, T, fps, ids) for b in range(B) for c in c0]))
+
+
+def window_stats(d, differential):
+    """Normalisation statistics of a load_windows dict (the train split) over the frames inside their segments:
+    mean and std (at least 1e-4) of the speaker motion (spk_), of the differential(z-normalised motion) (diff_std),
+    of the audio rows (feat_) and of the listener beta (beta_). -> {name: (D,) tensor}"""
+    inside = torch.arange(d["spk"].shape[1]) < d["n"][:, None]        # (S, Ts) frames inside their segment
+    std = lambda x: x.std(0).clamp_min(1e-4)
+    spk, feat = d["spk"][inside], d["feat"][inside.repeat_interleave(4, 1)]
+    st = dict(spk_mean=spk.mean(0), spk_std=std(spk))
+    z = differential((d["spk"] - st["spk_mean"]) / st["spk_std"])      # (S, Ts, D)
+    return dict(st, diff_std=std(z[:, 1:][inside[:, 1:]]), feat_mean=feat.mean(0), feat_std=std(feat),
+                beta_mean=d["beta"].mean(0), beta_std=std(d["beta"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token streams of listener data (lm_listener.py): whole items as VQ tokens and back, whether a VQ-VAE checkpoint
+# fits the data of a run; the speaker's tokens, stand-ins for pretrained tokenisers: a 2-stage residual k-means over
+# causal MFCC + delta (iSC, SA) for SpeechTokenizer's RVQ, the emotion readout per group of r frames for EMOCA
+# ----------------------------------------------------------------------------------------------------------------
+SA_HOP = 320  # hop of the speech-token MFCC at 50 Hz (samples)
+
+
+def vq_mismatch(path, data_path, preset, norm=None, r=8):
+    """Why the VQ-VAE checkpoint at `path` does not fit this run (missing, other preset, data, norms or r), or None."""
+    if not Path(path).is_file():
+        return "is missing"
+    try:
+        c = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except Exception as e:
+        raise UserError(f"--vq {path} is not a readable VQ-VAE checkpoint ({str(e).splitlines()[0][:100]})")
+    why = [(c.get("preset") != preset, f"was trained with --preset {c.get('preset')}, this run is --preset {preset}"),
+           (Path(c.get("data", "")).resolve() != Path(data_path).resolve(),
+            f"was trained on {c.get('data')}, this run reads {data_path}"),
+           (norm and c.get("norm") != norm, f"has norms {c.get('norm')}, expected {norm}"),
+           (c.get("r", r) != r, f"makes one token per {c.get('r')} frames, this method expects r = {r}")]
+    return next((what for broken, what in why if broken), None)
+
+
+@torch.no_grad()
+def vq_tokens(vq, items, r=8):
+    """Listener motion -> VQ tokens [(T_i // r,)] with the encoder of vq (a vqvae.py model, with its stored
+    statistics); consecutive items of one length are encoded together, up to 64."""
+    out = []
+    for i in range(0, len(items), 64):
+        for _, grp in itertools.groupby(items[i:i + 64], key=lambda it: len(it["listener"]) // r):
+            grp = list(grp)
+            x = torch.stack([torch.as_tensor(it["listener"][: len(it["listener"]) // r * r]) for it in grp])
+            b = torch.stack([torch.as_tensor(it["listener_beta"]) for it in grp])
+            out += list(vq.encode(vq.normalize(x.float()), b.float()).cpu())
+    return out
+
+
+@torch.no_grad()
+def decode_motion(vq, toks, betas):
+    """VQ tokens (n, G) -> de-normalised motion [(T, 56)], each decoded with its listener's beta."""
+    out = []
+    for i in range(0, len(toks), 64):
+        b = torch.stack([torch.as_tensor(x) for x in betas[i:i + 64]]).float()
+        out += list(vq.denormalize(vq.decode(toks[i:i + 64], b)).cpu().float().numpy())   # (B, T, 56)
+    return out
+
+
+def sa_features(audio, n_rows=None):
+    """Speaker waveform (S,) -> (n, 80) pooled MFCC+delta at 12.5 Hz and (n,) support end in 30-fps frames.
+    Causal delta (c_t - c_{t-1}); rows pooled x4; pooled frame j ends at sample (4j+4)*SA_HOP + 80 (25 ms window)."""
+    n_rows = (len(audio) // SA_HOP) if n_rows is None else n_rows
+    n_rows -= n_rows % 4
+    if n_rows <= 0:
+        return torch.zeros(0, 80), torch.zeros(0)
+    m = torch.as_tensor(mfcc(np.asarray(audio, np.float32), rate=SR // SA_HOP, n_mfcc=40, n_rows=n_rows))  # (rows, 40)
+    d = torch.cat([torch.zeros_like(m[:1]), m[1:] - m[:-1]])                              # causal delta
+    f = torch.cat([m, d], 1).reshape(n_rows // 4, 4, 80).mean(1)                          # (n, 80)
+    end = ((torch.arange(len(f)) * 4 + 4) * SA_HOP + 80) * FPS / SR                       # frames
+    return f.float(), end.float()
+
+
+def clip_features(items, cache=None, method="lm_listener", r=8):
+    """sa_features of every item's speech over its frames cut to a multiple of r (none without audio), cached in
+    the file `cache` (a checkpoint of `method`, keyed by the item names; None: not cached)."""
+    key = None if cache is None else [it["name"] for it in items]
+    if cache is not None and Path(cache).exists():
+        c = torch.load(cache, weights_only=True)
+        if c["key"] == key:
+            return c["feats"]
+    feats = [(torch.zeros(0, 80), torch.zeros(0)) if it["audio"] is None else
+             sa_features(it["audio"], n_rows=len(it["listener"]) // r * r * SR // FPS // SA_HOP) for it in items]
+    if cache is not None:
+        save_checkpoint(cache, method, dict(key=key, feats=feats))
+    return feats
+
+
+def kmeans(x, k, iters=20, seed=0):
+    """k-means++ initialisation then Lloyd iterations; x (M, F) -> centroids (k, F)."""
+    g = torch.Generator().manual_seed(seed)
+    c = [x[int(torch.randint(len(x), (1,), generator=g))]]
+    d2 = ((x - c[0]) ** 2).sum(1)                                                    # (M,) distance to nearest centre
+    for _ in range(1, k):
+        c.append(x[int(torch.multinomial(d2 + 1e-12, 1, generator=g))])
+        d2 = torch.minimum(d2, ((x - c[-1]) ** 2).sum(1))
+    c = torch.stack(c)                                                               # (k, F)
+    for _ in range(iters):
+        a = torch.cdist(x, c).argmin(1)                                              # (M,)
+        cnt = torch.bincount(a, minlength=k).float()[:, None]
+        s = torch.zeros_like(c).index_add_(0, a, x)
+        c = torch.where(cnt > 0, s / cnt.clamp(min=1), c)
+    return c
+
+
+def fit_sa_kmeans(feats, v_sa, seed, max_frames=20000):
+    """Both stages on (at most max_frames of) the train features, standardised with train statistics."""
+    fs = torch.cat([f for f, _ in feats])                                                 # (M, 80)
+    fs = fs[torch.randperm(len(fs), generator=torch.Generator().manual_seed(seed))[:max_frames]]
+    mean, std = fs.mean(0), fs.std(0) + 1e-5
+    z = (fs - mean) / std
+    c1 = kmeans(z, v_sa, seed=seed)
+    c2 = kmeans(z - c1[torch.cdist(z, c1).argmin(1)], v_sa, seed=seed + 1)
+    return dict(mean=mean, std=std, c1=c1, c2=c2)
+
+
+def sa_tokens(f, km):
+    """Residual k-means: layer 1 = iSC (content), layer 2 on the residual = SA (acoustics). f (n, 80) -> 2 x (n,)."""
+    z = (f - km["mean"]) / km["std"]
+    isc = torch.cdist(z, km["c1"]).argmin(1)
+    sa = torch.cdist(z - km["c1"][isc], km["c2"]).argmin(1)
+    return sa, isc
+
+
+def emo_tokens(probs, r=8):
+    """MMLM's procedure: average the per-frame emotion probabilities over each group of r frames, then argmax.
+    probs (T, E) -> (T // r,)."""
+    T, E = probs.shape
+    return torch.as_tensor(probs[: T - T % r]).reshape(T // r, r, E).mean(1).argmax(-1)
+
+
+def sa_kmeans(cache, key, feats, v_sa, seed, method="lm_listener", placeholder=False):
+    """fit_sa_kmeans of the train features, cached in the file `cache` (a checkpoint of `method`) and refitted when
+    its key (data, v_sa, seed) differs; placeholder: centroids for data without audio (no SA tokens at all)."""
+    km = torch.load(cache, weights_only=True) if Path(cache).exists() else {}
+    if placeholder:  # unused: every clip has 0 SA frames
+        km = dict(mean=torch.zeros(80), std=torch.ones(80), c1=torch.zeros(1, 80), c2=torch.zeros(1, 80), key=key)
+    if km.get("key") != key:
+        km = {**fit_sa_kmeans(feats, v_sa, seed), "key": key}
+        save_checkpoint(cache, method, km)
+        print(f"[{method}] acoustic k-means fitted ({v_sa}+{v_sa} centroids)")
+    return {k: km[k] for k in ("mean", "std", "c1", "c2", "key")}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -766,6 +1280,21 @@ def mfcc(wave, sr=SR, rate=120.0, n_mfcc=40, n_rows=None, n_mels=None):
     i1 = (i0 + 1).clamp(max=len(c) - 1)
     fr = (pos - i0.float()).clamp(0, 1)[:, None]
     return ((1 - fr) * c[i0] + fr * c[i1]).numpy().astype(np.float32)
+
+
+def deltas(x):
+    """Regression deltas over +-2 rows (HTK formula), edges replicated: (N, F) tensor -> (N, F)."""
+    p = torch.nn.functional.pad(x.T[None], (2, 2), mode="replicate")[0].T  # (N + 4, F)
+    return (p[3:-1] - p[1:-3] + 2 * (p[4:] - p[:-4])) / 10.0
+
+
+def mfcc_deltas(wave, rate, n_mfcc):
+    """MFCC at `rate` rows per second + delta + delta-delta, per-utterance CMVN: (S,) -> (N, 3 n_mfcc) tensor
+    (diff_transformer.py's stand-in for wav2vec2 features)."""
+    n_rows = max(1, round(len(wave) / SR * rate))
+    m = torch.as_tensor(mfcc(np.asarray(wave, np.float32), rate=rate, n_mfcc=n_mfcc, n_rows=n_rows))
+    f = torch.cat([m, deltas(m), deltas(deltas(m))], 1)  # (N, 3F)
+    return (f - f.mean(0)) / (f.std(0, unbiased=False) + 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,15 +27,10 @@ V vertices, H heads, C condition tokens (2; 0 for --cond add and --arch ar), S =
     python sample.py --model diff_transformer --audio speech.wav --style 3                  # animate any wav
     torchrun --standalone --nproc_per_node 2 diff_transformer.py --preset smoke            # DDP (gloo on CPU)
 """
-import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
-import pickle
-import random
-import re
 import sys
 from pathlib import Path
 
@@ -139,137 +134,29 @@ def check_config(cfg, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
-# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
-# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): it names
+# this method for data.py's run-time plumbing (flags from Config, user errors, checkpoints). The rest of that plumbing
+# is called as data.X where it is used: pick_device, autocast, grad_scaler, seed_all, rng_state / set_rng_state (exact
+# resume), ddp_setup / is_main / shard / check_in_sync (torchrun). It expects METHOD, Config, PRESETS,
+# check_config(cfg, mode) and main(argv, mode) around it.
 
 
 def parse_config(argv, mode="train"):
     """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
-    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
-    given = vars(p.parse_args(argv))  # only the flags on the command line
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    check_config(cfg, mode)
-    return cfg
+    return data.parse_config(Config, PRESETS, check_config, argv, mode, f"{METHOD}.py", __doc__)
 
 
 def cli(argv=None, mode="train"):
     """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["train"], ["sample"]):
-        mode, argv = argv[0], argv[1:]
-    try:
-        return main(argv, mode)
-    except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return data.cli(main, argv, mode)
 
 
-def pick_device(name):
-    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
-    if not ok.get(name.split(":")[0], False):
-        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
-                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
-    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+def save_checkpoint(path, obj):  # atomic; records this method and the world's version (data.save_checkpoint)
+    data.save_checkpoint(path, METHOD, obj)
 
 
-def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
-
-def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
-    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
-
-def seed_all(seed):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
-def rng_state(gens=()):
-    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
-    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
-
-
-def set_rng_state(state, gens=()):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for g, s in zip(gens, state["gens"]):
-        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
-
-
-def save_checkpoint(path, obj):
-    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
-    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
-    if is_main():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
-        os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
-    if not isinstance(ck, dict) or ck.get("method") != METHOD:
-        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
-        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
-    return ck
-
-
-def ddp_setup(device):
-    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def check_in_sync(module):
-    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
-    an EMA codebook, must be all-reduced by the method); raises if not."""
-    if dist.is_initialized():
-        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        if not torch.equal(flat, ref):
-            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
-
-
-def shard(x):
-    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
-    ranks then equals the single-process gradient of the whole batch."""
-    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+def load_checkpoint(path, device="cpu"):  # -> the saved dict; missing, unreadable or another method's -> UserError
+    return data.load_checkpoint(path, METHOD, device)
 
 
 # End of the shared setup.
@@ -279,18 +166,9 @@ def shard(x):
 # ---------------------------------------------------------------------------------------------------------------
 # Audio features and encoder (the wav2vec2 stand-in)
 
-def deltas(x):
-    """Regression deltas over +-2 rows (HTK formula), edges replicated: (N, F) -> (N, F)."""
-    p = F.pad(x.T[None], (2, 2), mode="replicate")[0].T  # (N + 4, F)
-    return (p[3:-1] - p[1:-3] + 2 * (p[4:] - p[:-4])) / 10.0
-
-
 def audio_features(wave, n_mfcc=20):
     """MFCC at 50 Hz + delta + delta-delta, per-utterance CMVN: (S,) -> (N, 3 * n_mfcc)."""
-    n_rows = max(1, round(len(wave) / data.SR * AUDIO_RATE))
-    m = torch.as_tensor(data.mfcc(np.asarray(wave, np.float32), rate=AUDIO_RATE, n_mfcc=n_mfcc, n_rows=n_rows))
-    f = torch.cat([m, deltas(m), deltas(deltas(m))], 1)  # (N, 3F)
-    return (f - f.mean(0)) / (f.std(0, unbiased=False) + 1e-5)
+    return data.mfcc_deltas(wave, AUDIO_RATE, n_mfcc)
 
 
 def time_mask(f, p, span):
@@ -590,67 +468,7 @@ def predictor(model, items, sigma, ddim_steps):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data
-
-def load_items(path, split, n_mfcc):
-    """VOCASET-layout items with audio features (N, F) and flat displacements (T, V*3) added."""
-    items = data.load_talking(path, split)  # data's readers raise data.UserError for a user's missing or bad files
-    for it in items:
-        it["feats"] = audio_features(it["audio"], n_mfcc)
-        it["disp"] = (it["vertices"] - it["template"][None]).reshape(len(it["vertices"]), -1).astype(np.float32)
-    return items
-
-
-def load_data(cfg):
-    """Train and val items, and what the checkpoint keeps of the data: sigma (the global scalar of the motion),
-    D, the number of styles, a template per style and the lip / upper-face vertex indices."""
-    if not is_main():
-        dist.barrier()  # rank 0 makes the synthetic world first
-    path = str(data.resolve_data(cfg.data, "talking", cfg.preset))
-    if is_main() and dist.is_initialized():
-        dist.barrier()
-    train_items, val_items = load_items(path, "train", cfg.n_mfcc), load_items(path, "val", cfg.n_mfcc)
-    lip, upper = data.talking_regions(path)
-    n_style = max(it["style"] for it in train_items) + 1
-    templates = np.stack([next(it["template"] for it in train_items if it["style"] == s) for s in range(n_style)])
-    rms = float(np.sqrt(np.mean(np.concatenate([it["disp"] for it in train_items]) ** 2)))
-    stats = {"sigma": rms if cfg.norm else 1.0, "data_path": path,
-             "D": train_items[0]["disp"].shape[1], "n_style": n_style, "templates": torch.from_numpy(templates),
-             "lip_idx": torch.from_numpy(lip), "upper_idx": torch.from_numpy(upper)}
-    return train_items, val_items, stats
-
-
-def make_batch(items, cfg, rng, sigma):
-    """Random crops of one length L in [min, max] (shorter clips stay whole, so batches mix lengths)."""
-    L = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
-    xs, feats, lens, styles = [], [], [], []
-    for k in rng.integers(0, len(items), cfg.batch_size):
-        it = items[k]
-        T = len(it["disp"])
-        n = min(L, T)
-        f0 = int(rng.integers(0, T - n + 1))
-        r0 = round(f0 * AUDIO_RATE / it["fps"])
-        r1 = max(r0 + 1, min(len(it["feats"]), round((f0 + n) * AUDIO_RATE / it["fps"])))
-        xs.append(torch.from_numpy(it["disp"][f0:f0 + n] / sigma))  # normalised: one global scalar
-        feats.append(it["feats"][r0:r1]), lens.append(n), styles.append(it["style"])
-    x0 = nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (B, T, D)
-    pad = torch.arange(x0.shape[1])[None] >= torch.tensor(lens)[:, None]  # (B, T) True = padding
-    return x0, feats, lens, torch.tensor(styles), pad
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Training
-
-@torch.no_grad()
-def quick_val(model, items, stats, cfg):
-    """Val MSE (normalised) and LVE/FDD on the first cfg.n_val val clips, styles cycled (unseen subjects)."""
-    items, sigma = items[:cfg.n_val], stats["sigma"]
-    preds = predictor(model, items, sigma, cfg.ddim_steps)(torch.arange(len(items)) % stats["n_style"], 1234)
-    gts = [it["vertices"] for it in items]
-    mse = float(np.mean([np.mean((p - g) ** 2) for p, g in zip(preds, gts)]) / sigma ** 2)
-    return {"val_mse": mse, "lve": float(metrics.lip_vertex_error(preds, gts, stats["lip_idx"].numpy())),
-            "fdd": float(metrics.fdd(preds, gts, [it["template"] for it in items], stats["upper_idx"].numpy()))}
-
 
 def train_loss(net, model, batch, cfg, abar, device):
     """Vertex + velocity loss (weights 1 and 1) of this rank's rows of a global batch that every rank drew alike.
@@ -665,10 +483,10 @@ def train_loss(net, model, batch, cfg, abar, device):
     if dist.is_initialized():  # normalise by the global batch's frame counts; DDP averages over the ranks
         m = (~pad).float()
         counts = (m.sum() / dist.get_world_size(), (m[:, 1:] * m[:, :-1]).sum().clamp(min=1) / dist.get_world_size())
-        T = max(shard(lens))  # this rank's longest clip
-        x0, feats, lens, style, pad = shard(x0)[:, :T], shard(feats), shard(lens), shard(style), shard(pad)[:, :T]
-        t, noise = (shard(t), shard(noise)[:, :T]) if t is not None else (None, None)
-    with autocast(device, cfg.dtype):
+        T = max(data.shard(lens))  # this rank's longest clip
+        x0, feats, lens, style, pad = data.shard(x0)[:, :T], data.shard(feats), data.shard(lens), data.shard(style), data.shard(pad)[:, :T]
+        t, noise = (data.shard(t), data.shard(noise)[:, :T]) if t is not None else (None, None)
+    with data.autocast(device, cfg.dtype):
         mem = model.encode(feats, lens)  # (B, T, d)
         masks = model.masks(x0.shape[1], pad)
         if cfg.arch == "ar":  # teacher forcing
@@ -688,21 +506,22 @@ def resume(path, model, opt, scaler, rng):
     model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
     if ck["scaler"]:  # float16 only
         scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"], [rng])
+    data.set_rng_state(ck["rng"], [rng])
     return ck["step"], ck["metrics"], ck.get("best")  # best: {"step", "lve", "model"} of the lowest val LVE
 
 
 def train(cfg):
-    device = pick_device(cfg.device)
-    _, world = ddp_setup(device)
-    seed_all(cfg.seed)
+    device = data.pick_device(cfg.device)
+    _, world = data.ddp_setup(device)
+    data.seed_all(cfg.seed)
     out = Path(cfg.out)
-    train_items, val_items, stats = load_data(cfg)
+    features = lambda wave: audio_features(wave, cfg.n_mfcc)
+    train_items, val_items, stats = data.talking_train_val(cfg.data, cfg.preset, features, cfg.norm)
     model = (FaceFormerAR if cfg.arch == "ar" else DiffSpeaker)(cfg, stats["D"], stats["n_style"]).to(device)
-    opt, scaler = torch.optim.AdamW(model.parameters(), lr=cfg.lr), grad_scaler(device, cfg.dtype)
+    opt, scaler = torch.optim.AdamW(model.parameters(), lr=cfg.lr), data.grad_scaler(device, cfg.dtype)
     rng = np.random.default_rng(cfg.seed)  # the data order: crop lengths, clips, offsets
     step, hist, best = resume(out / "ckpt.pt", model, opt, scaler, rng) if cfg.resume else (0, {}, None)
-    if is_main():
+    if data.is_main():
         print(f"{METHOD} ({cfg.arch}) on {device} x {world}{f', resumed at step {step}' if step else ''}; config:")
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, D = {stats['D']}, "
@@ -714,12 +533,14 @@ def train(cfg):
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     abar = scaled_linear_abar(zero_snr=cfg.zero_snr)
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.arch}", dynamic_ncols=True, mininterval=2,
-               disable=not is_main())
+               disable=not data.is_main())
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = cfg.lr  # constant, as in the released code
         model.train()
-        vert, vel = train_loss(net, model, make_batch(train_items, cfg, rng, stats["sigma"]), cfg, abar, device)
+        batch = data.talking_batch(train_items, rng, stats["sigma"], cfg.batch_size, cfg.min_frames, cfg.max_frames,
+                                   AUDIO_RATE)  # random crops of one length, normalised by the global scalar sigma
+        vert, vel = train_loss(net, model, batch, cfg, abar, device)
         opt.zero_grad(set_to_none=True)
         scaler.scale(vert + vel).backward()
         scaler.unscale_(opt)
@@ -733,8 +554,10 @@ def train(cfg):
         hist.setdefault("loss", []).append(round(logged[0].item(), 5))
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0]:.4f}", vert=f"{logged[1]:.4f}", vel=f"{logged[2]:.4f}")
-        if (step % cfg.eval_every == 0 or step == cfg.steps) and is_main():
-            v = quick_val(model, val_items, stats, cfg)
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and data.is_main():
+            vi = val_items[:cfg.n_val]  # val MSE (normalised), LVE, FDD; styles cycled over the unseen subjects
+            preds = predictor(model, vi, stats["sigma"], cfg.ddim_steps)(torch.arange(len(vi)) % stats["n_style"], 1234)
+            v = metrics.talking_val(preds, vi, stats["sigma"], stats["lip_idx"].numpy(), stats["upper_idx"].numpy())
             hist.setdefault("val", []).append({"step": step, **v})
             if best is None or v["lve"] < best["lve"]:  # keep a copy of the best-val weights
                 best = {"step": step, "lve": v["lve"], "model": {k: x.detach().cpu().clone()
@@ -743,10 +566,10 @@ def train(cfg):
                        " | ".join(f"{k} {x:.4g}" for k, x in v.items()) + f" | best step {best['step']}")
             save_checkpoint(out / "ckpt.pt", {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "config": dataclasses.asdict(cfg), "metrics": hist, "rng": rng_state([rng]), **stats,
+                "step": step, "config": dataclasses.asdict(cfg), "metrics": hist, "rng": data.rng_state([rng]), **stats,
                 **({"best": best} if cfg.keep_best else {})})
     bar.close()
-    check_in_sync(model)
+    data.check_in_sync(model)
     if world > 1:
         dist.destroy_process_group()
     return out / "ckpt.pt"
@@ -775,22 +598,20 @@ def animate_wav(model, ck, cfg, out):
     x = generate(model, [audio_features(wave, model.cfg.n_mfcc)], [T], torch.tensor([cfg.style]), 1234,
                  cfg.ddim_steps)[0].cpu().numpy()
     v = to_vertices(x, ck["sigma"], ck["templates"][cfg.style].numpy())  # (T, V, 3)
-    stem = out / f"{Path(cfg.audio).stem}_style{cfg.style}"
-    np.save(f"{stem}.npy", v)
-    data.render_vertices_gif(f"{stem}.gif", [v], [f"style {cfg.style}"], fps=data.FPS)
-    print(f"wrote {stem}.npy {v.shape} ({T / data.FPS:.2f} s at {data.FPS} fps) and {stem}.gif")
+    metrics.save_animation(out / f"{Path(cfg.audio).stem}_style{cfg.style}", v, f"style {cfg.style}")
     return {}
 
 
 @torch.no_grad()
 def sample(cfg):
-    device, out = pick_device(cfg.device), Path(cfg.out)
+    device, out = data.pick_device(cfg.device), Path(cfg.out)
     model, ck = load_model(cfg.ckpt or out / "ckpt.pt", device, cfg.keep_best)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.audio:
         return animate_wav(model, ck, cfg, out)
     path = str(data.resolve_data(cfg.data, "talking", cfg.preset)) if cfg.data else ck["data_path"]
-    items, n_style, sigma = load_items(path, cfg.split, model.cfg.n_mfcc), ck["n_style"], ck["sigma"]
+    items = data.talking_items(path, cfg.split, lambda wave: audio_features(wave, model.cfg.n_mfcc))
+    n_style, sigma = ck["n_style"], ck["sigma"]
     print(f"{model.cfg.arch}: weights of step {ck.get('best', ck)['step'] if cfg.keep_best else ck['step']} of "
           f"{ck['step']}")
     ar, ar_ck = load_model(cfg.ar_ckpt, device) if cfg.ar_ckpt else (None, None)
@@ -802,18 +623,13 @@ def sample(cfg):
     if isinstance(model, DiffSpeaker):
         ar_timed = ar or FaceFormerAR(dataclasses.replace(model.cfg, arch="ar"), ck["D"], n_style).to(device).eval()
         timers["baseline:autoregressive"] = (timer(ar_timed), 1, 3)
-    rows = metrics.evaluate_talking(
+    first = lambda m, s: lambda: predictor(m, items[:1], s, cfg.ddim_steps)(0, 1234)[0]  # sentence 0, style 0
+    return metrics.evaluate_talking(
         items, predictor(model, items, sigma, cfg.ddim_steps), n_style, ck["lip_idx"].numpy(),
         ck["upper_idx"].numpy(), references=[data.talking_references(path, it["name"]) for it in items],
         baseline=predictor(ar, items, ar_ck["sigma"], cfg.ddim_steps) if ar else None, timers=timers,
-        reps=cfg.reps if isinstance(model, DiffSpeaker) else 1)
-    metrics.write_metrics_json(rows, out / "metrics.json")
-    curves = {"DiffSpeaker": predictor(model, items[:1], sigma, cfg.ddim_steps)(0, 1234)[0]}  # style 0
-    if ar:
-        curves["AR baseline"] = predictor(ar, items[:1], ar_ck["sigma"], cfg.ddim_steps)(0, 1234)[0]
-    metrics.render_samples(out, items[0], curves, ck["lip_idx"].numpy())
-    print(f"wrote {out / 'metrics.json'} and samples in {out}")
-    return rows
+        reps=cfg.reps if isinstance(model, DiffSpeaker) else 1, out=out,
+        curves={"DiffSpeaker": first(model, sigma), **({"AR baseline": first(ar, ar_ck["sigma"])} if ar else {})})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,17 +34,10 @@ features (4 rows per frame), N words, W windows, d model width.
                                                            # (ablations are runs with flags, e.g. --no-text)
     torchrun --standalone --nproc_per_node 2 discrete_diffusion.py --preset smoke   # data-parallel (DDP)
 """
-import argparse
-import collections
 import dataclasses
-import inspect
 import json
 import math
 import os
-import pickle
-import random
-import re
-import string
 import sys
 import time
 from pathlib import Path
@@ -149,141 +142,33 @@ def check_config(cfg, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
-# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
-# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): it names
+# this method for data.py's run-time plumbing (flags from Config, user errors, checkpoints). The rest of that plumbing
+# is called as data.X where it is used: pick_device, autocast, grad_scaler, seed_all, rng_state / set_rng_state (exact
+# resume), ddp_setup / is_main / shard / check_in_sync (torchrun). It expects METHOD, Config, PRESETS,
+# check_config(cfg, mode) and main(argv, mode) around it.
 
 
 def parse_config(argv, mode="train"):
     """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
-    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
-    given = vars(p.parse_args(argv))  # only the flags on the command line
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    check_config(cfg, mode)
-    return cfg
+    return data.parse_config(Config, PRESETS, check_config, argv, mode, f"{METHOD}.py", __doc__)
 
 
 def cli(argv=None, mode="train"):
     """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["train"], ["sample"]):
-        mode, argv = argv[0], argv[1:]
-    try:
-        return main(argv, mode)
-    except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return data.cli(main, argv, mode)
 
 
-def pick_device(name):
-    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
-    if not ok.get(name.split(":")[0], False):
-        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
-                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
-    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+def save_checkpoint(path, obj):  # atomic; records this method and the world's version (data.save_checkpoint)
+    data.save_checkpoint(path, METHOD, obj)
 
 
-def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
-
-def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
-    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
-
-def seed_all(seed):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
-def rng_state(gens=()):
-    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
-    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
-
-
-def set_rng_state(state, gens=()):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for g, s in zip(gens, state["gens"]):
-        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
-
-
-def save_checkpoint(path, obj):
-    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
-    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
-    if is_main():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
-        os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
-    if not isinstance(ck, dict) or ck.get("method") != METHOD:
-        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
-        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
-    return ck
-
-
-def ddp_setup(device):
-    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def check_in_sync(module):
-    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
-    an EMA codebook, must be all-reduced by the method); raises if not."""
-    if dist.is_initialized():
-        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        if not torch.equal(flat, ref):
-            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
-
-
-def shard(x):
-    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
-    ranks then equals the single-process gradient of the whole batch."""
-    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+def load_checkpoint(path, device="cpu"):  # -> the saved dict; missing, unreadable or another method's -> UserError
+    return data.load_checkpoint(path, METHOD, device)
 
 
 # End of the shared setup.
-
+# ----------------------------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The diffusion process (VQ-Diffusion's mask-and-replace, arXiv 2111.14822). States 0..K-1 are codes, K is [MASK].
@@ -629,138 +514,10 @@ def sample_long(model, vq, spk, feat, words, beta, T_win, fps, steps=None, r=0.8
     N, L = Tall // vq.r, T_win // vq.r
     starts = window_starts(N, L, hop or max(1, L // 2))
     c0 = [s * vq.r for s in starts]                                    # window starts in frames
-    spk_w = torch.stack([spk[b, c:c + T_win] for b in range(B) for c in c0])            # (B*W, T_win, D)
-    feat_w = torch.stack([feat[b, 4 * c:4 * (c + T_win)] for b in range(B) for c in c0])  # (B*W, 4 T_win, F)
-    wid, wend = pad_words([window_words(words[b], c, T_win, fps, model.word_ids) for b in range(B) for c in c0])
-    kv = model.condition(spk_w.to(dev), feat_w.to(dev), wid.to(dev), wend.to(dev),
-                         beta.repeat_interleave(len(c0), 0).to(dev))      # (B*W, ...), sample-major like spk_w
+    wins = data.stream_windows(spk, feat, words, c0, T_win, fps, model.word_ids)  # (B*W, T_win, D), ... sample-major
+    kv = model.condition(*(v.to(dev) for v in wins), beta.repeat_interleave(len(c0), 0).to(dev))
     tok = model.sample(kv, N, starts, L, steps, r, gen, batch=B).cpu()
     return tok, vq.denormalize(vq.decode(tok, beta))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Data: windows of the listener data, cached VQ tokens, word ids time-aligned to the window
-# ----------------------------------------------------------------------------------------------------------------------
-HISTORY_S = 3.0  # seconds of words before the window the text encoder sees (LM-Listener)
-PAD, UNK, START = 0, 1, 2  # word ids below the vocabulary's: padding, a word not in it, the start of every window
-
-
-def norm_word(w):
-    """The vocabulary's spelling of a transcript word: lower case, punctuation at either end stripped."""
-    return w.lower().strip(string.punctuation + " ")
-
-
-def build_vocab(items):
-    """The training split's words (norm_word), most frequent first (ties alphabetical): the text encoder's vocabulary,
-    stored in the checkpoint and used again at sample time; any other word is UNK."""
-    count = collections.Counter(norm_word(w) for it in items for w, _ in it["words"])
-    count.pop("", None)
-    return sorted(count, key=lambda w: (-count[w], w))
-
-
-def word_ids(vocab):
-    return {w: i + 3 for i, w in enumerate(vocab)}
-
-
-def window_words(words, c0, T, fps, ids):
-    """Segment words [(text, end_s)] -> [(id, end frame relative to the window start c0)] for ends in [-3 s, T);
-    ids: word_ids of the vocabulary."""
-    sel = [(ids.get(norm_word(w), UNK), e * fps - c0) for w, e in words if -HISTORY_S * fps <= e * fps - c0 < T]
-    return [(START, 0.0)] + sel
-
-
-def pad_words(lists):
-    """Lists of (id, end) -> ids (n, N) int64 (pad 0), ends (n, N) float32."""
-    pad = lambda rows: nn.utils.rnn.pad_sequence(rows, batch_first=True)
-    return (pad([torch.tensor([i for i, _ in w]) for w in lists]),
-            pad([torch.tensor([e for _, e in w], dtype=torch.float32) for w in lists]))
-
-
-def audio_rows(it, n_rows, n_mfcc):
-    """Speaker audio rows (n_rows = 4 per frame, F): precomputed rows (L2L files), data.mfcc of the waveform, or
-    zeros when the item has no audio (the LM-Listener release): the audio encoder then sees a constant."""
-    if it.get("audio") is None and it.get("audio_rows") is None:
-        return torch.zeros(n_rows, n_mfcc)
-    if it.get("audio_rows") is not None:
-        return torch.as_tensor(np.asarray(it["audio_rows"][:n_rows]), dtype=torch.float32)
-    return torch.as_tensor(data.mfcc(it["audio"], rate=4.0 * it["fps"], n_mfcc=n_mfcc, n_rows=n_rows))
-
-
-@torch.no_grad()
-def load_windows(path, split, vq, T, stride, n_mfcc, vocab=None):
-    """Every item of a split, its crops of T frames at `stride`, and the VQ tokens of each crop (encoded once).
-    Returns a dict of tensors: spk/lis (S, Ts, D) raw, feat (S, 4Ts, F), beta (S, 100), alt (S, Ts, D) or None,
-    starts (C,), tok (S, C, L), wid/wend (S, C, N), the items' words [S] (lists of (text, end_s)), n (S,) frames,
-    no_audio (items without audio), vocab (the word list of wid: `vocab`, or built from these items when None, as
-    for the train split) and events (data.load_ledger: per item the rule events of a synthetic twin, else None).
-    Segments of different lengths are zero-padded to the longest Ts; each gives its own crops (those inside it:
-    all_windows), as the original loaders window every segment."""
-    items = [it for it in data.load_listener(path, split) if len(it["listener"]) >= T]
-    if not items:
-        raise data.UserError(f"{path}: no {split} item of at least {T} frames (--clip-frames {T})")
-    n = torch.tensor([len(it["listener"]) for it in items])
-    Ts, fps = int(n.max()), items[0]["fps"]
-    f32 = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.float32)
-    pad = lambda x, m=Ts: F.pad(f32(x), (0, 0, 0, m - len(x)))         # rows (n, D) -> (m, D), zeros after n
-    stack = lambda k: torch.stack([pad(it[k][:Ts]) for it in items])
-    has_alt = all(it.get("alt_listener") is not None for it in items)
-    d = dict(spk=stack("speaker"), lis=stack("listener"), fps=fps, T=T, words=[it["words"] for it in items],
-             beta=torch.stack([f32(it["listener_beta"]) for it in items]),
-             feat=torch.stack([pad(audio_rows(it, 4 * len(it["listener"]), n_mfcc), 4 * Ts) for it in items]), n=n,
-             no_audio=sum(it.get("audio") is None and it.get("audio_rows") is None for it in items),
-             vocab=build_vocab(items) if vocab is None else list(vocab), events=data.load_ledger(path, items),
-             alt=torch.stack([pad(it["alt_listener"][0][:Ts]) for it in items]) if has_alt else None)
-    starts = torch.arange(0, Ts - T + 1, stride)                      # (C,) crop starts in frames
-    S, C = len(items), len(starts)
-    fr, chunk = starts[:, None] + torch.arange(T), max(1, 2048 // C)   # (C, T) frames of each crop
-    toks = []
-    for i in range(0, S, chunk):                                       # encode the crops in chunks
-        x = d["lis"][i:i + chunk][:, fr]                               # (s, C, T, D)
-        b = d["beta"][i:i + chunk][:, None].expand(-1, C, -1)          # (s, C, D_id)
-        toks.append(vq.encode(vq.normalize(x.flatten(0, 1)), b.flatten(0, 1)).view(x.shape[0], C, -1))  # (s, C, L)
-    ids, ends = pad_words([window_words(w, int(c), T, fps, word_ids(d["vocab"])) for w in d["words"] for c in starts])
-    d.update(tok=torch.cat(toks), starts=starts, wid=ids.view(S, C, -1), wend=ends.view(S, C, -1))  # (S, C, ...)
-    return d
-
-
-def get_batch(d, seg, crop):
-    """Windows (seg[i], crop[i]) of a load_windows dict -> batch dict of (B, T, D), (B, 4T, F), (B, N), (B, L)."""
-    T = d["T"]
-    c0 = d["starts"][crop]                                             # (B,)
-    fr = c0[:, None] + torch.arange(T)                                 # (B, T)
-    rows = 4 * c0[:, None] + torch.arange(4 * T)                       # (B, 4T)
-    return dict(spk=d["spk"][seg[:, None], fr], lis=d["lis"][seg[:, None], fr], feat=d["feat"][seg[:, None], rows],
-                wid=d["wid"][seg, crop], wend=d["wend"][seg, crop], tok=d["tok"][seg, crop], beta=d["beta"][seg],
-                alt=None if d["alt"] is None else d["alt"][seg[:, None], fr])
-
-
-def all_windows(d):
-    """Every (segment, crop) pair of a split with the crop inside the segment, segment-major: two (n,) index tensors."""
-    S, C = d["tok"].shape[:2]
-    seg, crop = torch.arange(S).repeat_interleave(C), torch.arange(C).repeat(S)
-    keep = d["starts"][crop] + d["T"] <= d["n"][seg]
-    return seg[keep], crop[keep]
-
-
-def draw_windows(d, B, gen):
-    """B training windows: a segment, then one of its crops (segments of different lengths: uniform over windows)."""
-    (S, C), (seg, crop) = d["tok"].shape[:2], all_windows(d)
-    if len(seg) == S * C:
-        return torch.randint(S, (B,), generator=gen), torch.randint(C, (B,), generator=gen)
-    i = torch.randint(len(seg), (B,), generator=gen)
-    return seg[i], crop[i]
-
-
-def set_stats(model, d):
-    """Normalisation statistics of the conditioning (train split) into the model's buffers."""
-    inside = torch.arange(d["spk"].shape[1]) < d["n"][:, None]        # (S, Ts) frames inside their segment
-    spk = d["spk"][inside]
-    model.spk_mean.copy_(spk.mean(0)), model.spk_std.copy_(spk.std(0).clamp_min(1e-4))
-    z = facial_differential((d["spk"] - model.spk_mean) / model.spk_std)
-    model.diff_std.copy_(z[:, 1:][inside[:, 1:]].std(0).clamp_min(1e-4))
-    feat = d["feat"][inside.repeat_interleave(4, 1)]
-    model.feat_mean.copy_(feat.mean(0)), model.feat_std.copy_(feat.std(0).clamp_min(1e-4))
-    model.beta_mean.copy_(d["beta"].mean(0)), model.beta_std.copy_(d["beta"].std(0).clamp_min(1e-4))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -800,7 +557,7 @@ def build(cfg, meta, device):
     if "vocab" not in meta:
         raise data.UserError("this checkpoint predates the stored text vocabulary: retrain it")
     model = DiffListener(cfg, meta["K"], meta["n_feat"], len(meta["vocab"]) + 3, meta["L"], D_id=meta["D_id"])
-    model.word_ids = word_ids(meta["vocab"])
+    model.word_ids = data.word_ids(meta["vocab"])
     return model.to(device)
 
 
@@ -820,7 +577,7 @@ def generate(model, vq, d, seg, crop, steps, r, seed, bs=128):
     gen = torch.Generator(device=dev).manual_seed(seed)
     toks, xs = [], []
     for i in range(0, len(seg), bs):
-        b = get_batch(d, seg[i:i + bs], crop[i:i + bs])
+        b = data.get_batch(d, seg[i:i + bs], crop[i:i + bs])
         kv = model.condition(*(b[k].to(dev) for k in INPUTS[1:]))
         L = b["tok"].shape[1]
         tok = model.sample(kv, L, [0], L, steps, r, gen, batch=len(b["spk"])).cpu()
@@ -832,9 +589,9 @@ def generate(model, vq, d, seg, crop, steps, r, seed, bs=128):
 
 def validate(model, vq, va, cfg, step, hist):
     """Validation L2 / FD / P-FD of sampled windows (rank 0), logged into hist."""
-    vs, vc = [v[:cfg.n_eval] for v in all_windows(va)]
+    vs, vc = [v[:cfg.n_eval] for v in data.all_windows(va)]
     _, pred = generate(model, vq, va, vs, vc, min(cfg.sample_steps, model.T) or None, cfg.truncation, cfg.seed)
-    b = get_batch(va, vs, vc)
+    b = data.get_batch(va, vs, vc)
     m = metrics.listener_metrics(list(pred), list(b["lis"].numpy()), list(b["spk"].numpy()),
                                  valence_fn=data.FaceModel().valence)
     hist["val"].append(dict(step=step, **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")}))
@@ -849,14 +606,15 @@ def prepare(cfg, device):
     vq = get_vq(cfg, cfg.data)
     if cfg.clip_frames % vq.r:
         raise data.UserError(f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ's r = {vq.r} ({cfg.vq})")
-    tr = load_windows(cfg.data, "train", vq, cfg.clip_frames, cfg.crop_stride, cfg.n_mfcc)   # builds the vocabulary
-    va = load_windows(cfg.data, "val", vq, cfg.clip_frames, cfg.clip_frames, cfg.n_mfcc, tr["vocab"])
+    tr = data.load_windows(cfg.data, "train", vq, cfg.clip_frames, cfg.crop_stride, cfg.n_mfcc)  # builds the vocab
+    va = data.load_windows(cfg.data, "val", vq, cfg.clip_frames, cfg.clip_frames, cfg.n_mfcc, tr["vocab"])
     meta = dict(K=vq.K, r=vq.r, n_feat=tr["feat"].shape[-1], vocab=tr["vocab"], L=cfg.clip_frames // vq.r,
                 D_id=tr["beta"].shape[-1])
     assert int(tr["tok"].max()) < vq.K
     model = build(cfg, meta, device)
-    set_stats(model, tr)
-    if is_main():
+    for k, v in data.window_stats(tr, facial_differential).items():  # the train split's conditioning statistics
+        getattr(model, k).copy_(v)
+    if data.is_main():
         if tr["no_audio"]:
             print(f"[discrete_diffusion] audio branch off: {tr['no_audio']} of {len(tr['n'])} train segments have no "
                   f"audio in {cfg.data} (their MFCC input is zeros)")
@@ -867,45 +625,37 @@ def prepare(cfg, device):
     return vq, tr, va, meta, model
 
 
-def mean_over_ranks(loss):  # the loss of the whole global batch, for the log (DDP already averages the gradient)
-    v = loss.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(v)
-        v /= dist.get_world_size()
-    return v.item()
-
-
 def train(cfg):
-    device = pick_device(cfg.device)
-    rank, world = ddp_setup(device)
-    seed_all(cfg.seed)
+    device = data.pick_device(cfg.device)
+    rank, world = data.ddp_setup(device)
+    data.seed_all(cfg.seed)
     vq, tr, va, meta, model = prepare(cfg, device)
     out, step, hist = Path(cfg.out), 0, dict(loss=[], val=[])
-    if is_main():
+    if data.is_main():
         print(f"[discrete_diffusion] device {device} x {world}; config {json.dumps(dataclasses.asdict(cfg))}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(device, cfg.dtype)
+    scaler = data.grad_scaler(device, cfg.dtype)
     gen = torch.Generator().manual_seed(cfg.seed)                     # batches, t and q_sample noise (all ranks)
     if cfg.resume and (out / "ckpt.pt").exists():
         ck = load_checkpoint(out / "ckpt.pt", "cpu")                   # random states must stay on the CPU
         model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
         step, hist = ck["step"], ck["metrics"]
-        set_rng_state(ck["rng"], [gen])
+        data.set_rng_state(ck["rng"], [gen])
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     sched, t0 = model.sched, time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="discrete_diffusion", dynamic_ncols=True, mininterval=2,
-               disable=not is_main())
+               disable=not data.is_main())
     while step < cfg.steps:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        b = get_batch(tr, *draw_windows(tr, cfg.batch_size, gen))     # the global batch, drawn alike on every rank
+        b = data.get_batch(tr, *data.draw_windows(tr, cfg.batch_size, gen))  # the global batch, alike on every rank
         t = torch.randint(1, model.T + 1, (cfg.batch_size,), generator=gen)  # t ~ U{1..T}
         x_t = q_sample(sched, b["tok"], t, gen)                        # x_t ~ q(x_t | x0)
-        x_t, t, x0, *cond = (shard(v).to(device) for v in (x_t, t, *(b[k] for k in INPUTS)))  # this rank's rows
-        with autocast(device, cfg.dtype):
+        x_t, t, x0, *cond = (data.shard(v).to(device) for v in (x_t, t, *(b[k] for k in INPUTS)))  # this rank's rows
+        with data.autocast(device, cfg.dtype):
             logits = net(x_t, t, *cond)                                # (B, L, K)
         loss, parts = diffusion_loss(logits.float(), x0, x_t, t, sched, cfg.aux_weight)
         opt.zero_grad(set_to_none=True)
@@ -914,17 +664,17 @@ def train(cfg):
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         scaler.step(opt), scaler.update()
         step += 1
-        hist["loss"].append(mean_over_ranks(loss))
+        hist["loss"].append(data.mean_over_ranks(loss))
         bar.update(1)
         bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", vlb=f"{parts['vlb']:.3f}", ce=f"{parts['ce']:.3f}")
-        if (step % cfg.eval_every == 0 or step == cfg.steps) and is_main():
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and data.is_main():
             validate(model, vq, va, cfg, step, hist)
             save_checkpoint(out / "ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                                                  scaler=scaler.state_dict(), rng=rng_state([gen]),
+                                                  scaler=scaler.state_dict(), rng=data.rng_state([gen]),
                                                   config=dataclasses.asdict(cfg), metrics=hist, meta=meta))
     bar.close()
-    check_in_sync(model)
-    if is_main():
+    data.check_in_sync(model)
+    if data.is_main():
         print(f"[discrete_diffusion] trained to step {step} in {time.time() - t0:.1f} s; checkpoint {out / 'ckpt.pt'}")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -932,23 +682,14 @@ def train(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Sampling and evaluation (the evaluation protocol itself is metrics.evaluate_listener)
+# Sampling and evaluation (the evaluation protocol itself is metrics.evaluate_diff_listener)
 # ----------------------------------------------------------------------------------------------------------------------
-def windows_of(d, seg, crop):
-    """What the evaluation needs of windows (seg, crop): GT listener, speaker, audio, text, alt-GT, VQ tokens."""
-    b, T, fps = get_batch(d, seg, crop), d["T"], d["fps"]
-    text = [metrics.window_text(d["words"][i], c / fps, (c + T) / fps)
-            for i, c in zip(seg.tolist(), d["starts"][crop].tolist())]
-    return dict(listener=b["lis"].numpy(), speaker=b["spk"].numpy(), audio=b["feat"].numpy(), beta=b["beta"],
-                text=text, codes=b["tok"], alt=None if b["alt"] is None else b["alt"].numpy())
-
-
 def sample(cfg, other_data=False):
     """Load the checkpoint, sample every test window (n_samples seeds) and a long conversation, evaluate against
     GT, alt-GT and the baselines (and the rule table, on a twin), time the sampler, render, write metrics.json.
     The data are the checkpoint's unless other_data (--data given)."""
-    device = pick_device(cfg.device)
-    seed_all(cfg.seed)
+    device = data.pick_device(cfg.device)
+    data.seed_all(cfg.seed)
     out, path = Path(cfg.out), Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
     ck = load_checkpoint(path, device)
     mcfg = Config(**ck["config"])
@@ -960,27 +701,18 @@ def sample(cfg, other_data=False):
     T, steps, r = mcfg.clip_frames, min(cfg.sample_steps, model.T) or None, cfg.truncation
     print(f"[discrete_diffusion] {path} (step {ck['step']}), data {data_path}, split {cfg.split}, K = {vq.K}, "
           f"window {T} frames, truncation r = {r}, steps {steps or model.T}")
-    vocab = ck["meta"]["vocab"]                                        # the training split's words
-    te = load_windows(data_path, cfg.split, vq, T, T, mcfg.n_mfcc, vocab)
-    tr = load_windows(data_path, "train", vq, T, T, mcfg.n_mfcc, vocab)
-    seg, crop = [v[:cfg.max_test or None] for v in all_windows(te)]
-    test, bank = windows_of(te, seg, crop), windows_of(tr, *all_windows(tr))
+    te, tr = (data.load_windows(data_path, split, vq, T, T, mcfg.n_mfcc, ck["meta"]["vocab"])  # the train split's words
+              for split in (cfg.split, "train"))
+    seg, crop = [v[:cfg.max_test or None] for v in data.all_windows(te)]
     runs = [generate(model, vq, te, seg, crop, steps, r, cfg.seed + s) for s in range(cfg.n_samples)]
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def listen(st, hop=None, S=steps, B=1):  # a stream's listener, windows every hop tokens (None: half a window)
         return sample_long(model, vq, st["speaker"].expand(B, -1, -1), st["audio"].expand(B, -1, -1), st["words"] * B,
                            st["beta"].expand(B, -1), T, te["fps"], S, r, gen, hop)[1][0].numpy()
-    long = metrics.long_conversation(te, cfg.long_seconds, vq.r, listen, every=T)  # segments of their own lengths
-    timing = metrics.time_sampler(te, vq.r, listen, steps or model.T, cfg.time_runs, cfg.time_batch, device)
-    decode = lambda codes: vq.denormalize(vq.decode(torch.as_tensor(codes), test["beta"])).numpy()
-    rules = dict(seg=seg.numpy(), events=te["events"], fps=te["fps"]) if te["events"] else None  # twins' ledger
-    rows = metrics.evaluate_listener(test, bank, {"model": [x for _, x in runs]}, codec=dict(K=vq.K, decode=decode),
-                                     long=long, timing=timing, seed=cfg.seed, rules=rules,
-                                     picture=out / "samples" / "key_channels.png")
-    metrics.render_listener(out / "samples", test, runs[0][1], long, "DiffListener", tokens=runs[0][0].numpy())
-    metrics.write_metrics_json(rows, out / "metrics.json")
-    return rows
+    return metrics.evaluate_diff_listener(te, tr, seg, crop, runs, listen, vq, out, steps=steps or model.T,
+                                          long_seconds=cfg.long_seconds, time_runs=cfg.time_runs,
+                                          time_batch=cfg.time_batch, device=device, seed=cfg.seed)
 
 
 def main(argv=None, mode="train"):

@@ -26,15 +26,10 @@ dims per window, D attribute dims (25), F 3DMM dims.
         --ckpt runs/latent_diffusion/ckpt.pt --out runs/latent_diffusion_plms1_s10  # one cell of LBD Tab. 3
     torchrun --standalone --nproc_per_node 2 latent_diffusion.py --preset smoke    # DDP (gloo on CPU, NCCL on GPU)
 """
-import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
-import pickle
-import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -141,141 +136,33 @@ def check_config(cfg, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
-# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
-# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): it names
+# this method for data.py's run-time plumbing (flags from Config, user errors, checkpoints). The rest of that plumbing
+# is called as data.X where it is used: pick_device, autocast, grad_scaler, seed_all, rng_state / set_rng_state (exact
+# resume), ddp_setup / is_main / shard / check_in_sync (torchrun). It expects METHOD, Config, PRESETS,
+# check_config(cfg, mode) and main(argv, mode) around it.
 
 
 def parse_config(argv, mode="train"):
     """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
-    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
-    given = vars(p.parse_args(argv))  # only the flags on the command line
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    check_config(cfg, mode)
-    return cfg
+    return data.parse_config(Config, PRESETS, check_config, argv, mode, f"{METHOD}.py", __doc__)
 
 
 def cli(argv=None, mode="train"):
     """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["train"], ["sample"]):
-        mode, argv = argv[0], argv[1:]
-    try:
-        return main(argv, mode)
-    except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return data.cli(main, argv, mode)
 
 
-def pick_device(name):
-    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
-    if not ok.get(name.split(":")[0], False):
-        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
-                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
-    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+def save_checkpoint(path, obj):  # atomic; records this method and the world's version (data.save_checkpoint)
+    data.save_checkpoint(path, METHOD, obj)
 
 
-def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
-
-def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
-    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
-
-def seed_all(seed):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
-def rng_state(gens=()):
-    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
-    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
-
-
-def set_rng_state(state, gens=()):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for g, s in zip(gens, state["gens"]):
-        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
-
-
-def save_checkpoint(path, obj):
-    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
-    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
-    if is_main():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
-        os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
-    if not isinstance(ck, dict) or ck.get("method") != METHOD:
-        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
-        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
-    return ck
-
-
-def ddp_setup(device):
-    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def check_in_sync(module):
-    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
-    an EMA codebook, must be all-reduced by the method); raises if not."""
-    if dist.is_initialized():
-        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        if not torch.equal(flat, ref):
-            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
-
-
-def shard(x):
-    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
-    ranks then equals the single-process gradient of the whole batch."""
-    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+def load_checkpoint(path, device="cpu"):  # -> the saved dict; missing, unreadable or another method's -> UserError
+    return data.load_checkpoint(path, METHOD, device)
 
 
 # End of the shared setup.
-
+# ----------------------------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -560,17 +447,6 @@ class LBD(nn.Module):
         return z.view(B, K, N, v), y.view(B, K, T, -1)
 
 
-def to_attributes(y):
-    """De-normalised D_r output -> valid REACT attributes (25-d layout only): AU occurrences binary (>= 0.5),
-    valence/arousal in [-1, 1], emotion probabilities non-negative and summing to 1 [ours: the REACT features are
-    binary AUs, and the sensible CCC scores a never-firing AU predicted as exactly 0 with 1, as 0.01 with 0]."""
-    if y.shape[-1] != data.ATTR_DIM:
-        return y
-    au, va, em = y[..., :15], y[..., 15:17], y[..., 17:].clamp_min(0)
-    em = em / em.sum(-1, keepdim=True).clamp_min(1e-6)
-    return torch.cat([(au >= 0.5).to(y.dtype), va.clamp(-1, 1), em], -1)
-
-
 def chunk_starts(N, n, overlap):
     """Window offsets of chunks of n windows covering N windows with the given overlap (the last one flush)."""
     if N <= n:
@@ -602,15 +478,8 @@ def decode_chunks(decoder, z, n, starts, w):
 
 
 def say(message):  # rank 0 prints; tqdm.write keeps the progress bar readable
-    if is_main():
+    if data.is_main():
         tqdm.write(message)
-
-
-def load_items(path, split):
-    items = data.load_listener(path, split)
-    if not items:
-        raise data.UserError(f"{path}: no {split} segments (expected a listener dataset with a {split} split)")
-    return items
 
 
 def stages(cfg):
@@ -622,19 +491,16 @@ def stages(cfg):
 
 def build(cfg, device):
     """The train segments as normalised tensors of whole windows, and the model with its normalisers fitted."""
-    if not is_main():                                                           # rank 0 makes the world first
+    if not data.is_main():                                                           # rank 0 makes the world first
         dist.barrier()
     path = Path(data.resolve_data(cfg.data, "listener", cfg.preset))
-    if is_main() and dist.is_initialized():
+    if data.is_main() and dist.is_initialized():
         dist.barrier()
-    items = load_items(path, "train")
-    T_seg = min(len(it["listener_attr"]) for it in items)
-    n = cfg.seq_windows or max(1, T_seg // cfg.window)
+    items = data.load_listener_split(path, "train")
+    ya, ca, ym = data.whole_windows(items, cfg.window, cfg.seq_windows or 1)    # (M, L, D), (M, L, D), (M, L, F)
+    n = cfg.seq_windows or ya.shape[1] // cfg.window
     if cfg.overlap >= n:
         raise data.UserError(f"--overlap {cfg.overlap}: expected fewer than the {n} windows of a chunk")
-    L = max(n, T_seg // cfg.window) * cfg.window                                # whole windows kept per segment
-    ya, ca, ym = (torch.from_numpy(metrics.frames(items, key, L))            # (M, L, D), (M, L, D), (M, L, F)
-                  for key in ("listener_attr", "speaker_attr", "listener"))
     dims = dict(d_attr=ya.shape[-1], d_mot=ym.shape[-1], n_win=n)
     model = LBD(cfg, **dims).to(device)
     both = torch.cat([ya, ca]).flatten(0, 1)                                    # E_r reads both people
@@ -644,10 +510,10 @@ def build(cfg, device):
     # the target and each channel scaled to std 1, D_f came out static (output variance 1 % of GT's).
     ym = ym - ym.mean(1, keepdim=True) + ym.flatten(0, 1).mean(0)                # (M, L, F): one resting face
     model.mot_mean.copy_(ym.flatten(0, 1).mean(0)), model.mot_std.fill_(float((ym - model.mot_mean).std()))
-    if is_main():
-        print(f"device {device} | data {path} | {len(items)} train segments, T={T_seg}, fps={items[0]['fps']}, "
-              f"D={dims['d_attr']}, F={dims['d_mot']}\nchunk: n={n} windows x w={cfg.window} frames; latent "
-              f"{n}x{cfg.latent}={n * cfg.latent} dims\n{json.dumps(dataclasses.asdict(cfg))}")
+    if data.is_main():
+        print(f"device {device} | data {path} | {len(items)} train segments of {ya.shape[1]} frames, fps="
+              f"{items[0]['fps']}, D={dims['d_attr']}, F={dims['d_mot']}\nchunk: n={n} windows x w={cfg.window} "
+              f"frames; latent {n}x{cfg.latent}={n * cfg.latent} dims\n{json.dumps(dataclasses.asdict(cfg))}")
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
         count = lambda *ms: f"{sum(p.numel() for m in ms for p in m.parameters()):,}"
@@ -659,15 +525,6 @@ def build(cfg, device):
     return model, x, path, dims
 
 
-def crop(gen, B, L, *xs):
-    """B random rows of L consecutive frames (or window latents) at offsets uniform over the clip, the same for
-    every x -> the rows (B,) and each x's crop (B, L, ·)."""
-    idx = torch.randint(len(xs[0]), (B,), generator=gen)
-    off = torch.randint(xs[0].shape[1] - L + 1, (B,), generator=gen)
-    ar = (off[:, None] + torch.arange(L)).to(xs[0].device)                     # (B, L) frame indices
-    return idx, [x[idx.to(x.device)[:, None], ar] for x in xs]
-
-
 def start_stage(name, first, model, x, gen, cfg, n):
     """A stage's parameters, the only ones left trainable, and its batch function (global batches; each rank trains
     on its shard). At the stage's first step: the codebook starts from encoded data (D_f), or the latent
@@ -677,14 +534,14 @@ def start_stage(name, first, model, x, gen, cfg, n):
     parts = dict(ae=[model.enc, model.dec], df=[model.vq, model.dec_f], diff=[model.den])[name]
     params = [p for part in parts for p in part.requires_grad_(True).parameters()]
     if name == "ae":
-        return params, lambda: crop(gen, B, L, x["ya"])[1]
+        return params, lambda: data.random_crops(gen, B, L, x["ya"])
     if name == "df":
         if first:
             with torch.no_grad():
-                _, (y,) = crop(gen, B, L, x["ya"])                              # (B, L, D)
+                y, = data.random_crops(gen, B, L, x["ya"])                      # (B, L, D)
                 z = model.enc(y).reshape(-1, cfg.latent // cfg.n_z)             # (B*n*n_z, v/n_z)
                 model.vq.codes.copy_(z[torch.randint(len(z), (cfg.codebook,), generator=gen).to(z.device)])
-        return params, lambda: crop(gen, B, L, x["ya"], x["ym"])[1]
+        return params, lambda: data.random_crops(gen, B, L, x["ya"], x["ym"])
     with torch.no_grad():                                                       # E_r is frozen: encode once
         zl = torch.cat([model.enc(b) for b in x["ya"].split(256)])              # (M, Nw, v)
         zc = torch.cat([model.enc(b) for b in x["ca"].split(256)])
@@ -694,7 +551,7 @@ def start_stage(name, first, model, x, gen, cfg, n):
     say(f"latents: |mu| {zl.mean().abs():.3f}, std {zl.std():.3f} (normalised); raw std {model.z_std.mean():.3f}")
 
     def batch():  # n consecutive window latents of listener (z0) and speaker (c), t ~ U{1..T}, ε ~ N(0, I)
-        _, (z0, c) = crop(gen, B, n, zl, zc)                                    # (B, n, v) each
+        z0, c = data.random_crops(gen, B, n, zl, zc)                            # (B, n, v) each
         t = torch.randint(1, cfg.t_train + 1, (B,), generator=gen).to(zl.device)
         eps = torch.randn(B, n * zl.shape[-1], generator=gen).to(zl.device)    # (B, n*v)
         return z0.flatten(1), c.flatten(1), t, eps
@@ -715,7 +572,7 @@ def resume(cfg, model, gen):
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise data.UserError(f"{path} holds a model of other sizes ({str(e).splitlines()[1].strip()[:120]})")
-    set_rng_state(ck["rng"], [gen])
+    data.set_rng_state(ck["rng"], [gen])
     m = ck["metrics"]
     run.update(step=ck["step"], stage=ck["stage"], opt=ck["optimizer"], scaler=ck["scaler"], log=m["log"],
                seconds=m["train_seconds"], hist={k: v for k, v in m.items() if k not in ("log", "train_seconds")})
@@ -723,37 +580,27 @@ def resume(cfg, model, gen):
     return run
 
 
-def quick_eval(model, cfg, path, n_speakers=8):
-    """Val check during stage 2: FRCorr (mean over samples) and FRDiv of PLMS samples, without FRDist."""
-    items = load_items(path, "val")[:n_speakers]
-    T = min(len(it["speaker_attr"]) for it in items)
-    model.eval()
-    _, preds = generate_all(model, items, T, cfg.n_samples, cfg.plms_order, cfg.sample_steps, cfg.seed)
-    model.train()
-    return metrics.quick_react(items, preds)
-
-
 def train(cfg):
     """The three stages on one step counter. Every eval_every steps of a stage and at its end: (stage 2) score val
     samples, then checkpoint everything --resume needs. Under torchrun every rank draws the same global batch from
     the same generator and trains on its shard; DDP averages the gradients."""
-    device = pick_device(cfg.device)
-    _, world = ddp_setup(device)
-    seed_all(cfg.seed)
+    device = data.pick_device(cfg.device)
+    _, world = data.ddp_setup(device)
+    data.seed_all(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     model, x, path, dims = build(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)                               # rows, offsets, t, ε, codebook init
     run = resume(cfg, model, gen)
     pbar = tqdm(total=stages(cfg)[-1][2], initial=run["step"], desc="LBD", dynamic_ncols=True, mininterval=2,
-                disable=not is_main())
+                disable=not data.is_main())
     t0 = time.time() - run["seconds"]
     for name, lo, hi in stages(cfg):
         if run["step"] >= hi:
             continue
         model.train()
         params, batch = start_stage(name, run["step"] == lo, model, x, gen, cfg, dims["n_win"])
-        opt, scaler = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), grad_scaler(device, cfg.dtype)
+        opt, scaler = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), data.grad_scaler(device, cfg.dtype)
         if run["stage"] == name:                                                # resumed inside this stage
             opt.load_state_dict(run["opt"]), scaler.load_state_dict(run["scaler"])
         ids = [device] if device.type == "cuda" else None
@@ -762,8 +609,8 @@ def train(cfg):
         while run["step"] < hi:
             for g in opt.param_groups:                                          # cosine decay within the stage
                 g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (run["step"] - lo) / (hi - lo)))
-            with autocast(device, cfg.dtype):
-                loss = fwd(name, *[shard(b) for b in batch()])
+            with data.autocast(device, cfg.dtype):
+                loss = fwd(name, *[data.shard(b) for b in batch()])
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -775,8 +622,11 @@ def train(cfg):
             pbar.update(1), pbar.set_postfix(stage=name, loss=f"{loss.item():.4f}", refresh=False)
             if (run["step"] - lo) % cfg.eval_every and run["step"] < hi:
                 continue
-            if name == "diff" and is_main():
-                run["hist"].update(quick_eval(model, cfg, path))
+            if name == "diff" and data.is_main():                                    # val check, 8 speakers, no FRDist
+                model.eval()
+                run["hist"].update(metrics.quick_react(data.load_listener_split(path, "val")[:8], lambda its, T: (
+                    generate_all(model, its, T, cfg.n_samples, cfg.plms_order, cfg.sample_steps, cfg.seed)[1])))
+                model.train()
                 say(f"step {run['step']}: val FRCorr(mean) {run['hist']['frcorr_mean']:.3f} "
                     f"FRDiv {run['hist']['frdiv']:.4f}")
             lg = run["log"][name]
@@ -785,11 +635,11 @@ def train(cfg):
             save_checkpoint(Path(cfg.out) / "ckpt.pt", {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                 "step": run["step"], "stage": name, "config": dataclasses.asdict(cfg), "dims": dims,
-                "data_path": str(path), "rng": rng_state([gen]),
+                "data_path": str(path), "rng": data.rng_state([gen]),
                 "metrics": {**run["hist"], "log": run["log"], "train_seconds": time.time() - t0}})
     pbar.close()
     say(f"training done in {time.time() - t0:.1f}s, checkpoint {Path(cfg.out) / 'ckpt.pt'}")
-    check_in_sync(model)
+    data.check_in_sync(model)
     if world > 1:
         dist.destroy_process_group()
     return model
@@ -802,12 +652,13 @@ def train(cfg):
 @torch.no_grad()
 def generate_all(model, items, T, K, order, S, seed):
     """K reactions to the speaker of each item (its first T frames) -> latents (N, K, N_w, v) and attributes
-    (N, K, T, D) as float64 numpy; 16 speakers at a time, all noise from one generator."""
+    (N, K, T, D) as float64 numpy, snapped to valid REACT attributes [ours: data.react_attributes, e.g. binary AUs];
+    16 speakers at a time, all noise from one generator."""
     dev, g, zs, ys = model.abar.device, torch.Generator().manual_seed(seed), [], []
     spk = (torch.from_numpy(metrics.frames(items, "speaker_attr", T)).to(dev) - model.attr_mean) / model.attr_std
     for b in spk.split(16):                                                     # (≤16, T, D)
         z, y = model.generate(b, K, order, S, g)
-        zs.append(z), ys.append(to_attributes(y * model.attr_std + model.attr_mean))
+        zs.append(z), ys.append(data.react_attributes(y * model.attr_std + model.attr_mean))
     return torch.cat(zs), torch.cat(ys).cpu().double().numpy()
 
 
@@ -821,10 +672,10 @@ def motion_of(model, z, T):
 
 @torch.no_grad()
 def sample(cfg):
-    """Load a checkpoint, sample K reactions per scored speaker, score them (metrics.evaluate_react: GT, alt-GT,
-    baselines, model), write metrics.json and the samples, render two pictures."""
-    device = pick_device(cfg.device)
-    seed_all(cfg.seed)
+    """Load a checkpoint and hand its sampler to metrics.sample_react: K reactions per scored speaker, timed, scored
+    (GT, alt-GT, baselines, model), written (metrics.json, the samples) and drawn (two pictures)."""
+    device = data.pick_device(cfg.device)
+    data.seed_all(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     ck = load_checkpoint(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
@@ -832,29 +683,12 @@ def sample(cfg):
     model = LBD(tcfg, **ck["dims"]).to(device).eval()
     model.load_state_dict(ck["model"])
     path = Path(data.resolve_data(cfg.data, "listener", cfg.preset)) if cfg.data else Path(ck["data_path"])
-    items = metrics.evenly_spaced(load_items(path, cfg.split), cfg.eval_speakers)
-    T, fps, K = min(len(it["speaker_attr"]) for it in items), int(items[0]["fps"]), cfg.n_samples
-    print(f"device {device} | {len(items)} {cfg.split} speakers from {path}, T={T}, fps={fps}, K={K}")
-    react = lambda its, seed: generate_all(model, its, T, K, cfg.plms_order, cfg.sample_steps, seed)
-    T8 = min(T, 8 * fps)                                                        # the speed target: 10 reactions of 8 s
-    sec = metrics.best_time(lambda r: generate_all(model, items[:1], T8, 10, cfg.plms_order, cfg.sample_steps, r))
-    print(f"sampling 10 reactions of {T8 / fps:.1f} s for one speaker (PLMS-{cfg.plms_order}, "
-          f"{cfg.sample_steps} steps, {device}, {torch.get_num_threads()} threads): {sec:.3f} s")
-    z, preds = react(items, cfg.seed)                                           # (N, K, N_w, v), (N, K, T, D)
-    mot = motion_of(model, z, T)                                                # (N, K, T, F)
-    rows, table = metrics.evaluate_react(items, None if cfg.model_only else load_items(path, "train"), preds, mot,
-                                           sec_per_speaker=sec, seed=cfg.seed, model_only=cfg.model_only)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / f"{cfg.split}_reactions.npy", preds.astype(np.float32))
-    np.save(out / f"{cfg.split}_3dmm.npy", mot.astype(np.float32))
-    metrics.write_metrics_json(rows, out / "metrics.json")
-    print(f"REACT metrics, {cfg.split} split, {len(items)} speakers, K={K}, T={T} at {fps} fps; appropriate set = "
-          f"{metrics.appropriate_label(items)}; model PLMS-{cfg.plms_order} S={cfg.sample_steps}; FRCorr/FRDist sum "
-          f"over K (mean); AUs binarised at 0.5; FRCorr: CCC of equal constants = 1, frcorr_official: = 0\n" + table)
-    metrics.render_react(out, items, preds, mot, fps)
-    print(f"wrote {out}/metrics.json, {cfg.split}_reactions.npy, {cfg.split}_3dmm.npy, reactions.png, reactions.gif")
-    return rows
+    items = metrics.evenly_spaced(data.load_listener_split(path, cfg.split), cfg.eval_speakers)
+    return metrics.sample_react(
+        cfg.out, cfg.split, items, None if cfg.model_only else data.load_listener_split(path, "train"),
+        lambda its, T, K, seed: generate_all(model, its, T, K, cfg.plms_order, cfg.sample_steps, seed),
+        lambda z, T: motion_of(model, z, T), cfg.n_samples, sampler=f"PLMS-{cfg.plms_order} S={cfg.sample_steps} on "
+        f"{device}", where=f"device {device} | {path}: ", seed=cfg.seed, model_only=cfg.model_only)
 
 
 def main(argv=None, mode="train"):

@@ -13,10 +13,11 @@ emitted when its own frames begin. Any length: the context slides (Decoder), kee
 Papers: MMLM, "LLM-driven Multimodal and Multi-Identity Listening Head Generation" (CVPR 2025, DOI
 10.1109/CVPR52734.2025.00996, no arXiv version); LM-Listener, "Can Language Models Learn to Listen?" (arXiv 2308.10897).
 Substitutes, because the pretrained parts are too large for a CPU or need data we do not have: a from-scratch GPT
-for GPT-2; word ids from data.py's timings for Whisper + BPE; a 2-stage residual k-means over MFCC + delta (layer 1 =
-iSC, layer 2 on the residual = SA) for SpeechTokenizer's RVQ; the speaker's emotion readout (attr[:, 17:25]) for
-EMOCA. For exact causality the MFCC deltas are causal and each SA token sits in the group where its audio support
-*ends* (not its centre). Depends on vqvae.py (load_vqvae) for the LR tokens and their decoder.
+for GPT-2; word ids from data.py's timings for Whisper + BPE; in data.py, a 2-stage residual k-means over MFCC + delta
+(layer 1 = iSC, layer 2 on the residual = SA) for SpeechTokenizer's RVQ and the speaker's emotion readout (attr[:,
+17:25]) for EMOCA. For exact causality the MFCC deltas are causal and each SA token sits in the group where its audio
+support *ends* (not its centre). Depends on vqvae.py (load_vqvae) for the LR tokens and their decoder; the evaluation
+protocol is metrics.py's (evaluate_lm_listener_split).
 
 Shapes: B batch, T frames (30 fps), G = T/r groups, N sequence length, D model width, K codebook size (V_LR).
 
@@ -28,19 +29,11 @@ Shapes: B batch, T frames (30 fps), G = T/r groups, N sequence length, D model w
     python lm_listener.py --modalities W --out runs/lm_listener_W    # one Tab. 3 row: ablations are runs with flags
     torchrun --nproc_per_node 2 lm_listener.py ...     # data-parallel training (DDP), one shard of each batch per rank
 """
-import argparse
 import collections
 import dataclasses
-import inspect
-import itertools
 import json
 import math
 import os
-import pickle
-import random
-import re
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +104,7 @@ PRESETS = {
     "full": dict(n_layer=12, d_model=768, n_head=12, ctx=1024, clip_frames=240, n_hist=32, v_sa=1024, max_words=4096,
                  steps=70000, stage1_steps=20000, lr=3e-4, warmup=500, eval_every=2000),
 }
-R, E_EMO, HOP = 8, 8, 320             # frames per LR token, emotion classes, MFCC hop at 50 Hz (samples)
+R, E_EMO, HOP = 8, 8, data.SA_HOP     # frames per LR token, emotion classes, MFCC hop at 50 Hz (samples)
 BOUND = ["<sa>", "</sa>", "<isc>", "</isc>", "<emo>", "</emo>", "<lr>", "</lr>"]
 MODALITIES = ["W", "W+SA", "W+emo", "W+SA+emo", "W+iSC", "W+iSC+emo"]
 
@@ -146,144 +139,37 @@ def check_config(cfg, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
-# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
-# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): it names
+# this method for data.py's run-time plumbing (flags from Config, user errors, checkpoints). The rest of that plumbing
+# is called as data.X where it is used: pick_device, autocast, grad_scaler, seed_all, rng_state / set_rng_state (exact
+# resume), ddp_setup / is_main / shard / check_in_sync (torchrun). It expects METHOD, Config, PRESETS,
+# check_config(cfg, mode) and main(argv, mode) around it.
 
 
 def parse_config(argv, mode="train"):
     """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
-    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
-    given = vars(p.parse_args(argv))  # only the flags on the command line
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    check_config(cfg, mode)
-    return cfg
+    return data.parse_config(Config, PRESETS, check_config, argv, mode, f"{METHOD}.py", __doc__)
 
 
 def cli(argv=None, mode="train"):
     """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["train"], ["sample"]):
-        mode, argv = argv[0], argv[1:]
-    try:
-        return main(argv, mode)
-    except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return data.cli(main, argv, mode)
 
 
-def pick_device(name):
-    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
-    if not ok.get(name.split(":")[0], False):
-        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
-                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
-    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+def save_checkpoint(path, obj):  # atomic; records this method and the world's version (data.save_checkpoint)
+    data.save_checkpoint(path, METHOD, obj)
 
 
-def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
-
-def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
-    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
-
-def seed_all(seed):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
-def rng_state(gens=()):
-    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
-    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
-
-
-def set_rng_state(state, gens=()):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for g, s in zip(gens, state["gens"]):
-        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
-
-
-def save_checkpoint(path, obj):
-    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
-    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
-    if is_main():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
-        os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
-    if not isinstance(ck, dict) or ck.get("method") != METHOD:
-        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
-        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
-    return ck
-
-
-def ddp_setup(device):
-    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def check_in_sync(module):
-    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
-    an EMA codebook, must be all-reduced by the method); raises if not."""
-    if dist.is_initialized():
-        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        if not torch.equal(flat, ref):
-            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
-
-
-def shard(x):
-    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
-    ranks then equals the single-process gradient of the whole batch."""
-    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+def load_checkpoint(path, device="cpu"):  # -> the saved dict; missing, unreadable or another method's -> UserError
+    return data.load_checkpoint(path, METHOD, device)
 
 
 # End of the shared setup.
-
+# ----------------------------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokenisers: vocabulary blocks, residual k-means acoustics, emotion
+# The vocabulary and the interleaved sequence (Eq. 1 of MMLM), its speaker-only version (Eq. 2). The speaker's
+# tokens (residual k-means SA / iSC, emotion per group) come from data.py's stand-ins for the pretrained tokenisers.
 
 
 class Vocab:
@@ -298,67 +184,6 @@ class Vocab:
         self.lr0 = self.emo0 + E_EMO
         self.b = {name: self.lr0 + v_lr + k for k, name in enumerate(BOUND)}
         self.size = self.lr0 + v_lr + len(BOUND)
-
-
-def kmeans(x, k, iters=20, seed=0):
-    """k-means++ initialisation then Lloyd iterations; x (M, F) -> centroids (k, F)."""
-    g = torch.Generator().manual_seed(seed)
-    c = [x[int(torch.randint(len(x), (1,), generator=g))]]
-    d2 = ((x - c[0]) ** 2).sum(1)                                                    # (M,) distance to nearest centre
-    for _ in range(1, k):
-        c.append(x[int(torch.multinomial(d2 + 1e-12, 1, generator=g))])
-        d2 = torch.minimum(d2, ((x - c[-1]) ** 2).sum(1))
-    c = torch.stack(c)                                                               # (k, F)
-    for _ in range(iters):
-        a = torch.cdist(x, c).argmin(1)                                              # (M,)
-        cnt = torch.bincount(a, minlength=k).float()[:, None]
-        s = torch.zeros_like(c).index_add_(0, a, x)
-        c = torch.where(cnt > 0, s / cnt.clamp(min=1), c)
-    return c
-
-
-def sa_features(audio, n_rows=None):
-    """Speaker waveform (S,) -> (n, 80) pooled MFCC+delta at 12.5 Hz and (n,) support end in 30-fps frames.
-    Causal delta (c_t - c_{t-1}); rows pooled x4; pooled frame j ends at sample (4j+4)*HOP + 80 (25 ms window)."""
-    n_rows = (len(audio) // HOP) if n_rows is None else n_rows
-    n_rows -= n_rows % 4
-    if n_rows <= 0:
-        return torch.zeros(0, 80), torch.zeros(0)
-    m = torch.as_tensor(data.mfcc(np.asarray(audio, np.float32), rate=50, n_mfcc=40, n_rows=n_rows))  # (n_rows, 40)
-    d = torch.cat([torch.zeros_like(m[:1]), m[1:] - m[:-1]])                              # causal delta
-    f = torch.cat([m, d], 1).reshape(n_rows // 4, 4, 80).mean(1)                          # (n, 80)
-    end = ((torch.arange(len(f)) * 4 + 4) * HOP + 80) * data.FPS / data.SR                # frames
-    return f.float(), end.float()
-
-
-def fit_sa_kmeans(feats, v_sa, seed, max_frames=20000):
-    """Both stages on (at most max_frames of) the train features, standardised with train statistics."""
-    fs = torch.cat([f for f, _ in feats])                                                 # (M, 80)
-    fs = fs[torch.randperm(len(fs), generator=torch.Generator().manual_seed(seed))[:max_frames]]
-    mean, std = fs.mean(0), fs.std(0) + 1e-5
-    z = (fs - mean) / std
-    c1 = kmeans(z, v_sa, seed=seed)
-    c2 = kmeans(z - c1[torch.cdist(z, c1).argmin(1)], v_sa, seed=seed + 1)
-    return dict(mean=mean, std=std, c1=c1, c2=c2)
-
-
-def sa_tokens(f, km):
-    """Residual k-means: layer 1 = iSC (content), layer 2 on the residual = SA (acoustics). f (n, 80) -> 2 x (n,)."""
-    z = (f - km["mean"]) / km["std"]
-    isc = torch.cdist(z, km["c1"]).argmin(1)
-    sa = torch.cdist(z - km["c1"][isc], km["c2"]).argmin(1)
-    return sa, isc
-
-
-def emo_tokens(probs, r=R):
-    """MMLM's procedure: average the per-frame emotion probabilities over each group of r frames, then argmax.
-    probs (T, E) -> (T // r,)."""
-    T, E = probs.shape
-    return torch.as_tensor(probs[: T - T % r]).reshape(T // r, r, E).mean(1).argmax(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The interleaved sequence (Eq. 1 of MMLM) and its speaker-only version (Eq. 2)
 
 
 def group_of(end_frame, f0=0, r=R):
@@ -417,12 +242,6 @@ def build_sequence(clip, f0, G, V, mods, n_hist, with_lr=True, ctx=None, lag=0):
             kind += [0, 2, 0]
     assert ctx is None or len(ids) <= ctx, f"sequence of {len(ids)} tokens exceeds ctx {ctx}"
     return ids, kind
-
-
-def split_chunks(ids, kind):
-    """Cut a stage-2 sequence at its LR tokens: chunk i = everything after </lr>_{i-1} up to and including <lr>_i."""
-    pos = [p for p, k in enumerate(kind) if k == 2]
-    return [ids[s:p] for s, p in zip([0] + [p + 2 for p in pos[:-1]], pos)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -549,28 +368,12 @@ def batch_loss(model, seqs, stage, V, n_targets=None):
 # Data: the VQ-VAE, token streams of whole clips
 
 
-def vq_mismatch(path, data_path, preset, norm=None):
-    """Why the VQ-VAE checkpoint at `path` does not fit this run (missing, other preset, data or norms), or None."""
-    if not Path(path).is_file():
-        return "is missing"
-    try:
-        c = torch.load(path, map_location="cpu", weights_only=True)["config"]
-    except Exception as e:
-        raise data.UserError(f"--vq {path} is not a readable VQ-VAE checkpoint ({str(e).splitlines()[0][:100]})")
-    why = [(c.get("preset") != preset, f"was trained with --preset {c.get('preset')}, this run is --preset {preset}"),
-           (Path(c.get("data", "")).resolve() != Path(data_path).resolve(),
-            f"was trained on {c.get('data')}, this run reads {data_path}"),
-           (norm and c.get("norm") != norm, f"has norms {c.get('norm')}, expected {norm}"),
-           (c.get("r", R) != R, f"makes one token per {c.get('r')} frames, this method expects r = {R}")]
-    return next((what for broken, what in why if broken), None)
-
-
 def get_vq(path, cfg, data_path, naive=False):
     """Load the VQ-VAE at `path`, reused only when it was trained on this run's data and preset. A smoke run
     (re)trains a missing or mismatched one under its own --out, in one line; any other run stops with the reason."""
     import vqvae  # the stage this method depends on
     norm = "none,none" if naive else "IN,AdaIN"
-    why = vq_mismatch(path, data_path, cfg.preset, norm if naive else None)
+    why = data.vq_mismatch(path, data_path, cfg.preset, norm if naive else None, R)
     if why:
         own = Path(cfg.out) / ("vq_naive" if naive else "vq") / "ckpt.pt"
         if cfg.preset != "smoke" or dist.is_initialized():
@@ -582,88 +385,16 @@ def get_vq(path, cfg, data_path, naive=False):
     return vqvae.load_vqvae(path, device="cpu")
 
 
-@torch.no_grad()
-def vq_tokens(vq, items):
-    """Listener motion -> LR tokens [(T_i // r,)] with the VQ encoder (and its stored statistics); consecutive clips of
-    one length are encoded together, up to 64."""
-    out = []
-    for i in range(0, len(items), 64):
-        for _, grp in itertools.groupby(items[i:i + 64], key=lambda it: len(it["listener"]) // R):
-            grp = list(grp)
-            x = torch.stack([torch.as_tensor(it["listener"][: len(it["listener"]) // R * R]) for it in grp])
-            b = torch.stack([torch.as_tensor(it["listener_beta"]) for it in grp])
-            out += list(vq.encode(vq.normalize(x.float()), b.float()).cpu())
-    return out
-
-
-@torch.no_grad()
-def decode_motion(vq, toks, betas):
-    """LR tokens (n, G) -> de-normalised motion [(T, 56)], each decoded with its listener's beta."""
-    out = []
-    for i in range(0, len(toks), 64):
-        b = torch.stack([torch.as_tensor(x) for x in betas[i:i + 64]]).float()
-        out += list(vq.denormalize(vq.decode(toks[i:i + 64], b)).cpu().float().numpy())   # (B, T, 56)
-    return out
-
-
-def clip_features(items, cache):
-    """SA features of every clip (the slow part), cached in the file `cache` keyed by clip names."""
-    key = [it["name"] for it in items]
-    if Path(cache).exists():
-        c = torch.load(cache, weights_only=True)
-        if c["key"] == key:
-            return c["feats"]
-    feats = [(torch.zeros(0, 80), torch.zeros(0)) if it["audio"] is None else   # no audio: no SA tokens
-             sa_features(it["audio"], n_rows=len(it["listener"]) // R * R * data.SR // data.FPS // HOP) for it in items]
-    save_checkpoint(cache, dict(key=key, feats=feats))
-    return feats
-
-
 def prepare(items, V, km, vq, feats=None):
     """Per clip: word ids with end frames, SA/iSC tokens with support ends, emo (G,), LR (G,; None without a vq) and
-    raw arrays. feats: clip_features (None: computed here)."""
-    clips = []
-    feats = feats or [(torch.zeros(0, 80), torch.zeros(0)) if it["audio"] is None else
-                      sa_features(it["audio"], n_rows=len(it["listener"]) // R * R * data.SR // data.FPS // HOP)
-                      for it in items]
-    for it, lr, (f, end) in zip(items, vq_tokens(vq, items) if vq else [None] * len(items), feats):
+    raw arrays. feats: data.clip_features (None: computed here)."""
+    clips, feats = [], feats or data.clip_features(items, r=R)
+    for it, lr, (f, end) in zip(items, data.vq_tokens(vq, items, R) if vq else [None] * len(items), feats):
         T = len(it["listener"]) // R * R
-        sa, isc = sa_tokens(f, km)
+        sa, isc = data.sa_tokens(f, km)
         clips.append(dict(words=[(V.w2i.get(t.lower(), 1), e * data.FPS) for t, e in it["words"]], sa=sa, isc=isc,
-                          sa_end=end, emo=emo_tokens(it["speaker_attr"][:T, 17:25]), lr=lr, item=it, T=T))
+                          sa_end=end, emo=data.emo_tokens(it["speaker_attr"][:T, 17:25], R), lr=lr, item=it, T=T))
     return clips
-
-
-def load_streams(cfg, path):
-    """The VQ-VAE, the vocabulary (most frequent train words first), the acoustic k-means (fitted once per data,
-    v_sa and seed, then cached) and the train / val token streams of a training run."""
-    tr_items, va_items = data.load_listener(path, "train"), data.load_listener(path, "val")
-    vq, cache = get_vq(cfg.vq, cfg, path), Path(cfg.cache or cfg.out)
-    no_audio = sum(it["audio"] is None for it in tr_items)
-    if no_audio:  # the LM-Listener release has no audio: no SA / iSC tokens
-        mods = "+".join(m for m in cfg.modalities.split("+") if m not in ("SA", "iSC"))
-        print(f"[lm_listener] {no_audio} train clips of {path} have no audio: acoustic tokens off, modalities "
-              f"{cfg.modalities} -> {mods}")
-        cfg.modalities = mods
-    counts = collections.Counter(text.lower() for it in tr_items for text, _ in it["words"])
-    words = sorted(counts, key=lambda w: (-counts[w], w))[:cfg.max_words - 3]
-    V = Vocab(words, cfg.v_sa, vq.K, isc="iSC" in cfg.modalities)
-    key = [str(path), cfg.v_sa, cfg.seed]
-    km = torch.load(cache / "sa_kmeans.pt", weights_only=True) if (cache / "sa_kmeans.pt").exists() else {}
-    if no_audio:  # unused: every clip has 0 SA frames
-        km = dict(mean=torch.zeros(80), std=torch.ones(80), c1=torch.zeros(1, 80), c2=torch.zeros(1, 80), key=key)
-    if km.get("key") != key:
-        km = {**fit_sa_kmeans(clip_features(tr_items, cache / "sa_feats_train.pt"), cfg.v_sa, cfg.seed), "key": key}
-        save_checkpoint(cache / "sa_kmeans.pt", km)
-        print(f"[lm_listener] acoustic k-means fitted ({cfg.v_sa}+{cfg.v_sa} centroids)")
-    km = {k: km[k] for k in ("mean", "std", "c1", "c2", "key")}
-    tr = prepare(tr_items, V, km, vq, clip_features(tr_items, cache / "sa_feats_train.pt"))
-    if any(c["T"] < cfg.clip_frames for c in tr):  # training windows lie inside a clip
-        print(f"[lm_listener] {sum(c['T'] < cfg.clip_frames for c in tr)} train clips shorter than --clip-frames "
-              f"{cfg.clip_frames} skipped")
-        tr = [c for c in tr if c["T"] >= cfg.clip_frames]
-    va = prepare(va_items, V, km, vq, clip_features(va_items, cache / "sa_feats_val.pt"))
-    return vq, V, km, tr, va
 
 
 @torch.no_grad()
@@ -675,7 +406,7 @@ def predict(model, V, clips, wins, vq, cfg, top_p=0.0, T=None):
         hist, groups = speaker_groups(clips[c], f0, (T or cfg.clip_frames) // R, V, mods, cfg.speaker_lag)
         toks.append(decode(model, V, hist, groups, cfg.n_hist, cfg.clip_frames // R, top_p, gen))
     toks = torch.tensor(toks)
-    return decode_motion(vq, toks, [clips[c]["item"]["listener_beta"] for c, _ in wins]), toks
+    return data.decode_motion(vq, toks, [clips[c]["item"]["listener_beta"] for c, _ in wins]), toks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -715,35 +446,51 @@ def validate(model, V, va, wins, vq, cfg, step):
     G, mods = cfg.clip_frames // R, cfg.modalities.split("+")
     vce, vacc = batch_loss(model, [build_sequence(va[c], f0, G, V, mods, cfg.n_hist, ctx=cfg.ctx, lag=cfg.speaker_lag)
                                    for c, f0 in wins], 2, V)
-    test = metrics.listener_windows([c["item"] for c in va], wins, cfg.clip_frames)
-    m = metrics.listener_metrics(predict(model, V, va, wins, vq, cfg)[0], test["listener"], test["speaker"],
-                                 valence_fn=data.FaceModel().valence)
+    preds = predict(model, V, va, wins, vq, cfg)[0]
     model.train()
-    tqdm.write(f"step {step}: val CE {vce:.3f} | LR acc {vacc:.3f} | greedy L2 {m['mse/all']:.4f} FD {m['fd/all']:.3f} "
-               f"P-FD {m['pfd/all']:.3f} ({len(wins)} val windows)")
-    return dict(val_ce=float(vce), val_acc=float(vacc), **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")})
+    return metrics.validate_lm_listener(preds, [c["item"] for c in va], wins, cfg.clip_frames, vce, vacc, step,
+                                        tqdm.write)
 
 
 def start_run(cfg, dev, world):
-    """Print and save the config; load the data, VQ-VAE and tokenisers (rank 0 first: it may generate the world
-    and write the caches that the other ranks then read)."""
-    if not is_main():
+    """Print and save the config; load the VQ-VAE, the vocabulary (most frequent train words first), the acoustic
+    k-means (fitted once per data, v_sa and seed, then cached) and the train / val token streams. Rank 0 goes first:
+    it may generate the world and write the caches that the other ranks then read."""
+    if not data.is_main():
         dist.barrier()
     out, path = Path(cfg.out), data.resolve_data(cfg.data, "listener", cfg.preset)
-    if is_main():
+    if data.is_main():
         out.mkdir(parents=True, exist_ok=True)
         print(f"[lm_listener] device {dev}; data {path}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
         (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data": str(path)}, indent=1))
-    run = load_streams(cfg, path)
-    if is_main() and world > 1:
+    tr_items, va_items = data.load_listener(path, "train"), data.load_listener(path, "val")
+    vq, cache = get_vq(cfg.vq, cfg, path), Path(cfg.cache or cfg.out)
+    no_audio = sum(it["audio"] is None for it in tr_items)
+    if no_audio:  # the LM-Listener release has no audio: no SA / iSC tokens
+        mods = "+".join(m for m in cfg.modalities.split("+") if m not in ("SA", "iSC"))
+        print(f"[lm_listener] {no_audio} train clips of {path} have no audio: acoustic tokens off, modalities "
+              f"{cfg.modalities} -> {mods}")
+        cfg.modalities = mods
+    counts = collections.Counter(text.lower() for it in tr_items for text, _ in it["words"])
+    words = sorted(counts, key=lambda w: (-counts[w], w))[:cfg.max_words - 3]
+    V = Vocab(words, cfg.v_sa, vq.K, isc="iSC" in cfg.modalities)
+    key, feats = [str(path), cfg.v_sa, cfg.seed], data.clip_features(tr_items, cache / "sa_feats_train.pt", METHOD, R)
+    km = data.sa_kmeans(cache / "sa_kmeans.pt", key, feats, cfg.v_sa, cfg.seed, METHOD, placeholder=no_audio > 0)
+    tr = prepare(tr_items, V, km, vq, feats)
+    if any(c["T"] < cfg.clip_frames for c in tr):  # training windows lie inside a clip
+        print(f"[lm_listener] {sum(c['T'] < cfg.clip_frames for c in tr)} train clips shorter than --clip-frames "
+              f"{cfg.clip_frames} skipped")
+        tr = [c for c in tr if c["T"] >= cfg.clip_frames]
+    va = prepare(va_items, V, km, vq, data.clip_features(va_items, cache / "sa_feats_val.pt", METHOD, R))
+    if data.is_main() and world > 1:
         dist.barrier()
-    return out, path, run
+    return out, path, (vq, V, km, tr, va)
 
 
 def train(cfg):
-    seed_all(cfg.seed)
-    dev = pick_device(cfg.device)
-    world = ddp_setup(dev)[1]
+    data.seed_all(cfg.seed)
+    dev = data.pick_device(cfg.device)
+    world = data.ddp_setup(dev)[1]
     out, path, (vq, V, km, tr, va) = start_run(cfg, dev, world)
     n1 = min(cfg.stage1_steps, cfg.steps // 2)
     torch.manual_seed(cfg.seed)     # the initial weights must not depend on a VQ-VAE trained in this process or not
@@ -752,29 +499,29 @@ def train(cfg):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
-    scaler, start, hist = grad_scaler(dev, cfg.dtype), 0, {}
+    scaler, start, hist = data.grad_scaler(dev, cfg.dtype), 0, {}
     if cfg.resume:  # everything the next step depends on: weights, AdamW moments, loss scale, random streams
         ck = load_checkpoint(out / "ckpt.pt", dev)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"])
+        data.set_rng_state(ck["rng"])
         start, hist = ck["step"], ck["metrics"]
     net = torch.compile(model) if cfg.compile else model
     net = DDP(net, find_unused_parameters=True) if world > 1 else net   # stage 1 leaves the LR head unused
-    if is_main():
+    if data.is_main():
         print(f"[lm_listener] GPT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, vocab {V.size} "
               f"(words {V.V_W}, SA {V.v_sa}, LR {V.v_lr}); {len(tr)} train clips; from step {start} of {n1 + n2}")
     va_win = metrics.tiling([c["item"] for c in va], cfg.clip_frames, R)[: cfg.n_eval_decode]
-    bar = tqdm(range(start, n1 + n2), desc="lm_listener", dynamic_ncols=True, mininterval=2, disable=not is_main())
+    bar = tqdm(range(start, n1 + n2), desc="lm_listener", dynamic_ncols=True, mininterval=2, disable=not data.is_main())
     for step in bar:
         stage = 1 if step < n1 else 2
         for g in opt.param_groups:
             g["lr"] = lr_at(step - (0 if stage == 1 else n1), n1 if stage == 1 else n2, cfg)
         seqs = draw_batch(tr, step, stage, V, cfg)                     # the same global batch on every rank
         n = sum(k == stage for _, kd in seqs for k in kd[1:]) / world if world > 1 else None
-        with autocast(dev, cfg.dtype):
-            loss, acc = batch_loss(net, shard(seqs), stage, V, n)      # this rank's rows of it
+        with data.autocast(dev, cfg.dtype):
+            loss, acc = batch_loss(net, data.shard(seqs), stage, V, n)      # this rank's rows of it
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -784,14 +531,14 @@ def train(cfg):
         hist.setdefault("loss", {})[step + 1] = [stage, loss.item()]
         bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", acc=f"{acc.item():.2f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == n1 + n2:   # after the step: the checkpoint holds it
-            if is_main() and stage == 2:
+            if data.is_main() and stage == 2:
                 hist[step + 1] = validate(model, V, va, va_win, vq, cfg, step + 1)
             save_checkpoint(out / "ckpt.pt", dict(
                 model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), step=step + 1,
                 metrics=hist, config={**dataclasses.asdict(cfg), "data": str(path)}, words=V.words[3:], km=km,
-                v_lr=V.v_lr, rng=rng_state()))
-    check_in_sync(model)                                               # every rank ends with rank 0's weights
-    if is_main():
+                v_lr=V.v_lr, rng=data.rng_state()))
+    data.check_in_sync(model)                                               # every rank ends with rank 0's weights
+    if data.is_main():
         print(f"[lm_listener] trained {n1 + n2 - start} steps -> {out}/ckpt.pt")
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -815,20 +562,20 @@ def load_model(ckpt_path, device="cpu"):
 
 @torch.no_grad()
 def stream(model, V, km, clip, cfg):
-    """Consume a speaker stream as it arrives (audio, emotion readout, finished words) and emit LR_i as soon as its
+    """Consume a speaker stream as it arrives (audio, emotion readout, finished words) and yield LR_i as soon as its
     speaker block is in: at group i's last frame (lag 0), or at group i-1's, when LR_i's own frames begin (lag 1).
-    The context slides as offline (Decoder). -> the tokens and each one's latency (ms) from that frame to LR_i."""
+    The context slides as offline (Decoder); metrics.stream_latency times each token from that frame to LR_i."""
     it, mods, lag = clip["item"], cfg.modalities.split("+"), cfg.speaker_lag
     audio = np.zeros(0, np.float32) if it["audio"] is None else it["audio"]
     words = sorted(clip["words"], key=lambda w: w[1])
     dec = Decoder(model, V, [w for w, e in words if group_of(e) <= -lag], cfg.n_hist, cfg.clip_frames // R)
-    toks, lat, blocks, done_sa = [], [], {}, 0                   # blocks: group -> its SA and iSC tokens so far
+    blocks, done_sa = {}, 0                                      # blocks: group -> its SA and iSC tokens so far
     for i in range(1 - lag, clip["T"] // R - lag + 1):           # speaker group i, placed before LR_{i + lag}
-        t_ready, wav = time.perf_counter(), audio[: round(max(i, 0) * R * data.SR / data.FPS)]   # the speech so far
+        wav = audio[: round(max(i, 0) * R * data.SR / data.FPS)]                              # the speech so far
         a0 = max(0, (4 * done_sa - 4) * HOP)                     # aligned audio start, 1 pooled frame of slack
-        f, end = sa_features(wav[a0:], n_rows=(len(wav) - a0) // HOP)
+        f, end = data.sa_features(wav[a0:], n_rows=(len(wav) - a0) // HOP)
         end, j0 = end + a0 * data.FPS / data.SR, a0 // (4 * HOP)
-        sa, isc = sa_tokens(f, km)
+        sa, isc = data.sa_tokens(f, km)
         for k in range(len(f)):                                  # SA tokens whose support has ended
             if j0 + k >= done_sa and group_of(float(end[k])) <= i:
                 g = blocks.setdefault(max(1, group_of(float(end[k]))), ([], []))
@@ -837,84 +584,42 @@ def stream(model, V, km, clip, cfg):
                 done_sa = j0 + k + 1
         emo = int(it["speaker_attr"][(i - 1) * R: i * R, 17:25].mean(0).argmax()) if i > 0 else None
         wi = [w for w, e in words if group_of(e) == i]
-        toks.append(dec.step(wi, speaker_block(wi, *blocks.pop(i, ([], [])), emo, V, mods)))
-        lat.append((time.perf_counter() - t_ready) * 1e3)
-    return toks, lat
-
-
-def long_stream(model, V, km, items, cfg, seconds):
-    """Stream `seconds` of consecutive speaker items, compare with offline decoding of the same stream, and time the
-    tokens; -> row entries: latency median / p95 over the stream and median over its last 5 s (the 60-s mark)."""
-    clip = prepare([metrics.long_item(items, seconds)], V, km, None)[0]
-    toks, ms = stream(model, V, km, clip, cfg)
-    G, mods = clip["T"] // R, cfg.modalities.split("+")
-    same = toks == decode(model, V, *speaker_groups(clip, 0, G, V, mods, cfg.speaker_lag), cfg.n_hist,
-                          cfg.clip_frames // R)
-    last = ms[-int(5 * data.FPS / R):]
-    print(f"streaming {G * R / data.FPS:.0f} s ({G} tokens, sliding context of <= {cfg.clip_frames // R} groups): "
-          f"latency per token median {np.median(ms):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms, over the last 5 s "
-          f"{np.median(last):.2f} ms; {'equal' if same else 'NOT equal'} to offline decoding")
-    return {"stream_ms_median": float(np.median(ms)), "stream_ms_p95": float(np.percentile(ms, 95)),
-            f"stream_ms_at_{seconds}s": float(np.median(last)), "stream_equals_offline": float(same)}
+        yield dec.step(wi, speaker_block(wi, *blocks.pop(i, ([], [])), emo, V, mods))
 
 
 def sample(cfg):
-    """Decode the split with the checkpoint's model (greedy, plus nucleus at --nucleus), score every row of the
-    listener table, render, and write <out>/metrics.json. The model's settings come from its checkpoint; the
-    evaluation flags (split, max_eval, nucleus, stream, seed, data) from this command line."""
+    """Decode the split with the checkpoint's model (greedy, plus nucleus at --nucleus), then score every row of the
+    listener table, render and write <out>/metrics.json (metrics.evaluate_lm_listener_split). The model's settings
+    come from its checkpoint; the evaluation flags (split, max_eval, nucleus, stream, seed, data) from this command."""
     ckpt, out = Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt"), Path(cfg.out)
-    model, V, km, tcfg = load_model(ckpt, pick_device(cfg.device))
+    model, V, km, tcfg = load_model(ckpt, data.pick_device(cfg.device))
     tcfg.seed = cfg.seed
     path = data.resolve_data(cfg.data, "listener", tcfg.preset) if cfg.data else tcfg.data
-    seed_all(cfg.seed)
+    data.seed_all(cfg.seed)
     print(f"[lm_listener] sampling {ckpt} on {path} ({cfg.split}), modalities {tcfg.modalities}, vq {tcfg.vq}")
     tr_items, te_items = data.load_listener(path, "train"), data.load_listener(path, cfg.split)
-    T = cfg.eval_frames or tcfg.clip_frames
+    T, mods = cfg.eval_frames or tcfg.clip_frames, tcfg.modalities.split("+")
     vq, G = get_vq(tcfg.vq, tcfg, path), T // R
-    feats = clip_features(te_items, Path(tcfg.cache or ckpt.parent) / f"sa_feats_{cfg.split}.pt")
+    feats = data.clip_features(te_items, Path(tcfg.cache or ckpt.parent) / f"sa_feats_{cfg.split}.pt", METHOD, R)
     te = prepare(te_items, V, km, vq, feats)
     wins = metrics.tiling(te_items, T, R)[: cfg.max_eval or None]
     preds, toks = predict(model, V, te, wins, vq, tcfg, T=T)
     rows = {"model": preds}
     if cfg.nucleus > 0:  # greedy decoding collapses the variation: nucleus sampling is scored beside it
         rows[f"model:nucleus_{cfg.nucleus:g}"] = predict(model, V, te, wins, vq, tcfg, cfg.nucleus, T)[0]
-    betas, walks = [te[c]["item"]["listener_beta"] for c, _ in wins], {}
-    codecs = [("naive", get_vq(tcfg.vq_naive, tcfg, path, naive=True))]
-    codecs += [("identity", vq)] if vq.cfg.norm != "none,none" else []   # a Tab. 4 run decodes with the naive one
-    for name, codec in codecs:   # the random-walk baselines: (M', G) training token windows of each codec
-        codes = torch.cat([c[: len(c) // G * G] for c in vq_tokens(codec, tr_items)]).reshape(-1, G)
-        walks[name] = (codes.numpy(), codec.K,
-                       lambda z, codec=codec: decode_motion(codec, torch.as_tensor(z), betas))
-    test, extra = metrics.listener_windows(te_items, wins, T), None
-    lr_gt = torch.stack([te[c]["lr"][f0 // R: f0 // R + G] for c, f0 in wins])
-    rows["baseline:vq_floor"] = decode_motion(vq, lr_gt, betas)   # the codec's floor: the true tokens decoded
-    seen, lid = {it["listener_id"] for it in tr_items}, [te_items[c]["listener_id"] for c, _ in wins]
-    if any(i not in seen for i in lid):  # Tab. 2 split into listeners seen in training and unseen ones
-        test["subsets"] = {k: [j for j, i in enumerate(lid) if (i in seen) == (k == "seen")]
-                           for k in ("seen", "unseen")}
-    swaps, swapped = data.load_swaps(path, cfg.split), {}
-    if swaps:  # Fig. 5 as a number: the same tokens decoded with other listeners' beta, against their answers
-        sw = [swaps[te_items[c]["name"]] for c, _ in wins]
-        test["swap"] = [m[:, f0:f0 + T] for (_, _, m), (_, f0) in zip(sw, wins)]
-        n, b = torch.tensor([len(s[0]) for s in sw]), [x for s in sw for x in s[1]]
-        for name, z in (("model", toks), ("baseline:vq_floor", lr_gt)):
-            flat = decode_motion(vq, torch.repeat_interleave(z, n, 0), b)
-            swapped[name] = [np.stack(flat[k - m:k]) for k, m in zip(n.cumsum(0).tolist(), n.tolist())]
-        ids = {f"beta {i}": x for i, x in zip(sw[0][0][:3], sw[0][1])}          # Fig. 5: one sequence, 3 listeners
-        pics = {f"{name} VQ ({codec.cfg.norm})": {k: decode_motion(codec, z[:1], [x])[0] for k, x in ids.items()}
-                for name, codec, z in [("this run's", vq, toks)] + [
-                    ("naive", c, vq_tokens(c, [te_items[wins[0][0]]])[0][None, wins[0][1] // R:][:, :G])
-                    for k, c in codecs if k == "naive" and vq.cfg.norm != "none,none"]}
-        metrics.render_swap(out / "samples" / "swap.png", pics)
-    test["events"] = data.load_ledger(path, te_items)          # the rule ledger of the synthetic twins, else None
-    test["item_of"] = [c for c, _ in wins]
+    lr_gt = torch.stack([te[c]["lr"][f0 // R: f0 // R + G] for c, f0 in wins])   # the true tokens: the codec's floor
+    walks = {"naive": get_vq(tcfg.vq_naive, tcfg, path, naive=True)}            # the random walks' codecs
+    if vq.cfg.norm != "none,none":                                 # a Tab. 4 run decodes with the naive one
+        walks["identity"] = vq
+    extra = None
     if cfg.stream:  # streaming must give the offline tokens; its latency at the 60-s mark
-        extra = {"model": long_stream(model, V, km, te_items, tcfg, cfg.stream_seconds)}
-    bank = metrics.listener_windows(tr_items, metrics.tiling(tr_items, T, R), T)
-    rows = metrics.evaluate_lm_listener(test, bank, rows, walks=walks, extra=extra, seed=cfg.seed, swapped=swapped,
-                                        picture=out / "samples" / "channels.png")
-    metrics.render_lm_listener(out / "samples", test, preds, betas, toks.numpy())
-    metrics.write_metrics_json(rows, out / "metrics.json")
+        clip = prepare([metrics.long_item(te_items, cfg.stream_seconds)], V, km, None)[0]
+        offline = decode(model, V, *speaker_groups(clip, 0, clip["T"] // R, V, mods, tcfg.speaker_lag), tcfg.n_hist,
+                         tcfg.clip_frames // R)
+        extra = {"model": metrics.stream_latency(stream(model, V, km, clip, tcfg), offline, cfg.stream_seconds,
+                                                 tcfg.clip_frames // R, R)}
+    rows = metrics.evaluate_lm_listener_split(out, path, cfg.split, tr_items, te_items, wins, T, rows, {
+        "model": toks, "baseline:vq_floor": lr_gt}, vq, walks, extra=extra, seed=cfg.seed, r=R)
     print(f"[lm_listener] wrote {out / 'metrics.json'} and {out / 'samples'}")
     return rows
 

@@ -9,9 +9,10 @@ How the file reads:
     3. the table functions that the method files call: listener_metrics, react_metrics, face_metrics;
     4. the baselines; 5. the Markdown table and metrics.json writers;
     6. the evaluation protocol of each method, the one function its sample() calls: evaluate_codec (vqvae.py),
-       evaluate_listener (discrete_diffusion.py), evaluate_lm_listener (lm_listener.py), evaluate_react
-       (latent_diffusion.py), evaluate_talking (diff_transformer.py): they build the GT / alt-GT / baseline /
-       oracle / model rows and the printed table; and rule_responses, which social rule a listener answers;
+       evaluate_diff_listener (discrete_diffusion.py), evaluate_lm_listener_split (lm_listener.py), sample_react
+       (latent_diffusion.py; it calls evaluate_react), evaluate_talking (diff_transformer.py): they build the
+       GT / alt-GT / baseline / oracle / model rows and the printed table; and rule_responses, which social rule a
+       listener answers;
     7. `python metrics.py --bench`, which times FD and FRDist against the reference code (numpy/scipy, tslearn)
        when it is installed.
 
@@ -1072,7 +1073,27 @@ def windows_of(motions, T):
 
 
 @torch.no_grad()
-def evaluate_codec(model, clips, train_clips, device, *, seed=0):
+def codec_report(step, model, o, first_rec, val_clips, train_clips, device, picture):
+    """The codec's validation during training (rank 0): the Tab. 5 numbers on the val clips (codec_stats), the train
+    L_rec of this step's batch (o["rec"]) and of the first step (first_rec), printed, and a picture of one
+    reconstruction at `picture`. -> metrics"""
+    from tqdm import tqdm
+    clips = val_clips or train_clips[:1]  # codec_stats sets eval mode: no codebook update
+    val, x_hats = codec_stats(model, clips, device)
+    met = {**({f"val_{k}": v for k, v in val.items()} if val_clips else {}), "train_rec": float(o["rec"]),
+           "train_rec_first": first_rec}
+    tqdm.write(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in met.items()))
+    try:
+        data.plot_channels(picture, {"real": model.denormalize(clips[0][0]).numpy(),
+                                     "reconstruction": model.denormalize(x_hats[0]).numpy()},
+                           channels=[0, 1, 2, 50, 51, 53])
+    except Exception as e:  # a picture must never kill a training run
+        tqdm.write(f"(plot skipped: {e})")
+    return met
+
+
+@torch.no_grad()
+def evaluate_codec(model, clips, train_clips, device, *, seed=0, out=None):
     """Every row of the codec's table, printed (all metrics, then the Tab. 5 layout).
 
     clips: the evaluated clips (x_norm, beta, item); train_clips: the training clips (their tokens fit the random
@@ -1081,7 +1102,8 @@ def evaluate_codec(model, clips, train_clips, device, *, seed=0):
     row's windows are the decoded tokens of each test window, so its FD is the codec floor as the LM uses it.
     Rows: GT, model, model:seen / model:unseen (when some test listeners are not in train), model:whole_clip (every
     clip encoded and decoded in one pass, not in training-length windows), baseline:random_walk, alt-GT.
-    -> (rows, gts, recons, walks), motions [(T_i, 56)] raw units"""
+    out: a folder for metrics.json, recon.npy (up to 8 reconstructions), random_walk.npy and recon_test.png / .gif
+    (the first clip: real, reconstruction, random walk). -> (rows, gts, recons, walks), motions [(T_i, 56)] raw units"""
     T, raw = model.cfg.window, lambda x: model.denormalize(x).cpu().numpy()  # z-units -> raw motion (T, 56)
     gts = [raw(c[0]) for c in clips]
     spk = [np.asarray(c[2]["speaker"], np.float32)[: g.shape[0]] for c, g in zip(clips, gts)]
@@ -1116,6 +1138,16 @@ def evaluate_codec(model, clips, train_clips, device, *, seed=0):
     print(f"\nTab. 5 layout (Rec = L_rec in z-units, Commit = mean |z_e - z_q|^2, PPL = exp of the code entropy; "
           f"fd/all of the model rows = the codec floor on {T}-frame windows):")
     print(format_table({k: v for k, v in rows.items() if k.startswith("model")}, TABLE5))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / "recon.npy", np.stack(recons[:8]) if len({p.shape for p in recons[:8]}) == 1 else recons[0])
+        np.save(out / "random_walk.npy", walk[0])
+        shown = {"real": gts[0], "reconstruction": recons[0], "random walk": walk[0]}
+        data.plot_channels(out / "recon_test.png", shown, channels=[0, 1, 2, 50, 51, 53])
+        data.render_gif(out / "recon_test.gif", list(shown.values()), [clips[0][1].numpy()] * 3, list(shown))
+        write_metrics_json(rows, out / "metrics.json")
+        print(f"wrote {out / 'metrics.json'}, {out / 'recon_test.png'}, {out / 'recon_test.gif'}")
     return rows, gts, recons, walk
 
 
@@ -1357,6 +1389,36 @@ def render_listener(folder, test, pred, long, name, **arrays):
     data.plot_channels(folder / "long.png", both, channels=[0, 50, 53], fps=fps)
 
 
+def token_windows(d, seg, crop):
+    """What the evaluation needs of windows (seg, crop) of a data.load_windows dict: GT listener, speaker, audio,
+    text, alt-GT, VQ tokens (codes) and the listener's beta."""
+    b, T, fps = data.get_batch(d, seg, crop), d["T"], d["fps"]
+    text = [window_text(d["words"][i], c / fps, (c + T) / fps)
+            for i, c in zip(seg.tolist(), d["starts"][crop].tolist())]
+    return dict(listener=b["lis"].numpy(), speaker=b["spk"].numpy(), audio=b["feat"].numpy(), beta=b["beta"],
+                text=text, codes=b["tok"], alt=None if b["alt"] is None else b["alt"].numpy())
+
+
+def evaluate_diff_listener(te, tr, seg, crop, runs, listen, vq, out, *, steps, long_seconds, time_runs, time_batch,
+                           device, seed=0):
+    """DiffListener's protocol (discrete_diffusion.py sample): the windows (seg, crop) of te (data.load_windows)
+    against GT, alt-GT and the baselines on a bank of every window of tr (and the rule table, on a twin); the long
+    conversation and the sampler's timing with listen(stream, hop, S, B) (time_sampler; `steps` reverse steps);
+    npy + GIF + PNG under out/samples, out/metrics.json. runs: [(tokens (n, L), motion (n, T, D)) per seed]; vq:
+    the codec (K, r, decode, denormalize) of the baselines random_walk and vq_floor. -> evaluate_listener's rows."""
+    test, bank = token_windows(te, seg, crop), token_windows(tr, *data.all_windows(tr))
+    long = long_conversation(te, long_seconds, vq.r, listen, every=te["T"])  # segments of their own lengths
+    timing = time_sampler(te, vq.r, listen, steps, time_runs, time_batch, device)
+    decode = lambda codes: vq.denormalize(vq.decode(torch.as_tensor(codes), test["beta"])).numpy()
+    rules = dict(seg=seg.numpy(), events=te["events"], fps=te["fps"]) if te["events"] else None  # twins' ledger
+    rows = evaluate_listener(test, bank, {"model": [x for _, x in runs]}, codec=dict(K=vq.K, decode=decode),
+                             long=long, timing=timing, seed=seed, rules=rules,
+                             picture=Path(out) / "samples" / "key_channels.png")
+    render_listener(Path(out) / "samples", test, runs[0][1], long, "DiffListener", tokens=runs[0][0].numpy())
+    write_metrics_json(rows, Path(out) / "metrics.json")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 6c. Evaluation protocol: listening heads, the multimodal LM listener (lm_listener.py; MMLM Tab. 1-4)
 # ---------------------------------------------------------------------------------------------------------
@@ -1389,6 +1451,24 @@ def long_item(items, seconds):
     cat = lambda k: None if sel[0][k] is None else np.concatenate([it[k] for it in sel])
     return dict(audio=cat("audio"), speaker_attr=cat("speaker_attr"), listener=cat("listener"), words=[
         (w, e + o) for j, (it, o) in enumerate(zip(sel, offs)) for w, e in it["words"] if e > 0 or j == 0])
+
+
+def stream_latency(stream, offline, seconds, window, r=8):
+    """Time a streaming decoder over a long_item of `seconds`: stream yields each token as soon as its speech has
+    arrived; its latency is the time from the previous token (the arrival of the frames that complete this one) to
+    this token. -> row entries (printed): latency median / p95 over the stream and median over its last 5 s (the
+    60-s mark), and whether the streamed tokens equal `offline` (offline decoding); window: the sliding context."""
+    got, ms, t = [], [], time.perf_counter()
+    for tok in stream:
+        got.append(tok)
+        ms.append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+    same, last = got == offline, ms[-int(5 * data.FPS / r):]
+    print(f"streaming {len(ms) * r / data.FPS:.0f} s ({len(ms)} tokens, sliding context of <= {window} groups): "
+          f"latency per token median {np.median(ms):.2f} ms, p95 {np.percentile(ms, 95):.2f} ms, over the last 5 s "
+          f"{np.median(last):.2f} ms; {'equal' if same else 'NOT equal'} to offline decoding")
+    return {"stream_ms_median": float(np.median(ms)), "stream_ms_p95": float(np.percentile(ms, 95)),
+            f"stream_ms_at_{seconds}s": float(np.median(last)), "stream_equals_offline": float(same)}
 
 
 def retrieval_baselines(test, bank, seed=0):
@@ -1517,6 +1597,63 @@ def evaluate_lm_listener(test, bank, preds, *, walks=None, extra=None, seed=0, v
     return rows
 
 
+def evaluate_lm_listener_split(out, path, split, tr_items, te_items, wins, T, preds, tokens, vq, walk_codecs, *,
+                               extra=None, seed=0, r=8):
+    """lm_listener.py's sample() protocol: every row of the listener table on the windows wins [(test item, start
+    frame)] of T frames of a split, rendered under out/samples, written to out/metrics.json and returned.
+
+    preds {row: [(T, 56)]}: the model's rows; tokens {"model": (n, T // r), "baseline:vq_floor": (n, T // r)}: the
+    model's LR tokens and the windows' true ones, decoded by vq (this run's VQ-VAE; the true tokens decoded are the
+    codec's floor row); walk_codecs {name: VQ-VAE} -> baseline:random_walk_<name>, a walk over that codec's training
+    token windows. Adds the seen / unseen subsets (Tab. 2) when some test listeners are not in train, the identity
+    swap (Fig. 5, data.load_swaps: swap_mse / swap_fd and samples/swap.png) when the data has one, the rule ledger
+    (data.load_ledger); extra: as evaluate_lm_listener's."""
+    G, betas, walks, out = T // r, [te_items[c]["listener_beta"] for c, _ in wins], {}, Path(out)
+    decode = data.decode_motion                      # (vq, tokens (n, G), betas) -> [(T, 56)]
+    for name, codec in walk_codecs.items():   # the random-walk baselines: (M', G) training token windows of each codec
+        codes = torch.cat([c[: len(c) // G * G] for c in data.vq_tokens(codec, tr_items, r)]).reshape(-1, G)
+        walks[name] = (codes.numpy(), codec.K, lambda z, codec=codec: decode(codec, torch.as_tensor(z), betas))
+    test = listener_windows(te_items, wins, T)
+    preds = {**preds, "baseline:vq_floor": decode(vq, tokens["baseline:vq_floor"], betas)}
+    seen, lid = {it["listener_id"] for it in tr_items}, [te_items[c]["listener_id"] for c, _ in wins]
+    if any(i not in seen for i in lid):  # Tab. 2 split into listeners seen in training and unseen ones
+        test["subsets"] = {k: [j for j, i in enumerate(lid) if (i in seen) == (k == "seen")]
+                           for k in ("seen", "unseen")}
+    swaps, swapped = data.load_swaps(path, split), {}
+    if swaps:  # Fig. 5 as a number: the same tokens decoded with other listeners' beta, against their answers
+        sw = [swaps[te_items[c]["name"]] for c, _ in wins]
+        test["swap"] = [m[:, f0:f0 + T] for (_, _, m), (_, f0) in zip(sw, wins)]
+        n, b = torch.tensor([len(s[0]) for s in sw]), [x for s in sw for x in s[1]]
+        for name, z in tokens.items():
+            flat = decode(vq, torch.repeat_interleave(z, n, 0), b)
+            swapped[name] = [np.stack(flat[k - m:k]) for k, m in zip(n.cumsum(0).tolist(), n.tolist())]
+        ids = {f"beta {i}": x for i, x in zip(sw[0][0][:3], sw[0][1])}          # Fig. 5: one sequence, 3 listeners
+        pics = {f"{name} VQ ({codec.cfg.norm})": {k: decode(codec, z[:1], [x])[0] for k, x in ids.items()}
+                for name, codec, z in [("this run's", vq, tokens["model"])] + [
+                    ("naive", c, data.vq_tokens(c, [te_items[wins[0][0]]], r)[0][None, wins[0][1] // r:][:, :G])
+                    for k, c in walk_codecs.items() if k == "naive" and vq.cfg.norm != "none,none"]}
+        render_swap(out / "samples" / "swap.png", pics)
+    test["events"] = data.load_ledger(path, te_items)          # the rule ledger of the synthetic twins, else None
+    test["item_of"] = [c for c, _ in wins]
+    bank = listener_windows(tr_items, tiling(tr_items, T, r), T)
+    rows = evaluate_lm_listener(test, bank, preds, walks=walks, extra=extra, seed=seed, swapped=swapped,
+                                picture=out / "samples" / "channels.png")
+    render_lm_listener(out / "samples", test, preds["model"], betas, tokens["model"].numpy())
+    write_metrics_json(rows, out / "metrics.json")
+    return rows
+
+
+def validate_lm_listener(preds, items, wins, T, ce, acc, step, log=print):
+    """lm_listener.py's validation during training: teacher-forced CE and LR accuracy, and the greedy predictions
+    [(T, 56)] of the windows wins [(item index, start frame)] scored by listener_metrics; one line to log (tqdm.write
+    under a progress bar), -> the history's entry."""
+    test = listener_windows(items, wins, T)
+    m = listener_metrics(preds, test["listener"], test["speaker"], valence_fn=data.FaceModel().valence)
+    log(f"step {step}: val CE {ce:.3f} | LR acc {acc:.3f} | greedy L2 {m['mse/all']:.4f} FD {m['fd/all']:.3f} "
+        f"P-FD {m['pfd/all']:.3f} ({len(wins)} val windows)")
+    return dict(val_ce=float(ce), val_acc=float(acc), **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")})
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 6d. Evaluation protocol: REACT, Latent Behavior Diffusion (latent_diffusion.py)
 # ---------------------------------------------------------------------------------------------------------
@@ -1614,8 +1751,10 @@ def react_baselines(items, train_items, T, K, score, seed=0):
     return rows
 
 
-def quick_react(items, preds):
-    """The cheap check during training: FRCorr (mean over samples) and FRDiv of preds (N, K, T, D), no FRDist."""
+def quick_react(items, generate):
+    """The cheap check during training: FRCorr (mean over samples) and FRDiv of the samples generate(items, T) ->
+    (N, K, T, D) of the items' shortest T, no FRDist."""
+    preds = generate(items, min(len(it["speaker_attr"]) for it in items))
     pool, A, _ = appropriate_pool(items, preds.shape[2])
     return {"frcorr_mean": fr_corr(preds, pool, A)["mean"], "frdiv": fr_div(preds)}
 
@@ -1668,6 +1807,35 @@ def evaluate_react(items, train_items, preds, motion=None, *, sec_per_speaker=No
         text += (f"\n\n3DMM branch (sample 0, raw {motion.shape[-1]}-d motion units, per {T}-frame window):\n"
                  + format_table({k: r for k, r in rows.items() if "mse/all" in r}, MOTION_COLS))
     return rows, text
+
+
+def sample_react(out, split, items, train_items, generate, decode, K, *, sampler, where="", seed=0,
+                 model_only=False):
+    """The REACT run of a sampler around evaluate_react: time it (10 reactions of 8 s for one speaker, LBD's speed
+    target), sample K reactions per scored speaker, score them, write metrics.json, <split>_reactions.npy,
+    <split>_3dmm.npy and the pictures (render_react), print the tables. generate(items, T, K, seed) -> (latents,
+    attributes (N, K, T, D) numpy); decode(latents, T) -> 3DMM motion (N, K, T, F); sampler names it in the
+    printout. Returns the rows."""
+    T, fps = min(len(it["speaker_attr"]) for it in items), int(items[0]["fps"])
+    print(f"{where}{len(items)} {split} speakers, T={T}, fps={fps}, K={K}")
+    T8 = min(T, 8 * fps)                                                        # the speed target: 10 reactions of 8 s
+    sec = best_time(lambda r: generate(items[:1], T8, 10, r))
+    print(f"sampling 10 reactions of {T8 / fps:.1f} s for one speaker ({sampler}, {torch.get_num_threads()} "
+          f"threads): {sec:.3f} s")
+    z, preds = generate(items, T, K, seed)                                      # latents, (N, K, T, D)
+    mot = decode(z, T)                                                          # (N, K, T, F)
+    rows, table = evaluate_react(items, train_items, preds, mot, sec_per_speaker=sec, seed=seed, model_only=model_only)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / f"{split}_reactions.npy", preds.astype(np.float32))
+    np.save(out / f"{split}_3dmm.npy", mot.astype(np.float32))
+    write_metrics_json(rows, out / "metrics.json")
+    print(f"REACT metrics, {split} split, {len(items)} speakers, K={K}, T={T} at {fps} fps; appropriate set = "
+          f"{appropriate_label(items)}; model {sampler}; FRCorr/FRDist sum over K (mean); AUs binarised at 0.5; "
+          f"FRCorr: CCC of equal constants = 1, frcorr_official: = 0\n" + table)
+    render_react(out, items, preds, mot, fps)
+    print(f"wrote {out}/metrics.json, {split}_reactions.npy, {split}_3dmm.npy, reactions.png, reactions.gif")
+    return rows
 
 
 def render_react(out, items, preds, motion, fps):
@@ -1735,6 +1903,15 @@ def median_ms(fn, warmup=2, reps=5):
     return statistics.median(ts[warmup:])
 
 
+def talking_val(preds, items, sigma, lip_idx, upper_idx):
+    """Training-time val scores of predictions [(T_i, V, 3)] of talking items: MSE in the normalised units (divided
+    by sigma^2), LVE and FDD -> {"val_mse", "lve", "fdd"}."""
+    gts = [it["vertices"] for it in items]
+    mse = float(np.mean([np.mean((p - g) ** 2) for p, g in zip(preds, gts)]) / sigma ** 2)
+    return {"val_mse": mse, "lve": float(lip_vertex_error(preds, gts, lip_idx)),
+            "fdd": float(fdd(preds, gts, [it["template"] for it in items], upper_idx))}
+
+
 def style_averaged(predict, gts, templates, n_style, lip_idx, upper_idx, reps=1):
     """face_metrics of predict(style, seed) -> [(T, V, 3)], averaged over every training style and repetition;
     with reps > 1 also <m>_ci95 = 1.96 std / sqrt(reps) of the per-repetition lve and lve_seq (styles averaged
@@ -1763,12 +1940,13 @@ def reference_rows(references, gts, templates, n_style, lip_idx, upper_idx):
 
 
 def evaluate_talking(items, predict, n_style, lip_idx, upper_idx, *, references=None, baseline=None, timers=None,
-                     reps=1):
+                     reps=1, out=None, curves=None):
     """The talking-face table: unseen test subjects, each animated under every training style, metrics averaged
     (LVE, FDD, MVE as in face_metrics). items: test clips {"vertices" (T, V, 3), "template" (V, 3)};
     predict(style, seed) -> [(T, V, 3)] one prediction per clip; baseline: the same callable for the autoregressive
     baseline, or None; references: per clip data.talking_references(...) (None on real data); timers:
-    {row: (fn, warmup, reps)} -> column ms_per_10s (fn animates 10 s of speech). Prints the table -> rows."""
+    {row: (fn, warmup, reps)} -> column ms_per_10s (fn animates 10 s of speech). Prints the table -> rows.
+    out: a folder for metrics.json and render_samples of items[0], curves {label: fn() -> (T, V, 3)}."""
     gts, templates = [it["vertices"] for it in items], [it["template"] for it in items]
     rows = {"GT": face_metrics(gts, gts, templates, lip_idx, upper_idx)}
     if references and all(r is not None for r in references):
@@ -1788,7 +1966,18 @@ def evaluate_talking(items, predict, n_style, lip_idx, upper_idx, *, references=
         print(f"10 s of speech, batch 1, {torch.get_num_threads()} CPU threads: " +
               ", ".join(f"{row} {v:.0f} ms" for row, v in ms.items()) +
               f"; ratio {ms['baseline:autoregressive'] / ms['model']:.1f}x")
+    if out is not None:
+        write_metrics_json(rows, Path(out) / "metrics.json")
+        render_samples(Path(out), items[0], {label: fn() for label, fn in curves.items()}, lip_idx)
+        print(f"wrote {Path(out) / 'metrics.json'} and samples in {out}")
     return rows
+
+
+def save_animation(stem, vertices, label):
+    """sample --audio: one animated sequence (T, V, 3) at data.FPS -> <stem>.npy and <stem>.gif."""
+    np.save(f"{stem}.npy", vertices)
+    data.render_vertices_gif(f"{stem}.gif", [vertices], [label], fps=data.FPS)
+    print(f"wrote {stem}.npy {vertices.shape} ({len(vertices) / data.FPS:.2f} s at {data.FPS} fps) and {stem}.gif")
 
 
 def mouth_pair(gt, lip_idx):

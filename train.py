@@ -2,7 +2,8 @@
 
     python train.py --model vqvae --preset smoke        # one method, seconds on a CPU
     python train.py --model vqvae --help                # that method's own flags
-    python train.py --model all                         # every run of every table, then runs/results.md
+    python train.py --model all                         # each table's main run (ours + baselines), results.md
+    python train.py --model all --rows all              # every row of every table (the README's tables)
     python train.py --model all --table lm_listener     # only the runs (and what they need) of one table
     python train.py --model all --help                  # the pipeline's flags and its tables
 
@@ -277,13 +278,17 @@ def needs(run):
     return [n for n in dict.fromkeys(found + ([run.of] if run.of else [])) if n in names]
 
 
-def plan(tables=(), only=(), preset="default"):
-    """The runs to do, in RUNS order: --only's runs as named, else every run of the tables (all tables when none
-    are named) and everything they need; `--preset smoke` keeps only the runs marked smoke (and what they need)."""
+def plan(tables=(), only=(), preset="default", rows="main"):
+    """The runs to do, in RUNS order: --only's runs as named, else the runs of the tables (all tables when none are
+    named) at the --rows level (main: each table's main run, i.e. ours, the baselines and alt-GT; paper: and the
+    `paper` rows; all: every row, and every run) and everything they need; `--preset smoke` keeps only the runs
+    marked smoke (and what they need)."""
     if only:
         return [r for r in RUNS if r.name in only]
     chosen = [t for t in TABLES if t.name in tables] if tables else TABLES
-    want = {r.name for r in RUNS} if not tables else {n for t in chosen for n in [t.main] + [e[1] for e in t.rows]}
+    level = ROWS.index(rows)
+    want = {r.name for r in RUNS} if not tables and rows == "all" else \
+        {n for t in chosen for n in [t.main] + [e[1] for e in t.rows if ROWS.index(row_level(e[0])) <= level]}
     if preset == "smoke":
         want = {n for n in want if run_named(n).smoke}
     todo = list(want)
@@ -293,6 +298,14 @@ def plan(tables=(), only=(), preset="default"):
                 want.add(dep)
                 todo.append(dep)
     return [r for r in RUNS if r.name in want]
+
+
+ROWS = ["main", "paper", "all"]  # --rows levels, each adding to the one before
+
+
+def row_level(label):
+    """A table row's --rows level from its label: `paper` rows at paper, ablations / val / named rows at all."""
+    return "paper" if label == "paper" else "all"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,7 +483,7 @@ def hardware() -> str:
 def pipeline_parser():
     tables = "; ".join(f"{t.name} ({t.title}: {len({t.main} | {e[1] for e in t.rows})} runs)" for t in TABLES)
     p = data.ArgParser(prog="train.py --model all", description="Train and evaluate the runs of every paper table "
-                       f"(or of --table's), then write <runs>/results.md and <runs>/figures/. Tables: {tables}.")
+                       f"(or of --table's) at the --rows level, then write <runs>/results.md and <runs>/figures/. Tables: {tables}.")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"],
                    help="every run's preset (default: default)")
     p.add_argument("--data", default="", help="data path handed to every method (default: the synthetic world)")
@@ -479,6 +492,10 @@ def pipeline_parser():
     p.add_argument("--seed", type=int, default=0, help="every run's training seed (default 0)")
     p.add_argument("--table", action="append", default=[], choices=[t.name for t in TABLES],
                    help="only this table's runs and what they need (repeatable; default: every table)")
+    p.add_argument("--rows", default="main", choices=ROWS,
+                   help="main (default): each table's main run (ours, baselines, alt-GT; ~65 min on 2 CPU cores); "
+                   "paper: and the paper-configuration rows (~2.3 h); all: every ablation too, as the README's "
+                   "tables (~7 h)")
     p.add_argument("--only", default="", help="comma-separated run names to do, nothing else (the other runs' last "
                    "metrics.json still go into results.md)")
     p.add_argument("--retrain", action="store_true", help="train even where a matching checkpoint exists")
@@ -531,7 +548,10 @@ def run_all(argv):
     runs.mkdir(parents=True, exist_ok=True)
     timings = runs / "timings.json"  # minutes per run, kept so that a partial re-run reports the others' times
     minutes = json.loads(timings.read_text()) if timings.exists() else {}
-    todo, done, t_all = plan(a.table, only, a.preset), set(), time.time()
+    todo, done, t_all = plan(a.table, only, a.preset, a.rows), set(), time.time()
+    known = [sum(minutes[r.name].values()) for r in todo if r.name in minutes]
+    print(f"{len(todo)} runs planned" + (f"; their last measured times sum to {sum(known):.0f} min ({len(known)} of "
+                                         f"them measured, {runs / 'timings.json'})" if known else ""), flush=True)
     for run in todo:
         try:
             do_run(run, runs, a, done, minutes)

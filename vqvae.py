@@ -27,14 +27,10 @@ Shapes: B batch, T frames, L = T/r tokens, D = 56 motion dims, D_id identity dim
     python train.py --model vqvae --resume           # continue <out>/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node 2 vqvae.py --device cuda --dtype bfloat16 --preset full  # DDP
 """
-import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
-import pickle
-import random
 import re
 import sys
 from pathlib import Path
@@ -130,141 +126,33 @@ def check_config(cfg, mode):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): flags
-# from Config, user errors, device and autocast, random state, atomic checkpoints, torchrun (DDP). It expects METHOD,
-# Config, PRESETS, check_config(cfg, mode) and main(argv, mode) around it.
+# Shared setup. This block is the same in every method file (tests/test_shared.py fails when a copy differs): it names
+# this method for data.py's run-time plumbing (flags from Config, user errors, checkpoints). The rest of that plumbing
+# is called as data.X where it is used: pick_device, autocast, grad_scaler, seed_all, rng_state / set_rng_state (exact
+# resume), ddp_setup / is_main / shard / check_in_sync (torchrun). It expects METHOD, Config, PRESETS,
+# check_config(cfg, mode) and main(argv, mode) around it.
 
 
 def parse_config(argv, mode="train"):
     """Flags generated from Config (help = the field's comment); explicit flag > --preset > Config default."""
-    notes = dict(re.findall(r"^\s+(\w+):[^#\n]*#\s*(.*)$", inspect.getsource(Config), re.M))
-    p = data.ArgParser(prog=f"{METHOD}.py", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = dict(action=argparse.BooleanOptionalAction) if isinstance(f.default, bool) else {"type": type(f.default)}
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                       help=f"{notes.get(f.name, '')} (default {f.default!r})".replace("%", "%%"), **kind)
-    given = vars(p.parse_args(argv))  # only the flags on the command line
-    preset = given.get("preset", Config.preset)
-    if preset not in PRESETS:
-        raise data.UserError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
-    cfg = Config(**{**PRESETS[preset], **given})
-    check_config(cfg, mode)
-    return cfg
+    return data.parse_config(Config, PRESETS, check_config, argv, mode, f"{METHOD}.py", __doc__)
 
 
 def cli(argv=None, mode="train"):
     """`python <method>.py [sample] [flags]`: a user's mistake (data.UserError) -> one line `error: ...`, exit 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["train"], ["sample"]):
-        mode, argv = argv[0], argv[1:]
-    try:
-        return main(argv, mode)
-    except data.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return data.cli(main, argv, mode)
 
 
-def pick_device(name):
-    """auto -> cuda, mps, cpu; under torchrun each rank takes cuda:LOCAL_RANK. An unavailable device -> UserError."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    ok = {"cpu": True, "mps": torch.backends.mps.is_available(), "cuda": torch.cuda.is_available()}
-    if not ok.get(name.split(":")[0], False):
-        raise data.UserError(f"--device {name}: not available here (torch {torch.__version__} sees no CUDA GPU)"
-                             if name.startswith("cuda") else f"--device {name!r}: expected auto, cpu, cuda[:N] or mps")
-    return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" and "LOCAL_RANK" in os.environ else name)
+def save_checkpoint(path, obj):  # atomic; records this method and the world's version (data.save_checkpoint)
+    data.save_checkpoint(path, METHOD, obj)
 
 
-def autocast(device, dtype):  # mixed precision (--dtype bfloat16 / float16); float32 is a no-op
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
-
-def grad_scaler(device, dtype):  # loss scaling, needed for float16 only
-    return torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-
-
-def seed_all(seed):
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-
-
-def rng_state(gens=()):
-    """Every random stream (python, numpy, torch CPU/CUDA, the run's own torch / numpy generators such as the data
-    order) as tensors and numbers, so that checkpoints load with weights_only and a resume draws the same numbers."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                gens=[g.get_state() if isinstance(g, torch.Generator) else g.bit_generator.state for g in gens])
-
-
-def set_rng_state(state, gens=()):
-    random.setstate(state["python"])
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for g, s in zip(gens, state["gens"]):
-        g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
-
-
-def save_checkpoint(path, obj):
-    """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
-    the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
-    if is_main():
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({"method": METHOD, "data_version": data.VERSION, **obj}, tmp)
-        os.replace(tmp, path)
-
-
-def load_checkpoint(path, device="cpu"):
-    """save_checkpoint's dict (weights_only=True); a missing or unreadable file, another method's -> UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise data.UserError(f"no checkpoint at {path} (train first: python {METHOD}.py --out {path.parent})")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise data.UserError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0][:120]})")
-    if not isinstance(ck, dict) or ck.get("method") != METHOD:
-        who = ck.get("method", "an older version or another program") if isinstance(ck, dict) else "another program"
-        raise data.UserError(f"{path} is a checkpoint of {who}, not of {METHOD}.py")
-    return ck
-
-
-def ddp_setup(device):
-    """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def check_in_sync(module):
-    """Under torchrun every rank must end with rank 0's weights and buffers (state updated outside autograd, such as
-    an EMA codebook, must be all-reduced by the method); raises if not."""
-    if dist.is_initialized():
-        flat = torch.cat([v.detach().double().reshape(-1) for v in module.state_dict().values()])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        if not torch.equal(flat, ref):
-            raise RuntimeError(f"rank {dist.get_rank()}: weights differ from rank 0's ({(flat - ref).abs().max():.3g})")
-
-
-def shard(x):
-    """This rank's rows of a global batch that every rank drew alike (same generator): DDP's gradient average over
-    ranks then equals the single-process gradient of the whole batch."""
-    return x[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else x
+def load_checkpoint(path, device="cpu"):  # -> the saved dict; missing, unreadable or another method's -> UserError
+    return data.load_checkpoint(path, METHOD, device)
 
 
 # End of the shared setup.
-
+# ----------------------------------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The model: norms and conv stacks, the quantiser (Eq. 5 of MMLM, EMA codebook, dead-code reset), the VQ-VAE
@@ -363,7 +251,7 @@ class Decoder(nn.Module):
 
 
 def all_ranks(z):
-    """Under torchrun, the latents (B/world, L, C) of every rank in the order of the global batch that shard() split:
+    """Under torchrun, the latents (B/world, L, C) of every rank in the order of the global batch that data.shard() split:
     global row i * world + rank. The EMA update then sees the single-process batch on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return z
@@ -585,42 +473,26 @@ def resume(path, cfg, model, opt, scaler, gen, device):
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"], [gen])
-    if is_main():
+    data.set_rng_state(ck["rng"], [gen])
+    if data.is_main():
         print(f"resumed from {path} at step {ck['step']}")
     return ck["step"], ck["metrics"]
 
 
-@torch.no_grad()
-def report(step, cfg, model, o, first_rec, val_clips, train_clips, device):
-    """Validation (rank 0): the Tab. 5 numbers on the val split, a picture of one reconstruction. -> metrics"""
-    clips = val_clips or train_clips[:1]  # codec_stats sets eval mode: no codebook update
-    val, x_hats = metrics.codec_stats(model, clips, device)
-    met = {**({f"val_{k}": v for k, v in val.items()} if val_clips else {}), "train_rec": float(o["rec"]),
-           "train_rec_first": first_rec}
-    tqdm.write(f"step {step}: " + " | ".join(f"{k} {v:.4f}" for k, v in met.items()))
-    try:
-        data.plot_channels(Path(cfg.out) / "recon.png", {"real": model.denormalize(clips[0][0]).numpy(),
-                           "reconstruction": model.denormalize(x_hats[0]).numpy()}, channels=[0, 1, 2, 50, 51, 53])
-    except Exception as e:  # a picture must never kill a training run
-        tqdm.write(f"(plot skipped: {e})")
-    return met
-
-
 def train(cfg: Config):
-    device = pick_device(cfg.device)
+    device = data.pick_device(cfg.device)
     own_group = not dist.is_initialized()  # a caller's process group (a method training its VQ first) stays up
-    _, world = ddp_setup(device)
-    seed_all(cfg.seed)
+    _, world = data.ddp_setup(device)
+    data.seed_all(cfg.seed)
     model, train_clips, val_clips = build(cfg, device)
     out, conf = Path(cfg.out), dataclasses.asdict(cfg)
-    if is_main():
+    if data.is_main():
         print(f"device {device} x {world} | config {json.dumps(conf)}")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(conf, indent=2))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    scaler = grad_scaler(device, cfg.dtype)
+    scaler = data.grad_scaler(device, cfg.dtype)
     gen = torch.Generator().manual_seed(cfg.seed)  # data order: every rank draws the same global batch
     step, met = 0, {}
     if cfg.resume and (out / "ckpt.pt").exists():
@@ -632,14 +504,14 @@ def train(cfg: Config):
     net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
 
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc=METHOD, dynamic_ncols=True,
-               disable=not is_main())
+               disable=not data.is_main())
     for step in bar:
         for g in opt.param_groups:  # linear warm-up, then constant; the paper's x0.05 at 200k steps (full only)
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.05 if step >= 200_000 else 1.0)
         x, beta = random_crops(train_clips, cfg.batch, cfg.window, gen)  # (B, window, D), (B, D_id)
         model.train()
-        with autocast(device, cfg.dtype):
-            o = net(shard(x).to(device), shard(beta).to(device))  # this rank's rows of the global batch
+        with data.autocast(device, cfg.dtype):
+            o = net(data.shard(x).to(device), data.shard(beta).to(device))  # this rank's rows of the global batch
         opt.zero_grad(set_to_none=True)
         scaler.scale(o["loss"]).backward()
         scaler.unscale_(opt)
@@ -651,13 +523,14 @@ def train(cfg: Config):
         bar.set_postfix(rec=f"{o['rec'].item():.3f}", vel=f"{o['vel'].item():.3f}", commit=f"{o['commit'].item():.3f}",
                         ppl=f"{ppl:.1f}", act=f"{active:.0%}", resets=model.quantizer.last_resets)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            if is_main():
-                met = report(step + 1, cfg, model, o, first_rec, val_clips, train_clips, device)
+            if data.is_main():
+                met = metrics.codec_report(step + 1, model, o, first_rec, val_clips, train_clips, device,
+                                           out / "recon.png")  # the Tab. 5 numbers on val, one picture
             save_checkpoint(out / "ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(),
                                                   scaler=scaler.state_dict(), step=step + 1, config=conf,
-                                                  metrics=met, rng=rng_state([gen])))
-    check_in_sync(model)  # raises unless every rank holds rank 0's weights and codebook
-    if is_main():
+                                                  metrics=met, rng=data.rng_state([gen])))
+    data.check_in_sync(model)  # raises unless every rank holds rank 0's weights and codebook
+    if data.is_main():
         print(f"wrote {out / 'ckpt.pt'}")
     if own_group and dist.is_initialized():
         dist.destroy_process_group()
@@ -670,23 +543,14 @@ def train(cfg: Config):
 
 @torch.no_grad()
 def sample(cfg: Config):
-    device = pick_device(cfg.device)
-    seed_all(cfg.seed)
+    device = data.pick_device(cfg.device)
+    data.seed_all(cfg.seed)
     out = Path(cfg.out)
     model = load_vqvae(cfg.ckpt or out / "ckpt.pt", device)
     path = data.resolve_data(cfg.data, "listener", model.cfg.preset) if cfg.data else model.cfg.data
     clips = to_clips(data.load_listener(path, cfg.split), model)[: cfg.max_eval or None]
-    rows, gts, preds, walk = metrics.evaluate_codec(model, clips, to_clips(data.load_listener(path, "train"), model),
-                                                      device, seed=cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    np.save(out / "recon.npy", np.stack(preds[:8]) if len({p.shape for p in preds[:8]}) == 1 else preds[0])
-    np.save(out / "random_walk.npy", walk[0])
-    shown = {"real": gts[0], "reconstruction": preds[0], "random walk": walk[0]}
-    data.plot_channels(out / "recon_test.png", shown, channels=[0, 1, 2, 50, 51, 53])
-    data.render_gif(out / "recon_test.gif", list(shown.values()), [clips[0][1].numpy()] * 3, list(shown))
-    metrics.write_metrics_json(rows, out / "metrics.json")
-    print(f"wrote {out / 'metrics.json'}, {out / 'recon_test.png'}, {out / 'recon_test.gif'}")
-    return rows
+    train_clips = to_clips(data.load_listener(path, "train"), model)
+    return metrics.evaluate_codec(model, clips, train_clips, device, seed=cfg.seed, out=out)[0]  # + files in out
 
 
 def main(argv=None, mode="train"):

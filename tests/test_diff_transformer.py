@@ -252,14 +252,24 @@ def test_determinism():
 
 # --- the paper row's flags and the paper's protocol ------------------------------------------------------------------
 
+def load_data(cfg):
+    """What train() reads: train / val items with the method's audio features, and the checkpoint's data stats."""
+    return dt.data.talking_train_val(cfg.data, cfg.preset, lambda w: dt.audio_features(w, cfg.n_mfcc), cfg.norm)
+
+
+def make_batch(items, cfg, rng, sigma):
+    """One training batch as train() draws it."""
+    return dt.data.talking_batch(items, rng, sigma, cfg.batch_size, cfg.min_frames, cfg.max_frames, dt.AUDIO_RATE)
+
+
 def test_paper_row_flags(tiny_world):
     """Default data: the vocaset twin. --no-norm trains on raw displacements (sigma 1), --no-final-ln drops the
     LayerNorm before the zero head (the output is still 0 at init), --no-zero-snr keeps abar_T > 0."""
     assert dt.parse_config([]).data == "vocaset"
     cfg = dt.parse_config(["--preset", "smoke", "--data", str(tiny_world), "--no-norm", "--no-final-ln"])
-    items, _, stats = dt.load_data(cfg)
-    assert stats["sigma"] == 1.0 and dt.load_data(replace(cfg, norm=True))[2]["sigma"] < 0.1
-    x0, *_ = dt.make_batch(items, cfg, np.random.default_rng(0), stats["sigma"])
+    items, _, stats = load_data(cfg)
+    assert stats["sigma"] == 1.0 and load_data(replace(cfg, norm=True))[2]["sigma"] < 0.1
+    x0, *_ = make_batch(items, cfg, np.random.default_rng(0), stats["sigma"])
     assert x0.abs().max() < 1.0  # raw metres-like displacements, not unit variance
     m = small_model(randomise_head=False, final_ln=False)
     assert isinstance(m.ln, nn.Identity) and isinstance(small_model(arch="ar", final_ln=False).ln, nn.Identity)
@@ -465,11 +475,11 @@ def test_sharded_loss_gradients_average_to_the_whole_batch(tiny_world, monkeypat
     global batch equals the gradient of one process on the whole batch (mixed lengths: the loss is normalised by
     the global batch's frame counts; time masks, t and noise are drawn for the whole batch on every rank)."""
     cfg = dt.parse_config(["--preset", "smoke", "--data", str(tiny_world), "--dropout", "0"], "train")
-    items, _, stats = dt.load_data(cfg)
+    items, _, stats = load_data(cfg)
     torch.manual_seed(0)
     m = dt.DiffSpeaker(cfg, stats["D"], stats["n_style"]).train()
     torch.nn.init.normal_(m.head.weight, std=0.05)  # the zero head would stop every other gradient
-    batch = next(b for s in range(50) if len(set((b := dt.make_batch(items, cfg, np.random.default_rng(s),
+    batch = next(b for s in range(50) if len(set((b := make_batch(items, cfg, np.random.default_rng(s),
                                                                      stats["sigma"]))[2])) > 1)  # mixed lengths
     abar = dt.scaled_linear_abar(zero_snr=True)
 

@@ -368,15 +368,15 @@ def test_vocabulary_comes_from_the_training_words(trevor, tmp_path):
              "--eval-every", "2"], "train")
     ck = dd.load_checkpoint(out / "ckpt.pt")
     vocab = ck["meta"]["vocab"]
-    assert set(vocab) == train_words and vocab == dd.build_vocab(data.load_listener(root, "train"))
+    assert set(vocab) == train_words and vocab == data.build_vocab(data.load_listener(root, "train"))
     model = dd.build(dd.Config(**ck["config"]), ck["meta"], "cpu")
     assert model.fusion.text.emb.num_embeddings == len(vocab) + 3
-    te = dd.load_windows(root, "test", vqvae.load_vqvae(vq / "ckpt.pt"), 32, 32, 20, vocab)
-    ids = te["wid"][te["wid"] > dd.START]                              # every word slot but pad / start
-    assert (ids != dd.UNK).float().mean() > 0.9                        # the words are known, not <unk>
+    te = data.load_windows(root, "test", vqvae.load_vqvae(vq / "ckpt.pt"), 32, 32, 20, vocab)
+    ids = te["wid"][te["wid"] > data.START]                            # every word slot but pad / start
+    assert (ids != data.UNK).float().mean() > 0.9                      # the words are known, not <unk>
     first = te["wid"][0, 0, 1].item()                                  # test item 0's first word: seen only in test
-    assert te["words"][0][0][0] == "neverseen" and first == dd.UNK
-    assert dd.window_words([("Hello,", 0.1)], 0, 32, 30, dd.word_ids(["hello"])) == [(dd.START, 0.0), (3, 3.0)]
+    assert te["words"][0][0][0] == "neverseen" and first == data.UNK
+    assert data.window_words([("Hello,", 0.1)], 0, 32, 30, data.word_ids(["hello"])) == [(data.START, 0.0), (3, 3.0)]
 
 
 def test_long_stream_segments_of_different_lengths():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import lm_listener as L
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,12 @@ def decode_full(model, chunks, V):
         out.append(int(model.lr_head(model(torch.tensor([seq]))[0, -1]).argmax()))
         seq += [V.lr0 + out[-1], V.b["</lr>"]]
     return out
+
+
+def split_chunks(ids, kind):
+    """Cut a stage-2 sequence at its LR tokens: chunk i = everything after </lr>_{i-1} up to and including <lr>_i."""
+    pos = [p for p, k in enumerate(kind) if k == 2]
+    return [ids[s:p] for s, p in zip([0] + [p + 2 for p in pos[:-1]], pos)]
 
 
 def tiny_cfg(**kw):
@@ -75,7 +82,7 @@ def test_sequence_builder_hand_example(V):
     # a window starting at frame 8: word c (end 9) is group 1, word b (end 5) and a are history
     ids2, _ = L.build_sequence(clip, 8, 1, V, ["W"], n_hist=1)
     assert ids2 == [V.w2i["<bos>"], b, c, B["<lr>"], lr + 9, B["</lr>"]]
-    assert L.split_chunks(ids, kind) == [expect[:11], expect[13:22]]
+    assert split_chunks(ids, kind) == [expect[:11], expect[13:22]]
 
 
 def test_vocab_blocks_and_w_only(V):
@@ -93,7 +100,7 @@ def test_emotion_tokens_average_then_argmax():
     # group 1: class 0 wins 2 of 4 frames by a hair, class 1 is strong on the others -> mean argmax = 1
     p = torch.tensor([[.5, .4, .1], [.5, .4, .1], [0., 1., 0.], [.1, .1, .8],
                       [0., 0., 1.], [0., 0., 1.], [1., 0., 0.], [0., 0., 1.]])
-    assert L.emo_tokens(p, r=4).tolist() == [1, 2]
+    assert data.emo_tokens(p, r=4).tolist() == [1, 2]
     votes = p.reshape(2, 4, 3).argmax(-1)
     assert torch.mode(votes[0]).values.item() == 0                                      # majority vote would say 0
 
@@ -103,17 +110,17 @@ def test_residual_kmeans_and_sa_per_group(V):
     centres = torch.tensor([[0., 0.], [10., 0.], [0., 10.], [10., 10.]])
     lab = torch.arange(400) % 4
     x = centres[lab] + 0.1 * torch.randn(400, 2, generator=g)
-    c1 = L.kmeans(x, 4, seed=0)
+    c1 = data.kmeans(x, 4, seed=0)
     a = torch.cdist(x, c1).argmin(1)
     assert all(len(set(a[lab == k].tolist())) == 1 for k in range(4)) and len(set(a.tolist())) == 4
     res = x - c1[a]
-    c2 = L.kmeans(res, 2, seed=1)
+    c2 = data.kmeans(res, 2, seed=1)
     km = dict(mean=torch.zeros(2), std=torch.ones(2), c1=c1, c2=c2)
-    sa, isc = L.sa_tokens(x, km)
+    sa, isc = data.sa_tokens(x, km)
     assert torch.equal(isc, a) and torch.equal(sa, torch.cdist(res, c2).argmin(1))    # stage 2 on the residual
     clip = random_clip(V, G=4)
     ids, kind = L.build_sequence(clip, 0, 4, V, ["SA"], n_hist=0)
-    per_group = [len(ch) - 3 for ch in L.split_chunks(ids, kind)]                     # minus <sa>, </sa>, <lr>
+    per_group = [len(ch) - 3 for ch in split_chunks(ids, kind)]                     # minus <sa>, </sa>, <lr>
     per_group[0] -= 1                                                                  # <bos>
     expect = [sum(L.group_of(float(e)) == i for e in clip["sa_end"]) for i in range(1, 5)]
     assert per_group == expect and sum(expect) == len(clip["sa_end"])
@@ -147,7 +154,7 @@ def test_kv_cache_equals_uncached_and_greedy_consistency(V):
     for s in range(3):
         clip = random_clip(V, G=4, seed=s)
         ids, kind = L.build_sequence(clip, 0, 4, V, MODS, n_hist=8)
-        chunks = L.split_chunks(ids, kind)
+        chunks = split_chunks(ids, kind)
         toks = L.decode(model, V, *L.speaker_groups(clip, 0, 4, V, MODS), 8, max_groups=4)
         assert toks == decode_full(model, chunks, V) == L.decode(model, V, *L.speaker_groups(clip, 0, 4, V, MODS), 8, 4)
         ids_d, kind_d = L.build_sequence(dict(clip, lr=torch.tensor(toks)), 0, 4, V, MODS, n_hist=8)
@@ -292,8 +299,8 @@ def test_end_to_end_decode_identity(tiny_vq):
     vq = vqvae.load_vqvae(str(tiny_vq))
     toks = torch.randint(0, vq.K, (2, 8))
     b = torch.zeros(2, 100)
-    y0 = L.decode_motion(vq, toks, list(b))
-    y1 = L.decode_motion(vq, toks, list(b + torch.randn(2, 100)))
+    y0 = data.decode_motion(vq, toks, list(b))
+    y1 = data.decode_motion(vq, toks, list(b + torch.randn(2, 100)))
     assert y0[0].shape == (64, 56) and len(y0) == 2
     assert max(np.abs(a - c).max() for a, c in zip(y0, y1)) > 1e-4                     # identity VQ: beta matters
 
@@ -400,8 +407,8 @@ def test_a_vq_of_another_preset_is_not_reused(tiny_world, tiny_vq, tmp_path, cap
     assert cfg.vq == str(tmp_path / "b" / "vq" / "ckpt.pt") and cfg.out == str(tmp_path / "b")
     assert L.parse_config(["--preset", "smoke"], "train").out == "runs/lm_listener-smoke"
     assert L.parse_config([], "train").data == "trevor"                                   # the LM-Listener twin
-    assert L.vq_mismatch(tiny_vq, tmp_path, "smoke").startswith("was trained on")
-    assert L.vq_mismatch(tmp_path / "none.pt", tiny_world, "smoke") == "is missing"
+    assert data.vq_mismatch(tiny_vq, tmp_path, "smoke").startswith("was trained on")
+    assert data.vq_mismatch(tmp_path / "none.pt", tiny_world, "smoke") == "is missing"
 
 
 @needs_deps

@@ -33,13 +33,19 @@ def test_runs_and_tables_are_consistent():
 
 
 def test_plan_follows_tables_dependencies_and_smoke():
-    every = [r.name for r in train.plan()]
+    every = [r.name for r in train.plan(rows="all")]
     assert every == [r.name for r in train.RUNS]
-    lm = [r.name for r in train.plan(["lm_listener"])]
+    main = [r.name for r in train.plan()]                     # default: each table's main run and what it needs
+    assert set(main) == {t.main for t in train.TABLES} | {d for n in main for d in train.needs(train.run_named(n))}
+    assert "lm_listener_paper" not in main and "discrete_diffusion_paper" not in main and "vqvae_naive" in main
+    paper = {r.name for r in train.plan(rows="paper")}
+    assert set(main) < paper < set(every) and {"lm_listener_paper", "vqvae_naive_paper"} <= paper
+    assert "lm_listener_lag1" not in paper
+    lm = [r.name for r in train.plan(["lm_listener"], rows="all")]
     assert lm[:2] == ["vqvae_naive", "vqvae"] and "lm_listener_w" in lm and "discrete_diffusion" not in lm
-    dl = [r.name for r in train.plan(["diff_listener"])]
+    dl = [r.name for r in train.plan(["diff_listener"], rows="all")]
     assert {"vqvae_naive_paper", "vqvae_naive_k128", "discrete_diffusion_k512"} <= set(dl) and "vqvae" not in dl
-    smoke = [r.name for r in train.plan(preset="smoke")]
+    smoke = [r.name for r in train.plan(preset="smoke", rows="all")]
     assert {r.name for r in train.RUNS if r.smoke} <= set(smoke) < set(every)
     assert "latent_diffusion_plms1_s10" in smoke and "latent_diffusion" in smoke  # a sample-only run brings its source
     assert [r.name for r in train.plan(only=["vqvae", "latent_diffusion"])] == ["vqvae", "latent_diffusion"]
@@ -121,8 +127,12 @@ def trained(log):
 
 def test_pipeline_reuses_only_matching_checkpoints(fake, capsys):
     log, mods = fake
-    train.run_all([])
-    assert trained(log) == ["runs/codec", "runs/gen", "runs/gen_lr"]
+    train.run_all([])                                            # default --rows main: the table's main run + needs
+    assert trained(log) == ["runs/codec", "runs/gen"] and "2 runs planned\n" in capsys.readouterr().out
+    log.clear()
+    train.run_all(["--rows", "all"])                             # every row: the ablation too, the others reused
+    assert trained(log) == ["runs/gen_lr"] and "4 runs planned; their last measured times sum to" in \
+        capsys.readouterr().out
     assert ("gen", "sample", ["--preset", "default", "--ckpt", "runs/gen/ckpt.pt", "--out", "runs/gen_fast",
                               "--lr", "9"]) in log
     md = Path("runs/results.md").read_text()
@@ -132,11 +142,11 @@ def test_pipeline_reuses_only_matching_checkpoints(fake, capsys):
     capsys.readouterr()
 
     log.clear()
-    train.run_all([])                                            # everything matches: nothing trains, all re-evaluate
+    train.run_all(["--rows", "all"])                             # everything matches: nothing trains, all re-evaluate
     assert trained(log) == [] and len(log) == 4 and capsys.readouterr().out.count(": reusing ") == 3
 
     log.clear()
-    train.run_all(["--preset", "smoke"])                         # smoke: its own folder, default runs untouched
+    train.run_all(["--preset", "smoke", "--rows", "all"])        # smoke: its own folder, default runs untouched
     assert trained(log) == ["runs-smoke/codec", "runs-smoke/gen"]
     assert Path("runs-smoke/results.md").exists() and not Path("runs-smoke/gen_lr").exists()
 
@@ -144,7 +154,7 @@ def test_pipeline_reuses_only_matching_checkpoints(fake, capsys):
     mods["codec"].main(["--out", "runs/codec", "--preset", "smoke"], "train")
     os.utime("runs/codec/ckpt.pt", (1, 1))                       # older than gen's: only the config differs
     log.clear()
-    train.run_all(["--table", "t"])
+    train.run_all(["--table", "t", "--rows", "all"])
     out = capsys.readouterr().out
     assert "runs/codec: retraining (preset smoke != default)" in out
     assert "runs/gen: retraining (runs/codec/ckpt.pt is newer)" in out
@@ -224,11 +234,11 @@ def test_results_markdown_formats_rows_and_skips_tables_without_their_main_run()
 
 def test_train_all_smoke_end_to_end(tiny_world, tmp_path, capsys):
     runs = tmp_path / "runs"
-    results = train.run_all(["--preset", "smoke", "--data", str(tiny_world), "--runs", str(runs)])
+    results = train.run_all(["--preset", "smoke", "--data", str(tiny_world), "--runs", str(runs), "--rows", "all"])
     printed = capsys.readouterr().out
     md = (runs / "results.md").read_text()
     assert md.strip() in printed                          # the file is what the command printed
-    assert set(results) == {r.name for r in train.plan(preset="smoke")}
+    assert set(results) == {r.name for r in train.plan(preset="smoke", rows="all")}
     for run, rows in results.items():
         assert json.loads((runs / run / "metrics.json").read_text()) == rows
     for t in train.TABLES:                                # every row of every table as its run's metrics.json says

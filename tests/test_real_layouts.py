@@ -54,10 +54,10 @@ def test_lm_listener_release_trains_both_listener_methods(lm_release, tmp_path, 
     vq_id, vq_naive = (smoke_vq(lm_release, tmp_path / n, norm) for n, norm in (("vq", "IN,AdaIN"),
                                                                                   ("vq_naive", "none,none")))
     # discrete_diffusion: every segment gives its own crops; the audio encoder sees zeros, said in one line
-    w = dd.load_windows(lm_release, "train", vqvae.load_vqvae(vq_naive), 32, 16, 20)
+    w = data.load_windows(lm_release, "train", vqvae.load_vqvae(vq_naive), 32, 16, 20)
     assert w["n"].tolist() == LENGTHS["train"] and w["no_audio"] == 3 and (w["feat"] == 0).all()
-    assert len(dd.all_windows(w)[0]) == sum((n - 32) // 16 + 1 for n in LENGTHS["train"])   # not cut to the shortest
-    seg, crop = dd.draw_windows(w, 500, torch.Generator().manual_seed(0))
+    assert len(data.all_windows(w)[0]) == sum((n - 32) // 16 + 1 for n in LENGTHS["train"])   # not cut to the shortest
+    seg, crop = data.draw_windows(w, 500, torch.Generator().manual_seed(0))
     assert (w["starts"][crop] + 32 <= w["n"][seg]).all() and set(seg.tolist()) == {0, 1, 2}
     said, _ = run_dd(lm_release, vq_naive, tmp_path / "dd", capsys)
     assert [ln for ln in said.splitlines() if "audio branch off" in ln] == [
