@@ -20,6 +20,11 @@ Public API
     constants   FPS SR EXP_DIM POSE_DIM MOTION_DIM BETA_DIM ATTR_DIM EMOTIONS EXP POSE HEAD JAW SEGMENT_FRAMES K_ALT
                 DATA_ROOT, semantic channels JAW_OPEN .. BLINK, PITCH, JAW_PITCH; {TRAIN,VAL,TEST}_SUBJECTS
     errors      UserError (a user's mistake: one line, exit status 2), ArgParser
+    plumbing    what every method file does the same way: parse_config(Config, presets, check, argv, mode, prog,
+                doc), check_fields, cli(main), save_config; pick_device, autocast, grad_scaler, seed_all;
+                rng_state / set_rng_state (exact resume), save_checkpoint / load_checkpoint (atomic, the method
+                recorded), resume_checkpoint; ddp_setup, is_main, shard, check_in_sync, mean_over_ranks, ddp_teardown
+                (torchrun)
     readers     resolve_data(path, kind, preset) -> Path; load_listener(path, split, l2l_listener=None) -> [item]
                 (layouts: segments = LM-Listener, l2l = Learning2Listen, react = REACT 2023/2024);
                 load_stats(path, who="listener") -> (mean, std); ListenerWindows(items, window, stride, mean, std);
@@ -67,6 +72,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
 # Errors of the user's making
@@ -107,6 +113,19 @@ def parse_config(Config, presets, check_config, argv, mode, prog, doc):
     cfg = Config(**{**presets[preset], **given})
     check_config(cfg, mode)
     return cfg
+
+
+def check_fields(cfg, positive=(), non_negative=(), choices=None, rules=()):
+    """A check_config in one call: the Config fields that must be > 0, then >= 0, then one of their choices, then the
+    (ok, message) rules; the first that fails -> a one-line UserError naming the flag and what was expected."""
+    flag = lambda k: f"--{k.replace('_', '-')} {getattr(cfg, k)!r}"
+    checks = [(getattr(cfg, k) > 0, f"{flag(k)}: expected a positive number") for k in positive]
+    checks += [(getattr(cfg, k) >= 0, f"{flag(k)}: expected 0 or more") for k in non_negative]
+    checks += [(getattr(cfg, k) in v, f"{flag(k)}: expected one of {', '.join(map(str, v))}")
+               for k, v in (choices or {}).items()]
+    for ok, message in [*checks, *rules]:
+        if not ok:
+            raise UserError(message)
 
 
 def cli(main, argv=None, mode="train"):
@@ -164,6 +183,14 @@ def set_rng_state(state, gens=()):
         g.set_state(s) if isinstance(g, torch.Generator) else setattr(g.bit_generator, "state", s)
 
 
+def save_config(cfg, out):
+    """At start-up (STYLE rule 8): rank 0 prints the resolved config and saves it as <out>/config.json."""
+    if is_main():
+        print(json.dumps(dataclasses.asdict(cfg)))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+
 def save_checkpoint(path, method, obj):
     """Atomic (a temporary file, then rename: a run killed at any moment leaves the last checkpoint whole); records
     the method and the synthetic world's version (train.py retrains when either differs); rank 0 writes."""
@@ -190,6 +217,25 @@ def load_checkpoint(path, method, device="cpu"):
     return ck
 
 
+def resume_checkpoint(path, method, model, gens=()):
+    """--resume: load_checkpoint's dict with its weights loaded into model (other sizes -> UserError) and every random
+    stream restored (set_rng_state), so the run goes on as if never stopped; None (said) where there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        if is_main():
+            print(f"--resume: no checkpoint at {path} yet, starting at step 0")
+        return None
+    ck = load_checkpoint(path, method)                                    # on the CPU: random states stay there
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise UserError(f"{path} holds a model of other sizes ({str(e).splitlines()[1].strip()[:120]})")
+    set_rng_state(ck["rng"], gens)
+    if is_main():
+        print(f"resumed from {path} at step {ck['step']}")
+    return ck
+
+
 def ddp_setup(device):
     """Under `torchrun --nproc_per_node N`: join the process group (NCCL on GPUs, gloo on CPU). -> (rank, world)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -199,8 +245,18 @@ def ddp_setup(device):
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def ddp_teardown():  # at the end of a torchrun run: leave the process group (nothing to do in a single process)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def is_main():  # rank 0 (or a single process): the one that logs, evaluates and writes files
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def say(message):  # rank 0 prints; tqdm.write keeps a progress bar readable
+    if is_main():
+        tqdm.write(message)
 
 
 def check_in_sync(module):
@@ -659,6 +715,16 @@ def resolve_data(path, kind, preset="default"):
     return p
 
 
+def resolve_data_first(path, kind, preset="default"):
+    """resolve_data under torchrun: rank 0 first (it may generate the world), then the other ranks. -> Path"""
+    if not is_main():
+        dist.barrier()
+    path = Path(resolve_data(path, kind, preset))
+    if is_main() and dist.is_initialized():
+        dist.barrier()
+    return path
+
+
 class ListenerWindows(torch.utils.data.Dataset):
     """Windows of `window` frames (every `stride` frames) cut from listener items, z-normalised with the
     train statistics (mean, std). Each sample: listener/speaker (window, D) float32 tensors, listener_beta,
@@ -982,6 +1048,15 @@ def draw_windows(d, B, gen):
     return seg[i], crop[i]
 
 
+def stream_starts(n_tokens, L, hop):
+    """Token starts of windows of L tokens every `hop` tokens covering a stream of n_tokens (the last one flush with
+    its end): where discrete_diffusion.py's long-conversation sampler puts its jointly denoised windows."""
+    if n_tokens <= L:
+        return [0]
+    starts = list(range(0, n_tokens - L + 1, hop))
+    return starts if starts[-1] == n_tokens - L else starts + [n_tokens - L]
+
+
 def stream_windows(spk, feat, words, c0, T, fps, ids):
     """Windows of T frames starting at frames c0 of B speaker streams, sample-major: spk (B, Tall, D), feat
     (B, 4 Tall, F), words B lists of (text, end_s), ids: word_ids. -> spk (B*W, T, D), feat (B*W, 4T, F), word ids
@@ -1118,6 +1193,16 @@ def sa_tokens(f, km):
     return sa, isc
 
 
+def sa_tokens_since(wav, km, done):
+    """Streaming: sa_tokens of the speech so far wav (S,) from pooled frame done - 1 on (aligned to the pooled grid;
+    one frame early, so that frame done's causal delta sees its predecessor) -> sa, isc (n,), their support ends (n,)
+    in frames and the pooled index of the first."""
+    a0 = max(0, (4 * done - 4) * SA_HOP)                                               # aligned audio start
+    f, end = sa_features(wav[a0:], n_rows=(len(wav) - a0) // SA_HOP)
+    sa, isc = sa_tokens(f, km)
+    return sa, isc, end + a0 * FPS / SR, a0 // (4 * SA_HOP)
+
+
 def emo_tokens(probs, r=8):
     """MMLM's procedure: average the per-frame emotion probabilities over each group of r frames, then argmax.
     probs (T, E) -> (T // r,)."""
@@ -1136,6 +1221,28 @@ def sa_kmeans(cache, key, feats, v_sa, seed, method="lm_listener", placeholder=F
         save_checkpoint(cache, method, km)
         print(f"[{method}] acoustic k-means fitted ({v_sa}+{v_sa} centroids)")
     return {k: km[k] for k in ("mean", "std", "c1", "c2", "key")}
+
+
+def token_clips(items, w2i, km, vq, feats=None, r=8):
+    """Per item, its streams as tokens: words [(id in w2i, 1 if unknown; end frame)], SA / iSC tokens (sa_tokens)
+    with their support ends sa_end (n,), emo (T // r,), LR (T // r,; None without a vq), the item and T (its frames
+    cut to a multiple of r). feats: clip_features of the items (None: computed here)."""
+    clips, feats = [], feats or clip_features(items, r=r)
+    for it, lr, (f, end) in zip(items, vq_tokens(vq, items, r) if vq else [None] * len(items), feats):
+        T = len(it["listener"]) // r * r
+        sa, isc = sa_tokens(f, km)
+        clips.append(dict(words=[(w2i.get(t.lower(), 1), e * FPS) for t, e in it["words"]], sa=sa, isc=isc,
+                          sa_end=end, emo=emo_tokens(it["speaker_attr"][:T, 17:25], r), lr=lr, item=it, T=T))
+    return clips
+
+
+def window_starts(clips, G, rng, n, r=8):
+    """n training windows (clip index, start frame) of G groups of r frames, uniform over all windows at any group
+    offset of any of token_clips' clips (a long clip is drawn as often as it has windows)."""
+    count = np.array([c["T"] // r - G + 1 for c in clips])
+    k = rng.integers(count.sum(), size=n)
+    c = np.searchsorted(np.cumsum(count), k, side="right")
+    return [(int(ci), r * int(ki - (np.cumsum(count)[ci] - count[ci]))) for ci, ki in zip(c, k)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """diff_transformer.py: DiffSpeaker, speech-driven 3D facial animation with a diffusion Transformer.
 
-A diffusion model denoises a whole vertex-displacement sequence in parallel, conditioned on speech and on a
-speaking-style id. Its decoder layer uses biased conditional attention: [style, step] tokens are prepended to the
-keys/values (never the queries), self-attention carries a two-sided periodic ALiBi bias, and cross-attention to the
-audio is diagonal (frame i sees audio frame i). It predicts x0, trains on vertex + velocity MSE and samples with
-DDIM (50 steps, eta = 0). The baseline FaceFormerAR (--arch ar) decodes the same way as FaceFormer, frame by frame.
+A diffusion model denoises a whole vertex-displacement sequence in parallel, conditioned on speech and a speaking-style
+id, through biased conditional attention: [style, step] tokens prepended to the keys/values (never the queries), a
+two-sided periodic ALiBi self-attention bias, diagonal cross-attention (frame i sees audio frame i). It predicts x0,
+trains on vertex + velocity MSE and samples with DDIM (50 steps, eta = 0); the baseline FaceFormerAR (--arch ar)
+decodes frame by frame as FaceFormer does.
 
 Papers: DiffSpeaker arXiv 2402.05712; FaceFormer arXiv 2112.05329; ALiBi arXiv 2108.12409; DDPM arXiv 2006.11239;
 DDIM arXiv 2010.02502; zero terminal SNR arXiv 2305.08891; CodeTalker arXiv 2301.02379 (the LVE and FDD metrics).
@@ -12,10 +12,9 @@ Substitute: wav2vec2/HuBERT (pretrained, not available here) -> 20 MFCC + deltas
 through a dilated conv encoder (33 rows = 0.66 s of context). 20, not 40: each training style comes with one voice
 and the upper cepstra resolve its pitch, which lets the net tie a style to a voice instead of to the lips.
 Deviations (each a flag; --no-zero-snr --no-norm --no-final-ln --no-keep-best is the paper's configuration): motion
-divided by one global scalar sigma (the released code trains on raw metres, where the noise swamps the signal); the
-schedule rescaled to zero terminal SNR (with normalised motion x_999 still carries enough of x0 that the net can
-ignore the audio, and DDIM from pure noise drifts); a LayerNorm before the zero-initialised head; sampling from the
-weights of the lowest val LVE.
+divided by one global scalar sigma (the released code trains on raw metres, where the noise swamps the signal); a
+zero terminal SNR schedule (with normalised motion x_999 keeps enough of x0 for the net to ignore the audio, and
+DDIM from pure noise drifts); a LayerNorm before the zero-initialised head; sampling from the lowest-val-LVE weights.
 Shape letters: B batch, T motion frames (30 fps), N audio rows (50 Hz), F audio features, D = V*3 motion dims,
 V vertices, H heads, C condition tokens (2; 0 for --cond add and --arch ar), S = C + T keys, d model width.
 
@@ -104,33 +103,26 @@ PRESETS = {
     "full": dict(d_model=512, d_ffn=1024, audio_width=256, batch_size=32, lr=1e-4, steps=200_000, min_frames=600,
                  max_frames=600, eval_every=5000),
 }
-CHOICES = {"arch": ("diffusion", "ar"), "self_bias": ("alibi", "none"), "cross_mask": ("diag", "full"),
-           "cond": ("kv", "add"), "dtype": ("float32", "bfloat16", "float16")}
-POSITIVE = ("steps", "batch_size", "lr", "d_model", "d_ffn", "n_heads", "n_layers", "audio_width", "period", "n_mfcc",
-            "min_frames", "time_mask_span", "grad_clip", "eval_every", "n_val", "ddim_steps", "reps")
 T_TRAIN = 1000  # diffusion steps
 AUDIO_RATE = 50  # audio feature rows per second (wav2vec2's grid)
 
 
 def check_config(cfg, mode):
     """The values a user can get wrong: the first rule broken -> a one-line data.UserError."""
-    flag = lambda k: f"--{k.replace('_', '-')} {getattr(cfg, k)!r}"
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rules = [(getattr(cfg, k) in v, f"{flag(k)}: expected one of {', '.join(v)}") for k, v in CHOICES.items()]
-    rules += [(getattr(cfg, k) > 0, f"{flag(k)}: expected a positive number") for k in POSITIVE] + [
-        (cfg.n_heads > 0 and cfg.d_model % cfg.n_heads == 0,
-         f"{flag('d_model')}: expected a multiple of --n-heads {cfg.n_heads}"),
-        (cfg.audio_width < 8 or cfg.audio_width % 8 == 0, f"{flag('audio_width')}: expected a multiple of 8"),
-        (cfg.min_frames <= cfg.max_frames, f"{flag('min_frames')}: expected at most --max-frames"),
+    data.check_fields(cfg, positive=["steps", "batch_size", "lr", "d_model", "d_ffn", "n_heads", "n_layers",
+                                     "audio_width", "period", "n_mfcc", "min_frames", "time_mask_span", "grad_clip",
+                                     "eval_every", "n_val", "ddim_steps", "reps"], non_negative=["style", "threads"],
+                      choices=dict(arch=("diffusion", "ar"), self_bias=("alibi", "none"), cross_mask=("diag", "full"),
+                                   cond=("kv", "add"), dtype=("float32", "bfloat16", "float16")), rules=[
+        (cfg.d_model % max(cfg.n_heads, 1) == 0, f"--d-model {cfg.d_model}: expected a multiple of --n-heads"),
+        (cfg.audio_width < 8 or cfg.audio_width % 8 == 0, f"--audio-width {cfg.audio_width}: expected a multiple of 8"),
+        (cfg.min_frames <= cfg.max_frames, f"--min-frames {cfg.min_frames}: expected at most --max-frames"),
         (0 <= cfg.dropout < 1 and 0 <= cfg.time_mask_p <= 1, "--dropout and --time-mask-p: expected probabilities"),
-        (cfg.ddim_steps <= T_TRAIN, f"{flag('ddim_steps')}: expected at most {T_TRAIN}"),
-        (cfg.reps <= 10, f"{flag('reps')}: expected at most 10 (the paper's seeds)"),
-        (cfg.style >= 0 and cfg.threads >= 0, "--style and --threads: expected numbers >= 0"),
+        (cfg.ddim_steps <= T_TRAIN, f"--ddim-steps {cfg.ddim_steps}: expected at most {T_TRAIN}"),
+        (cfg.reps <= 10, f"--reps {cfg.reps}: expected at most 10 (the paper's seeds)"),
         (mode != "train" or cfg.batch_size % world == 0,
-         f"{flag('batch_size')}: expected a multiple of the {world} torchrun processes")]
-    for ok, message in rules:
-        if not ok:
-            raise data.UserError(message)
+         f"--batch-size {cfg.batch_size}: expected a multiple of the {world} torchrun processes")])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -172,16 +164,14 @@ def audio_features(wave, n_mfcc=20):
 
 
 def time_mask(f, p, span):
-    """Training only, SpecAugment-like as in wav2vec2's fine-tuning: zero `span` rows after each row that starts a
-    mask with probability p: (N, F) -> (N, F)."""
+    """Training only, wav2vec2 fine-tuning's SpecAugment: each row starts a mask of `span` zeroed rows w.p. p."""
     starts = (torch.rand(f.shape[0]) < p).float()  # (N,)
     hit = F.max_pool1d(F.pad(starts[None, None], (span - 1, 0)), span, 1)[0, 0]  # (N,) 1 inside a mask
-    return f * (1 - hit)[:, None]
+    return f * (1 - hit)[:, None]  # (N, F)
 
 
 class AudioEncoder(nn.Module):
-    """Conv1d(k3) + 4 residual [dilated conv (1/2/4/8) -> GroupNorm -> GELU]: 33-row receptive field.
-    GroupNorm is applied per row (not over time), so the receptive field stays exactly 33 rows (our choice)."""
+    """Conv1d(k3) + 4 residual [dilated conv (1/2/4/8) -> per-row GroupNorm (ours: field stays 33 rows) -> GELU]."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -191,9 +181,8 @@ class AudioEncoder(nn.Module):
         self.norms = nn.ModuleList(nn.GroupNorm(min(8, a), a) for _ in range(4))
 
     def forward(self, f, rows=None):  # (B, N, F), rows (B, N) 1 = real row -> (B, N, a)
-        keep = torch.ones(f.shape[:2], device=f.device) if rows is None else rows.float().to(f.device)
-        keep = keep[:, None]  # (B, 1, N): re-zeroing padded rows makes a padded batch equal per-sequence runs
-        h = self.inp(f.transpose(1, 2)) * keep  # (B, a, N)
+        keep = (torch.ones(f.shape[:2]) if rows is None else rows.float())[:, None].to(f.device)  # (B, 1, N)
+        h = self.inp(f.transpose(1, 2)) * keep  # (B, a, N); zeroed padding: a padded batch = per-sequence runs
         for conv, norm in zip(self.convs, self.norms):
             y = conv(h).transpose(1, 2)  # (B, N, a)
             h = (h + F.gelu(norm(y.reshape(-1, y.shape[-1])).view_as(y)).transpose(1, 2)) * keep  # residual
@@ -220,8 +209,7 @@ def periodic_alibi(T, period, slopes, n_cond=2, causal=False):
 
 
 def tile_heads(bias, B, key_pad=None):
-    """(H, T, S) float bias + key padding (B, S), True = blocked -> (B*H, T, S), in the b*H + h order that
-    nn.MultiheadAttention expects."""
+    """(H, T, S) bias + key padding (B, S), True = blocked -> (B*H, T, S) in nn.MultiheadAttention's b*H + h order."""
     out = bias.expand(B, *bias.shape)  # (B, H, T, S)
     if key_pad is not None:
         out = out.masked_fill(key_pad[:, None, None, :], float("-inf"))
@@ -268,8 +256,7 @@ class DecoderLayer(nn.Module):
         return x + self.drop(self.ff(self.ln3(x)))
 
     def diag_cross(self, h, cond, mem):
-        """self.ca under DiffSpeaker's diagonal mask: query i scores [cond, audio i] only: (B, T, d). The tests
-        check it against nn.MultiheadAttention with the (T, C + T) mask."""
+        """self.ca under DiffSpeaker's diagonal (T, C + T) mask: query i scores [cond, audio i] only: (B, T, d)."""
         C, H, d = cond.shape[1], self.ca.num_heads, h.shape[-1]
         W, b = self.ca.in_proj_weight, self.ca.in_proj_bias
         q = rearrange(F.linear(h, W[:d], b[:d]), "b t (h e) -> b t h e", h=H)  # (B, T, H, dh)
@@ -288,16 +275,19 @@ class DecoderLayer(nn.Module):
 class DiffSpeaker(nn.Module):
     """Denoiser x_t -> x0_hat with biased conditional attention. https://arxiv.org/abs/2402.05712"""
 
-    def __init__(self, cfg, D, n_style):
-        super().__init__()
-        self.cfg, d, N = cfg, cfg.d_model, cfg.n_layers
-        self.n_cond, self.causal = (2 if cfg.cond == "kv" else 0), False
+    def __init__(self, cfg, D, n_style):  # FaceFormerAR's too: its modules differ only in the style and step parts
+        nn.Module.__init__(self)
+        self.cfg, d, N, ar = cfg, cfg.d_model, cfg.n_layers, isinstance(self, FaceFormerAR)
+        self.n_cond, self.causal = (0, True) if ar else (2 if cfg.cond == "kv" else 0, False)
         self.audio = AudioEncoder(cfg)
         self.audio_proj = nn.Linear(cfg.audio_width, d)
         self.inp = nn.Linear(D, d)
         self.register_buffer("ppe", ppe_table(cfg.period, d), persistent=False)
-        self.style = nn.Embedding(n_style, d * N)  # one d-dim style token per layer
-        self.step = nn.Sequential(nn.Linear(768, d * N), nn.SiLU(), nn.Linear(d * N, d * N))
+        self.style = nn.Embedding(n_style, d if ar else d * N)  # AR: added to the input; else one token per layer
+        if ar:
+            self.start = nn.Parameter(torch.zeros(1, 1, D))  # the input of frame 0
+        else:
+            self.step = nn.Sequential(nn.Linear(768, d * N), nn.SiLU(), nn.Linear(d * N, d * N))
         self.layers = nn.ModuleList(DecoderLayer(d, cfg.d_ffn, cfg.n_heads, cfg.dropout) for _ in range(N))
         self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d) if cfg.final_ln else nn.Identity()
         self.head = nn.Linear(d, D)
@@ -314,24 +304,23 @@ class DiffSpeaker(nn.Module):
         return self.audio_proj(nn.utils.rnn.pad_sequence(out, batch_first=True))  # (B, T, d), no positions
 
     def masks(self, T, pad=None, B=1):
-        """Self-attention bias and cross-attention mask for the actual T (no length cap), (B*H, T, C + T) each;
-        the cross mask is None for the paper's diagonal (DecoderLayer.diag_cross), which never points at padding
-        from a real frame. pad (B, T) True = padding."""
+        """Self-attention bias and cross-attention mask for the actual T (no length cap), (B*H, T, C + T) each; the
+        paper's diagonal cross mask is None (DecoderLayer.diag_cross), full sees every real row. pad: True = padding."""
         cfg, C, H = self.cfg, self.n_cond, self.cfg.n_heads
         B, dev = B if pad is None else pad.shape[0], self.inp.weight.device
         slopes = alibi_slopes(H) if cfg.self_bias == "alibi" else torch.zeros(H)
         kp = None if (pad is None or self.causal) else torch.cat([torch.zeros(B, C, dtype=torch.bool), pad.cpu()], 1)
         self_mask = tile_heads(periodic_alibi(T, cfg.period, slopes, C, self.causal), B, kp).to(dev)
-        if cfg.cross_mask == "diag":
-            return self_mask, None
-        return self_mask, tile_heads(torch.zeros(H, T, C + T), B, kp).to(dev)  # full: every real audio row
+        return self_mask, (None if cfg.cross_mask == "diag" else tile_heads(torch.zeros(H, T, C + T), B, kp).to(dev))
 
     def forward(self, x, t, mem, style, masks):
-        """x_t (B, T, D), step t (B,), memory (B, T, d), style (B,) -> x0_hat (B, T, D)."""
+        """x_t (B, T, D), step t (B,), memory (B, T, d), style (B,) -> x0_hat (B, T, D). FaceFormerAR: x = the
+        previous frames, t = None (no step token)."""
         T, d = x.shape[1], self.cfg.d_model
-        c = torch.stack([self.style(style), self.step(timestep_embedding(t))], 1)  # (B, 2, d N): [style, step]
+        tokens = [self.style(style)] if t is None else [self.style(style), self.step(timestep_embedding(t))]
+        c = torch.stack(tokens, 1)  # (B, 2, d N): [style, step]; FaceFormerAR: (B, 1, d): [style]
         h = self.inp(x) + self.ppe[torch.arange(T, device=x.device) % self.cfg.period]  # (B, T, d)
-        if self.n_cond == 0:  # --cond add: style + step added to the input tokens
+        if self.n_cond == 0:  # --cond add and AR: style (+ step) added to the input tokens
             h = h + c[..., :d].sum(1, keepdim=True)
         h = self.drop(h)
         for n, layer in enumerate(self.layers):
@@ -343,31 +332,11 @@ class DiffSpeaker(nn.Module):
 class FaceFormerAR(nn.Module):
     """The autoregressive baseline: DiffSpeaker's audio encoder and layer, causal periodic ALiBi, the style added
     to the input, the previous frames as input; decoded frame by frame. https://arxiv.org/abs/2112.05329"""
-    encode, masks = DiffSpeaker.encode, DiffSpeaker.masks  # the same audio path and masks (C = 0, causal)
-
-    def __init__(self, cfg, D, n_style):
-        super().__init__()
-        self.cfg, d, N = cfg, cfg.d_model, cfg.n_layers
-        self.n_cond, self.causal = 0, True
-        self.audio = AudioEncoder(cfg)
-        self.audio_proj = nn.Linear(cfg.audio_width, d)
-        self.inp = nn.Linear(D, d)
-        self.register_buffer("ppe", ppe_table(cfg.period, d), persistent=False)
-        self.style = nn.Embedding(n_style, d)
-        self.start = nn.Parameter(torch.zeros(1, 1, D))  # the input of frame 0
-        self.layers = nn.ModuleList(DecoderLayer(d, cfg.d_ffn, cfg.n_heads, cfg.dropout) for _ in range(N))
-        self.drop, self.ln = nn.Dropout(cfg.dropout), nn.LayerNorm(d) if cfg.final_ln else nn.Identity()
-        self.head = nn.Linear(d, D)
-        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+    __init__, encode, masks = DiffSpeaker.__init__, DiffSpeaker.encode, DiffSpeaker.masks  # C = 0, causal
 
     def forward(self, x_prev, mem, style, masks):
         """Previous frames (B, T, D) (see shift), memory (B, T, d), style (B,) -> frames (B, T, D)."""
-        T = x_prev.shape[1]
-        h = self.inp(x_prev) + self.ppe[torch.arange(T, device=x_prev.device) % self.cfg.period]  # (B, T, d)
-        h = self.drop(h + self.style(style)[:, None])
-        for layer in self.layers:
-            h = layer(h, h[:, :0], mem, *masks)
-        return self.head(self.ln(h))
+        return DiffSpeaker.forward(self, x_prev, None, mem, style, masks)
 
     def shift(self, x0):
         """Teacher forcing input: the frames shifted right behind the start vector: (B, T, D) -> (B, T, D)."""
@@ -422,9 +391,8 @@ def ddim_sample(net, x, abar, S=50):
 
 
 def masked_losses(x0_hat, x0, valid, counts=None):
-    """Vertex MSE and velocity MSE over real frames (velocity only between two real frames, so padding adds exactly
-    0): (B, T, D), (B, T, D), (B, T) bool -> (L_vert, L_vel). counts: the (frames, frame pairs) to divide by, when
-    this batch is one rank's share of a global batch; default: this batch's own."""
+    """Vertex and velocity MSE over real frames (padding adds exactly 0): (B, T, D), (B, T, D), (B, T) bool ->
+    (L_vert, L_vel). counts: the (frames, frame pairs) to divide by for one rank's share of a global batch."""
     m = valid.float()[..., None]  # (B, T, 1)
     D = x0.shape[-1]
     mv = m[:, 1:] * m[:, :-1]  # (B, T-1, 1)
@@ -449,16 +417,13 @@ def generate(model, feats, lens, style, seed=1234, ddim_steps=50):
         return model.generate(mem, style)
     B, T, _ = mem.shape
     masks = model.masks(T, torch.arange(T)[None] >= torch.tensor(lens)[:, None])  # padding (B, T)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, model.head.out_features, generator=g).to(mem.device)  # x_T
-    abar = scaled_linear_abar(zero_snr=model.cfg.zero_snr)
+    x = torch.randn(B, T, model.head.out_features, generator=torch.Generator().manual_seed(seed))  # x_T
     net = lambda x_t, tau: model(x_t, torch.full((B,), tau, device=mem.device), mem, style, masks)
-    return ddim_sample(net, x, abar, ddim_steps)
+    return ddim_sample(net, x.to(mem.device), scaled_linear_abar(zero_snr=model.cfg.zero_snr), ddim_steps)
 
 
 def predictor(model, items, sigma, ddim_steps):
-    """predict(style, seed) -> vertices [(T_i, V, 3)] of every clip; style: one training style for every clip, or
-    one per clip (n,)."""
+    """predict(style, seed) -> vertices [(T_i, V, 3)] of every clip; style: one for every clip, or one per clip (n,)."""
     feats, lens = [it["feats"] for it in items], [len(it["disp"]) for it in items]
 
     def predict(style, seed):
@@ -484,7 +449,8 @@ def train_loss(net, model, batch, cfg, abar, device):
         m = (~pad).float()
         counts = (m.sum() / dist.get_world_size(), (m[:, 1:] * m[:, :-1]).sum().clamp(min=1) / dist.get_world_size())
         T = max(data.shard(lens))  # this rank's longest clip
-        x0, feats, lens, style, pad = data.shard(x0)[:, :T], data.shard(feats), data.shard(lens), data.shard(style), data.shard(pad)[:, :T]
+        x0, feats, lens = data.shard(x0)[:, :T], data.shard(feats), data.shard(lens)
+        style, pad = data.shard(style), data.shard(pad)[:, :T]
         t, noise = (data.shard(t), data.shard(noise)[:, :T]) if t is not None else (None, None)
     with data.autocast(device, cfg.dtype):
         mem = model.encode(feats, lens)  # (B, T, d)
@@ -496,31 +462,23 @@ def train_loss(net, model, batch, cfg, abar, device):
         return masked_losses(x0_hat.float(), x0, ~pad, counts)
 
 
-def resume(path, model, opt, scaler, rng):
-    """--resume: weights, optimiser, loss scale and every random stream (data order included) of the checkpoint
-    -> (step, metrics, best): the run goes on exactly as if it had never stopped."""
-    if not path.exists():
-        print(f"--resume: no checkpoint at {path} yet, starting at step 0")
-        return 0, {}, None
-    ck = load_checkpoint(path, next(model.parameters()).device)
-    model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
-    if ck["scaler"]:  # float16 only
-        scaler.load_state_dict(ck["scaler"])
-    data.set_rng_state(ck["rng"], [rng])
-    return ck["step"], ck["metrics"], ck.get("best")  # best: {"step", "lve", "model"} of the lowest val LVE
-
-
 def train(cfg):
-    device = data.pick_device(cfg.device)
+    device, out = data.pick_device(cfg.device), Path(cfg.out)
     _, world = data.ddp_setup(device)
     data.seed_all(cfg.seed)
-    out = Path(cfg.out)
     features = lambda wave: audio_features(wave, cfg.n_mfcc)
     train_items, val_items, stats = data.talking_train_val(cfg.data, cfg.preset, features, cfg.norm)
     model = (FaceFormerAR if cfg.arch == "ar" else DiffSpeaker)(cfg, stats["D"], stats["n_style"]).to(device)
     opt, scaler = torch.optim.AdamW(model.parameters(), lr=cfg.lr), data.grad_scaler(device, cfg.dtype)
     rng = np.random.default_rng(cfg.seed)  # the data order: crop lengths, clips, offsets
-    step, hist, best = resume(out / "ckpt.pt", model, opt, scaler, rng) if cfg.resume else (0, {}, None)
+    step, hist, best = 0, {}, None  # best: {"step", "lve", "model"} of the lowest val LVE
+    if cfg.resume and (out / "ckpt.pt").exists():  # weights, optimiser, loss scale, every random stream: exact
+        ck = load_checkpoint(out / "ckpt.pt", device)
+        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"])
+        if ck["scaler"]:  # float16 only
+            scaler.load_state_dict(ck["scaler"])
+        data.set_rng_state(ck["rng"], [rng])
+        step, hist, best = ck["step"], ck["metrics"], ck.get("best")
     if data.is_main():
         print(f"{METHOD} ({cfg.arch}) on {device} x {world}{f', resumed at step {step}' if step else ''}; config:")
         print(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -547,11 +505,8 @@ def train(cfg):
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         scaler.step(opt), scaler.update()
         step += 1
-        logged = torch.stack([vert + vel, vert, vel]).detach().float()
-        if world > 1:  # the global batch's loss
-            dist.all_reduce(logged)
-            logged /= world
-        hist.setdefault("loss", []).append(round(logged[0].item(), 5))
+        logged = [data.mean_over_ranks(x.float()) for x in (vert + vel, vert, vel)]  # the global batch's loss
+        hist.setdefault("loss", []).append(round(logged[0], 5))
         bar.update(1)
         bar.set_postfix(loss=f"{logged[0]:.4f}", vert=f"{logged[1]:.4f}", vel=f"{logged[2]:.4f}")
         if (step % cfg.eval_every == 0 or step == cfg.steps) and data.is_main():
@@ -579,27 +534,12 @@ def train(cfg):
 # Sampling
 
 def load_model(path, device="cpu", best=True):
-    """Rebuild a model from the checkpoint alone, with the best-val weights when training kept them and `best`
-    (sample --no-keep-best: the last step's): (model, ck)."""
+    """(model, ck) rebuilt from the checkpoint alone; the best-val weights if training kept them and `best`."""
     ck = load_checkpoint(path, "cpu")
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ck["config"].items() if k in names})
+    cfg = Config(**{k: v for k, v in ck["config"].items() if k in Config.__dataclass_fields__})
     model = (FaceFormerAR if cfg.arch == "ar" else DiffSpeaker)(cfg, ck["D"], ck["n_style"])
     model.load_state_dict(ck["best"]["model"] if "best" in ck and best else ck["model"])
     return model.to(device).eval(), ck
-
-
-def animate_wav(model, ck, cfg, out):
-    """--audio: T = floor(duration * fps) frames under style --style -> <stem>_style<k>.npy and .gif."""
-    wave = data.load_wav(cfg.audio)  # a missing, empty or unreadable file: data.UserError
-    if cfg.style >= ck["n_style"]:
-        raise data.UserError(f"--style {cfg.style}: expected a training style in 0..{ck['n_style'] - 1}")
-    T = int(len(wave) / data.SR * data.FPS)
-    x = generate(model, [audio_features(wave, model.cfg.n_mfcc)], [T], torch.tensor([cfg.style]), 1234,
-                 cfg.ddim_steps)[0].cpu().numpy()
-    v = to_vertices(x, ck["sigma"], ck["templates"][cfg.style].numpy())  # (T, V, 3)
-    metrics.save_animation(out / f"{Path(cfg.audio).stem}_style{cfg.style}", v, f"style {cfg.style}")
-    return {}
 
 
 @torch.no_grad()
@@ -607,20 +547,26 @@ def sample(cfg):
     device, out = data.pick_device(cfg.device), Path(cfg.out)
     model, ck = load_model(cfg.ckpt or out / "ckpt.pt", device, cfg.keep_best)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.audio:
-        return animate_wav(model, ck, cfg, out)
+    if cfg.audio:  # animate one wav: T = floor(duration * fps) frames under --style -> <stem>_style<k>.npy, .gif
+        wave = data.load_wav(cfg.audio)  # a missing, empty or unreadable file: data.UserError
+        if cfg.style >= ck["n_style"]:
+            raise data.UserError(f"--style {cfg.style}: expected a training style in 0..{ck['n_style'] - 1}")
+        T = int(len(wave) / data.SR * data.FPS)
+        x = generate(model, [audio_features(wave, model.cfg.n_mfcc)], [T], torch.tensor([cfg.style]), 1234,
+                     cfg.ddim_steps)[0].cpu().numpy()
+        v = to_vertices(x, ck["sigma"], ck["templates"][cfg.style].numpy())  # (T, V, 3)
+        metrics.save_animation(out / f"{Path(cfg.audio).stem}_style{cfg.style}", v, f"style {cfg.style}")
+        return {}
     path = str(data.resolve_data(cfg.data, "talking", cfg.preset)) if cfg.data else ck["data_path"]
     items = data.talking_items(path, cfg.split, lambda wave: audio_features(wave, model.cfg.n_mfcc))
     n_style, sigma = ck["n_style"], ck["sigma"]
-    print(f"{model.cfg.arch}: weights of step {ck.get('best', ck)['step'] if cfg.keep_best else ck['step']} of "
-          f"{ck['step']}")
+    print(f"{model.cfg.arch}: weights of step {(ck.get('best', ck) if cfg.keep_best else ck)['step']} of {ck['step']}")
     ar, ar_ck = load_model(cfg.ar_ckpt, device) if cfg.ar_ckpt else (None, None)
-    # speed for 10 s of speech, batch 1: parallel DDIM vs frame-by-frame AR (untrained if no --ar-ckpt: same time)
-    wave, T10 = metrics.tiled_speech(items, 10.0)
+    wave, T10 = metrics.tiled_speech(items, 10.0)  # speed for 10 s of speech, batch 1: parallel DDIM vs AR decoding
     f10 = audio_features(wave, model.cfg.n_mfcc)
     timer = lambda m, S=50: lambda: generate(m, [f10], [T10], torch.zeros(1, dtype=torch.long), ddim_steps=S)
     timers = {"model": (timer(model, cfg.ddim_steps), 2, 5)}
-    if isinstance(model, DiffSpeaker):
+    if isinstance(model, DiffSpeaker):  # the AR row is timed untrained if no --ar-ckpt: the same time
         ar_timed = ar or FaceFormerAR(dataclasses.replace(model.cfg, arch="ar"), ck["D"], n_style).to(device).eval()
         timers["baseline:autoregressive"] = (timer(ar_timed), 1, 3)
     first = lambda m, s: lambda: predictor(m, items[:1], s, cfg.ddim_steps)(0, 1234)[0]  # sentence 0, style 0

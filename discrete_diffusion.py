@@ -1,50 +1,35 @@
 """discrete_diffusion.py: DiffListener, a listener's whole reaction window at once by discrete diffusion over VQ tokens.
 
-A fusion network turns the speaker's face, its frame-to-frame differential, MFCC audio and the transcript into a
-per-frame representation R^S. A mask-and-replace discrete diffusion (T = 100 steps) over the listener's motion tokens
-(K codes + [MASK]) starts from all-[MASK] and denoises the whole window at once, conditioned on R^S; the VQ-VAE
-decoder (vqvae.py, the only method file imported: tokens, K, r and the decoder come from its checkpoint) turns the
-tokens back into 3DMM motion. Longer conversations: half-overlapping windows are denoised jointly, each token's p(x0)
-averaged over the windows that cover it (MultiDiffusion, arXiv 2302.08113), so a window boundary is no seam.
+A fusion network turns the speaker's face, its frame-to-frame differential, MFCC audio and transcript into R^S;
+mask-and-replace discrete diffusion (T = 100) over the listener's VQ tokens (K codes + [MASK]) denoises the window from
+all-[MASK] given R^S; the VQ-VAE decoder (vqvae.py, the only method file imported) makes 3DMM motion. Long talks:
+half-overlapping windows denoised jointly, a token's p(x0) averaged over its windows (MultiDiffusion, arXiv 2302.08113).
 
-Papers: DiffListener (ICASSP 2025) arXiv 2502.06822; VQ-Diffusion arXiv 2111.14822 (process, x0-parameterised
-denoiser, truncation) and 2205.16007; D3PM arXiv 2107.03006. Data: `trevor` by default, the twin of L2L-trevor, the
-LM-Listener segments DiffListener trained on (one listener, many guests); the text vocabulary is the training split's
-words, stored in the checkpoint. Truncation as VQ-Diffusion's sampler: top-r codes up to and including the one that
-crosses r = 0.86, renormalised.
-The codec: the naive VQ-VAE with K = 256 codes and per-channel std, as the paper (vqvae.py `--norm none,none
---scale channel`); vqvae.py's own default, one std for all channels, reconstructs far better (val floor FD 0.17 vs
-0.39) but this model on it scored worse (test FD 0.550 vs 0.484 at K = 128): its lively samples miss the timing.
-The paper's configuration (train.py's `discrete_diffusion_paper` run): T = 100 steps sampled one by
-one (`--sample-steps 0`), mask-and-replace as the VQ-Diffusion paper describes it (`--replace-mass 0.1 --mask-end
-0.9`: 10 % uniform replacement by t = T, 90 % masked), no listener identity (`--no-identity`: one listener), the
-fusion per frame (`--fuse-stride 1`). Our defaults differ in: 20 exact-jump sampling steps (5x faster, the 0.25 s
-budget of an 8-s listener); the released VQ-Diffusion schedule (mask-only in effect: replace mass 1e-6); the
-fusion reads patches of `fuse_stride` = 4 frames (CPU speed); the denoiser is told who listens (Linear(listener
-beta) added to the timestep embedding; a constant on trevor, needed on multi-listener data where the paper trains
-one model per listener). Also ours: cosine lr decay; no importance sampling of t, no weight EMA. Substitute: BERT
--> a word encoder trained from scratch (no pretrained weights ship with the repo).
+Papers: DiffListener (ICASSP 2025) arXiv 2502.06822; VQ-Diffusion arXiv 2111.14822 (process, x0-parameterised denoiser,
+top-r truncation) and 2205.16007; D3PM arXiv 2107.03006. Data: `trevor`, L2L-trevor's twin (one listener, many guests).
+Codec: the paper's naive VQ-VAE, K = 256, per-channel std (vqvae.py `--norm none,none --scale channel`; on vqvae.py's
+one-std default it scores worse, README). The paper's configuration is train.py's `discrete_diffusion_paper` run (Config
+comments give paper values); our defaults differ: 20 exact-jump sampling steps (5x faster), the released VQ-Diffusion
+schedule (mask-only in effect), fusion over 4-frame patches (CPU speed), Linear(listener beta) added to the timestep
+embedding (the paper: a model per listener), cosine lr decay; no importance sampling of t, no weight EMA. Substitute:
+BERT -> a word encoder trained from scratch on the training split's words (kept in the checkpoint).
 
 Shapes: B batch, T frames (30 fps), L tokens (= T / r), K codes ([MASK] = index K), D = 56 motion dims, F audio
 features (4 rows per frame), N words, W windows, d model width.
 
-    python discrete_diffusion.py --preset smoke            # seconds: trevor-tiny, a tiny model (runs/..-smoke)
-    python discrete_diffusion.py                           # default, trevor (trains <out>/vq/ckpt.pt first if missing)
-    python discrete_diffusion.py sample                    # metrics table, npy + GIF + PNG, long conversation, timing
-                                                           # (ablations are runs with flags, e.g. --no-text)
+    python discrete_diffusion.py --preset smoke      # seconds: trevor-tiny, a tiny model (runs/..-smoke)
+    python discrete_diffusion.py                     # default, trevor (trains <out>/vq/ckpt.pt first if missing)
+    python discrete_diffusion.py sample              # metrics table, npy + GIF + PNG, long conversation, timing
     torchrun --standalone --nproc_per_node 2 discrete_diffusion.py --preset smoke   # data-parallel (DDP)
 """
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -52,6 +37,7 @@ from tqdm import tqdm
 
 import data
 import metrics
+import vqvae  # stage 1 (the codec), the only method file this one imports
 
 METHOD = "discrete_diffusion"
 LOG_EPS = -70.0  # log-probabilities are clamped here (VQ-Diffusion), also the pinned [MASK] logit
@@ -77,7 +63,7 @@ class Config:
     n_layers: int = 4                     # denoiser blocks (full: 12)
     n_heads: int = 4                      # attention heads (full: 8)
     n_fuse: int = 1                       # self-attention layers after the cross-modal fusion
-    fuse_stride: int = 4                  # frames per fusion position (1 = per frame, the full preset)
+    fuse_stride: int = 4                  # frames per fusion position (1 = per frame: the paper, the full preset)
     text_layers: int = 1                  # word-encoder Transformer layers (full: 2)
     d_text: int = 64                      # word-encoder width (full: 256)
     n_mfcc: int = 40                      # MFCC coefficients, 4 rows per frame (full: 128)
@@ -87,10 +73,10 @@ class Config:
     replace_mass: float = 1e-6            # K * beta_bar_T (VQ-Diffusion code: 1e-6; its paper: 0.1; 0 = absorbing)
     aux_weight: float = 5e-4              # lambda of the auxiliary x0 cross-entropy (VQ-Diffusion: 5e-4)
     truncation: float = 0.86              # top-r truncation of p(x0) when sampling (VQ-Diffusion: 0.86; 1.0 = off)
-    sample_steps: int = 20                # reverse steps when sampling (0 = all T, ancestral; < T: exact jumps)
+    sample_steps: int = 20                # reverse steps when sampling (0 = all T, ancestral, the paper; < T: jumps)
     diff: bool = True                     # use the facial differential (--no-diff: DiffListener's ablation)
     text: bool = True                     # use the transcript (--no-text: DiffListener's ablation)
-    identity: bool = True                 # [ours] condition on the listener's shape beta (--no-identity: ablation)
+    identity: bool = True                 # [ours] condition on the listener's shape beta (--no-identity: the paper)
     eval_every: int = 500                 # steps between validation samples and checkpoints
     n_eval: int = 64                      # validation windows scored while training
     n_samples: int = 3                    # sample mode: seeds per test window (row = mean, std printed)
@@ -115,30 +101,26 @@ PRESETS = {
     "full": dict(fuse_stride=1, steps=100_000, batch_size=64, lr=2e-4, warmup=1000, clip_frames=240, d_model=512,
                  n_layers=12, n_heads=8, n_fuse=1, text_layers=2, d_text=256, n_mfcc=128, eval_every=5000, n_eval=256),
 }
-POSITIVE = ["steps", "batch_size", "lr", "clip_frames", "crop_stride", "d_model", "n_layers", "n_heads", "fuse_stride",
-            "d_text", "n_mfcc", "diffusion_steps", "eval_every", "n_eval", "n_samples", "long_seconds", "time_runs",
-            "time_batch"]
-NON_NEGATIVE = ["warmup", "n_fuse", "text_layers", "max_test", "weight_decay", "aux_weight", "replace_mass"]
 
 
 def check_config(cfg, mode):
     """A user's impossible values -> data.UserError naming the flag (the VQ's r is checked once the VQ is loaded)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rules = [*((k, getattr(cfg, k) > 0, "a positive number") for k in POSITIVE),
-             *((k, getattr(cfg, k) >= 0, "a number >= 0") for k in NON_NEGATIVE),
-             ("dtype", cfg.dtype in ("float32", "bfloat16", "float16"), "one of float32, bfloat16, float16"),
-             ("split", cfg.split in ("train", "val", "test"), "one of train, val, test"),
-             ("n_heads", cfg.d_model % max(cfg.n_heads, 1) == 0, f"a divisor of --d-model {cfg.d_model}"),
-             ("d_text", cfg.d_text % max(1, cfg.d_text // 16) == 0, "a multiple of its head count, d_text // 16"),
-             ("clip_frames", cfg.clip_frames % max(cfg.fuse_stride, 1) == 0, "a multiple of --fuse-stride"),
-             ("sample_steps", 0 <= cfg.sample_steps <= cfg.diffusion_steps, f"0 (all) .. {cfg.diffusion_steps}"),
-             ("dropout", 0 <= cfg.dropout < 1, "a probability in [0, 1)"),
-             ("truncation", 0 < cfg.truncation <= 1, "a mass in (0, 1]"),
-             ("mask_end", 0 < cfg.mask_end <= 1 - cfg.replace_mass, "a probability <= 1 - --replace-mass"),
-             ("batch_size", mode != "train" or cfg.batch_size % world == 0, f"a multiple of the {world} processes")]
-    for name, ok, want in rules:
-        if not ok:
-            raise data.UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected {want}")
+    want = lambda k, what: f"--{k.replace('_', '-')} {getattr(cfg, k)}: expected {what}"
+    rules = [(cfg.d_model % max(cfg.n_heads, 1) == 0, want("n_heads", f"a divisor of --d-model {cfg.d_model}")),
+             (cfg.d_text % max(1, cfg.d_text // 16) == 0, want("d_text", "a multiple of its heads, d_text // 16")),
+             (cfg.clip_frames % max(cfg.fuse_stride, 1) == 0, want("clip_frames", "a multiple of --fuse-stride")),
+             (0 <= cfg.sample_steps <= cfg.diffusion_steps, want("sample_steps", f"0 (all) .. {cfg.diffusion_steps}")),
+             (0 <= cfg.dropout < 1, want("dropout", "a probability in [0, 1)")),
+             (0 < cfg.truncation <= 1, want("truncation", "a mass in (0, 1]")),
+             (0 < cfg.mask_end <= 1 - cfg.replace_mass, want("mask_end", "a probability <= 1 - --replace-mass")),
+             (mode != "train" or cfg.batch_size % world == 0, want("batch_size", f"a multiple of {world} processes"))]
+    data.check_fields(cfg, positive=["steps", "batch_size", "lr", "clip_frames", "crop_stride", "d_model", "n_layers",
+                                     "n_heads", "fuse_stride", "d_text", "n_mfcc", "diffusion_steps", "eval_every",
+                                     "n_eval", "n_samples", "long_seconds", "time_runs", "time_batch"],
+                      non_negative=["warmup", "n_fuse", "text_layers", "max_test", "weight_decay", "aux_weight",
+                                    "replace_mass"], rules=rules,
+                      choices=dict(dtype=("float32", "bfloat16", "float16"), split=("train", "val", "test")))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -184,11 +166,9 @@ def make_schedule(T, K, mask_end=0.99999, replace_mass=1e-6, mask_start=9e-6):
     m0 = min(1e-6, replace_mass)
     kbbar = m0 + (replace_mass - m0) * u
     abar = (1.0 - gbar - kbbar).clamp_min(0.0)                         # paper: abar_T = 0 (round-off)
-    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
-    sched = dict(abar=torch.cat([one, abar]), bbar=torch.cat([zero, kbbar / K]), gbar=torch.cat([zero, gbar]),
-                 K=K, T=T, absorbing=replace_mass == 0)
-    t = torch.arange(1, T + 1)
-    a, b, g = jump_params(sched, t, t - 1)
+    sched = dict(abar=F.pad(abar, (1, 0), value=1.0), bbar=F.pad(kbbar / K, (1, 0)), gbar=F.pad(gbar, (1, 0)),
+                 K=K, T=T, absorbing=replace_mass == 0)                # (T+1,) each, slot 0 = t = 0
+    a, b, g = jump_params(sched, torch.arange(1, T + 1), torch.arange(T))  # every one-step jump t-1 -> t
     assert all(((v >= 0) & (v <= 1)).all() for v in (abar, a, K * b, g)), "schedule parameters leave [0, 1]"
     return sched
 
@@ -221,8 +201,8 @@ def q_sample(sched, x0, t, gen=None):
 
 def posterior(p0, x_t, t, s, sched):
     """The reverse step p(x_s | x_t) = sum_x0 q(x_s | x_t, x0) p0(x0) in closed form, float64 probability space.
-    p0 (B, L, K) x0-distribution (one-hot gives the true posterior); x_t (B, L) in 0..K; t, s (B,) or int, s < t.
-    Returns (B, L, K+1). It sums to p0's total mass (1 unless truncated)."""
+    p0 (B, L, K) x0-distribution (one-hot: the true posterior); x_t (B, L) in 0..K; t, s (B,) or int, s < t.
+    -> (B, L, K+1), summing to p0's total mass (1 unless truncated)."""
     B, L, K = p0.shape
     t, s = torch.as_tensor(t).cpu().expand(B), torch.as_tensor(s).cpu().expand(B)
     coef = lambda v: v.view(B, 1, 1).to(p0.device)                     # (B,) -> (B, 1, 1)
@@ -245,11 +225,10 @@ def posterior(p0, x_t, t, s, sched):
 
 
 def truncate(p0, r):
-    """VQ-Diffusion's top-r truncation of p(x0): the codes in order of probability up to and including the one whose
-    cumulative mass reaches r (a code is kept when the mass before it is < r, so top-1 always is), renormalised to
-    mass 1. VQ-Diffusion sets the dropped log-probs to -70 and samples the unnormalised posterior by Gumbel-max;
-    its posterior scales every state, [MASK] included, by the kept mass, so the draw is that of the renormalised
-    p(x0): the same chance of unmasking as untruncated, only the codes change. p0 (..., K) -> (..., K)."""
+    """VQ-Diffusion's top-r truncation of p(x0): the most probable codes while the mass before each is < r (top-1
+    always kept), renormalised. (VQ-Diffusion sets the dropped log-probs to -70 and Gumbel-max samples the unnormalised
+    posterior, which scales every state, [MASK] included, by the kept mass: the draw of the renormalised p(x0), the
+    same chance of unmasking as untruncated, only the codes change.) p0 (..., K) -> (..., K)."""
     if r >= 1.0:
         return p0
     sp, order = p0.sort(-1, descending=True)
@@ -325,8 +304,7 @@ class Block(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """MFCC rows at 4 per frame -> one vector per frame. Conv k5 s2, k5 s2, k5 s1, k3 dilation 2 (width d/2, the
-    last to d): receptive field 45 rows = 0.375 s at 120 Hz."""
+    """MFCC rows (4 per frame) -> a vector per frame: conv k5 s2, k5 s2, k5 s1, k3 dil. 2; receptive field 0.375 s."""
 
     def __init__(self, n_feat, d):
         super().__init__()
@@ -339,13 +317,12 @@ class AudioEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """From-scratch stand-in for BERT: word embedding + sinusoid(end frame) -> Transformer -> d, plus the frame
-    sinusoid in d so cross-attention can align words with frames (time alignment by word end times)."""
+    """BERT's stand-in, from scratch: word embedding + sinusoid(end frame) -> Transformer -> d, + sinusoid(end)."""
 
-    def __init__(self, n_words, d_text, d, layers, heads, dropout):
+    def __init__(self, n_words, d_text, d, layers, dropout):
         super().__init__()
         self.emb = nn.Embedding(n_words, d_text, padding_idx=0)
-        self.blocks = nn.ModuleList(Block(d_text, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_text, max(1, d_text // 16), dropout) for _ in range(layers))  # 16 / head
         self.proj = nn.Linear(d_text, d)
 
     def forward(self, words, end):                                     # (B, N), (B, N) frames -> (B, N, d)
@@ -357,9 +334,8 @@ class TextEncoder(nn.Module):
 
 
 class Fusion(nn.Module):
-    """R^S: e = Lin_F(F) + Lin_D(Delta) + PE -> CM1 (attend to audio) -> CM2 (attend to words) -> n_fuse
-    self-attention layers. With fuse_stride s > 1 [ours, CPU speed] Lin_F / Lin_D see patches of s frames (a linear
-    map of the patch, so no frame is averaged away) and R^S has T/s positions; PEs stay in frame units."""
+    """R^S: e = Lin_F(F) + Lin_D(Delta) + PE -> CM1 (attend to audio) -> CM2 (attend to words) -> n_fuse self-attention
+    layers. [ours] fuse_stride s > 1: Lin_F / Lin_D map patches of s frames, R^S has T/s positions (PEs in frames)."""
 
     def __init__(self, cfg, n_feat, n_words, D=56):
         super().__init__()
@@ -368,8 +344,7 @@ class Fusion(nn.Module):
         self.lin_f = nn.Conv1d(D, d, s, s)                            # = Linear(D, d) when s = 1
         self.lin_d = nn.Conv1d(D, d, s, s) if cfg.diff else None
         self.audio, self.cm1 = AudioEncoder(n_feat, d), Block(d, h, p, cross=True)
-        self.text = TextEncoder(n_words, cfg.d_text, d, cfg.text_layers, max(1, cfg.d_text // 16), p) if cfg.text \
-            else None
+        self.text = TextEncoder(n_words, cfg.d_text, d, cfg.text_layers, p) if cfg.text else None
         self.cm2 = Block(d, h, p, cross=True) if cfg.text else None
         self.fuse = nn.ModuleList(Block(d, h, p) for _ in range(cfg.n_fuse))
 
@@ -424,8 +399,7 @@ class DiffListener(nn.Module):
 
     def __init__(self, cfg, K, n_feat, n_words, L_max, D=56, D_id=100):
         super().__init__()
-        d = cfg.d_model
-        self.K, self.T = K, cfg.diffusion_steps
+        d, self.K, self.T = cfg.d_model, K, cfg.diffusion_steps
         self.fusion = Fusion(cfg, n_feat, n_words, D)
         self.tok = nn.Embedding(K + 1, d)                              # K codes + [MASK]
         self.pos = nn.Embedding(L_max, d)
@@ -453,10 +427,8 @@ class DiffListener(nn.Module):
         diff = facial_differential(spk) / self.diff_std                # (B, T, D) scaled by its train std
         feat = (feat_raw - self.feat_mean) / self.feat_std
         R = self.fusion(spk, diff, feat, words, end)                   # (B, T/s, d)
-        ident = None
-        if self.ident is not None:
-            assert beta is not None, "this model is conditioned on the listener identity: pass beta"
-            ident = self.ident((beta.to(R) - self.beta_mean) / self.beta_std)  # (B, d)
+        assert self.ident is None or beta is not None, "this model is conditioned on the listener identity: pass beta"
+        ident = None if self.ident is None else self.ident((beta.to(R) - self.beta_mean) / self.beta_std)  # (B, d)
         return [blk.cross.kv_of(blk.ln_c(R)) for blk in self.blocks], ident
 
     def denoise(self, x_t, t, cond):
@@ -475,14 +447,12 @@ class DiffListener(nn.Module):
 
     @torch.no_grad()
     def sample(self, kv, n_tokens, starts, L, steps=None, r=0.86, gen=None, batch=1):
-        """Reverse process from all-[MASK]. kv: condition of batch*W windows (sample-major); window w of each sample
-        covers tokens [starts[w], starts[w] + L). p(x0) of a token = mean over the windows covering it (one window
-        = plain sampling). steps < T uses the exact jump over the grid t_i = round(i T / S). Returns (batch, n)."""
+        """Reverse process from all-[MASK]. kv: batch*W windows (sample-major), window w on tokens [starts[w], +L); a
+        token's p(x0) = mean over its windows. steps < T: exact jumps on t_i = round(i T / S). -> (batch, n_tokens)."""
         S, K, W, dev = steps or self.T, self.K, len(starts), self.pos.weight.device
         assert 1 <= S <= self.T
         idx = (torch.tensor(starts, device=dev)[:, None] + torch.arange(L, device=dev)).view(-1)  # (W*L,)
-        count = torch.zeros(n_tokens, dtype=torch.float64, device=dev).index_add_(
-            0, idx, torch.ones(len(idx), dtype=torch.float64, device=dev))  # windows covering each token
+        count = torch.bincount(idx, minlength=n_tokens).double()      # (N,) windows covering each token
         x = torch.full((batch, n_tokens), K, dtype=torch.long, device=dev)  # x_T = all [MASK]
         grid = [round(i * self.T / S) for i in range(S, -1, -1)]        # T = t_S > ... > t_0 = 0
         for t, s in zip(grid[:-1], grid[1:]):
@@ -496,62 +466,9 @@ class DiffListener(nn.Module):
         return x
 
 
-def window_starts(n_tokens, L, hop):
-    """Token starts of overlapping windows covering n_tokens (the last one flush with the end)."""
-    if n_tokens <= L:
-        return [0]
-    starts = list(range(0, n_tokens - L + 1, hop))
-    return starts if starts[-1] == n_tokens - L else starts + [n_tokens - L]
-
-
-@torch.no_grad()
-def sample_long(model, vq, spk, feat, words, beta, T_win, fps, steps=None, r=0.86, gen=None, hop=None):
-    """Listener for speaker streams longer than the training window: windows of T_win frames every `hop` tokens
-    (default half a window) are denoised jointly (DiffListener.sample averages p(x0) over the windows covering a
-    token), then the whole token sequence is decoded at once. spk (B, Tall, D) raw, feat (B, 4 Tall, F), words: B
-    lists of (text, end_s). -> tokens (B, N), motion (B, N r, D) raw."""
-    dev, (B, Tall, _) = model.pos.weight.device, spk.shape
-    N, L = Tall // vq.r, T_win // vq.r
-    starts = window_starts(N, L, hop or max(1, L // 2))
-    c0 = [s * vq.r for s in starts]                                    # window starts in frames
-    wins = data.stream_windows(spk, feat, words, c0, T_win, fps, model.word_ids)  # (B*W, T_win, D), ... sample-major
-    kv = model.condition(*(v.to(dev) for v in wins), beta.repeat_interleave(len(c0), 0).to(dev))
-    tok = model.sample(kv, N, starts, L, steps, r, gen, batch=B).cpu()
-    return tok, vq.denormalize(vq.decode(tok, beta))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
-INPUTS = ("tok", "spk", "feat", "wid", "wend", "beta")  # batch keys the training step needs (x0, then the condition)
-
-
-def get_vq(cfg, data_path, training=True):
-    """The VQ-VAE stage (frozen, on the CPU). Training: a missing one is trained first (the naive none,none codec,
-    with this run's preset and data), one trained on other data or with another preset is a user error naming --vq.
-    Sampling: the VQ the model was trained with."""
-    import vqvae  # stage 1, the only method file this one imports
-    if not cfg.vq:
-        cfg.vq = str(Path(cfg.out) / "vq" / "ckpt.pt")
-    flags = ["--data", str(data_path), "--out", str(Path(cfg.vq).parent), "--preset", cfg.preset, "--norm", "none,none",
-             "--scale", "channel"] + ([] if cfg.preset == "smoke" else ["--codebook-size", "256"])  # the paper's codec
-    if not Path(cfg.vq).exists() and training:
-        if dist.is_initialized():  # every rank would train it, and vqvae.py ends the process group
-            raise data.UserError(f"--vq {cfg.vq}: no such file; under torchrun train the VQ-VAE first "
-                                 f"(python vqvae.py {' '.join(flags[2:])})")
-        print(f"[discrete_diffusion] no VQ-VAE at {cfg.vq}: training the naive (none,none) one first with "
-              f"`python vqvae.py {' '.join(flags)}` (pass --vq PATH to use another)", flush=True)
-        vqvae.main(flags, mode="train")
-    have = vqvae.load_checkpoint(cfg.vq)["config"]
-    where = lambda c: Path(data.resolve_data(c["data"], "listener", c["preset"])).resolve()
-    if training and (have["preset"] != cfg.preset or where(have) != Path(data_path).resolve()):
-        raise data.UserError(f"--vq {cfg.vq} was trained with preset {have['preset']} on {where(have)}, this run is "
-                             f"preset {cfg.preset} on {data_path}: pass --vq with a VQ-VAE of this preset and data")
-    vq = vqvae.load_vqvae(cfg.vq, device="cpu")
-    vq.requires_grad_(False)
-    return vq
-
-
 def build(cfg, meta, device):
     """The model of a checkpoint's meta; its word ids (the training split's vocabulary) travel with it."""
     if "vocab" not in meta:
@@ -569,84 +486,44 @@ def lr_at(cfg, step):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(u, 1.0))))
 
 
-@torch.no_grad()
-def generate(model, vq, d, seg, crop, steps, r, seed, bs=128):
-    """Sample the listener of windows (seg, crop): -> tokens (n, L), raw motion (n, T, D) numpy."""
-    was, dev = model.training, model.pos.weight.device
-    model.eval()
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    toks, xs = [], []
-    for i in range(0, len(seg), bs):
-        b = data.get_batch(d, seg[i:i + bs], crop[i:i + bs])
-        kv = model.condition(*(b[k].to(dev) for k in INPUTS[1:]))
-        L = b["tok"].shape[1]
-        tok = model.sample(kv, L, [0], L, steps, r, gen, batch=len(b["spk"])).cpu()
-        toks.append(tok)
-        xs.append(vq.denormalize(vq.decode(tok, b["beta"])))
-    model.train(was)
-    return torch.cat(toks), torch.cat(xs).numpy()
-
-
-def validate(model, vq, va, cfg, step, hist):
-    """Validation L2 / FD / P-FD of sampled windows (rank 0), logged into hist."""
-    vs, vc = [v[:cfg.n_eval] for v in data.all_windows(va)]
-    _, pred = generate(model, vq, va, vs, vc, min(cfg.sample_steps, model.T) or None, cfg.truncation, cfg.seed)
-    b = data.get_batch(va, vs, vc)
-    m = metrics.listener_metrics(list(pred), list(b["lis"].numpy()), list(b["spk"].numpy()),
-                                 valence_fn=data.FaceModel().valence)
-    hist["val"].append(dict(step=step, **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")}))
-    tqdm.write(f"step {step}: loss {np.mean(hist['loss'][-cfg.eval_every:]):.4f} | val L2 {m['mse/all']:.4f} "
-               f"FD {m['fd/all']:.3f} P-FD {m['pfd/all']:.3f}")
-
-
-def prepare(cfg, device):
-    """Data, VQ tokens and a fresh model with the train split's conditioning statistics."""
-    t0 = time.time()
+def train(cfg):
+    device = data.pick_device(cfg.device)
+    _, world = data.ddp_setup(device)
+    data.seed_all(cfg.seed)
     cfg.data = str(data.resolve_data(cfg.data, "listener", cfg.preset))
-    vq = get_vq(cfg, cfg.data)
+    cfg.vq = cfg.vq or str(Path(cfg.out) / "vq" / "ckpt.pt")
+    flags = ["--out", str(Path(cfg.vq).parent), "--preset", cfg.preset, "--norm", "none,none", "--scale", "channel"]
+    flags += [] if cfg.preset == "smoke" else ["--codebook-size", "256"]  # the paper's naive codec, trained if missing
+    vq = vqvae.load_stage(cfg.vq, cfg.data, cfg.preset, flags, METHOD)  # frozen; of this preset and data, else --vq
     if cfg.clip_frames % vq.r:
         raise data.UserError(f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ's r = {vq.r} ({cfg.vq})")
     tr = data.load_windows(cfg.data, "train", vq, cfg.clip_frames, cfg.crop_stride, cfg.n_mfcc)  # builds the vocab
     va = data.load_windows(cfg.data, "val", vq, cfg.clip_frames, cfg.clip_frames, cfg.n_mfcc, tr["vocab"])
     meta = dict(K=vq.K, r=vq.r, n_feat=tr["feat"].shape[-1], vocab=tr["vocab"], L=cfg.clip_frames // vq.r,
                 D_id=tr["beta"].shape[-1])
-    assert int(tr["tok"].max()) < vq.K
     model = build(cfg, meta, device)
     for k, v in data.window_stats(tr, facial_differential).items():  # the train split's conditioning statistics
         getattr(model, k).copy_(v)
-    if data.is_main():
-        if tr["no_audio"]:
-            print(f"[discrete_diffusion] audio branch off: {tr['no_audio']} of {len(tr['n'])} train segments have no "
-                  f"audio in {cfg.data} (their MFCC input is zeros)")
-        print(f"[discrete_diffusion] {tr['tok'].shape[0]} train segments x {tr['tok'].shape[1]} crops of "
-              f"{cfg.clip_frames} frames -> {meta['L']} tokens (K = {vq.K}); {len(tr['vocab'])} train words; "
-              f"prepared in {time.time() - t0:.1f} s; "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    return vq, tr, va, meta, model
-
-
-def train(cfg):
-    device = data.pick_device(cfg.device)
-    rank, world = data.ddp_setup(device)
-    data.seed_all(cfg.seed)
-    vq, tr, va, meta, model = prepare(cfg, device)
     out, step, hist = Path(cfg.out), 0, dict(loss=[], val=[])
-    if data.is_main():
-        print(f"[discrete_diffusion] device {device} x {world}; config {json.dumps(dataclasses.asdict(cfg))}")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    if tr["no_audio"]:
+        data.say(f"[discrete_diffusion] audio branch off: {tr['no_audio']} of {len(tr['n'])} train segments have no "
+                 f"audio in {cfg.data} (their MFCC input is zeros)")
+    data.say(f"[discrete_diffusion] {len(data.all_windows(tr)[0])} train windows of {meta['L']} tokens, K = {vq.K}, "
+             f"{len(tr['vocab'])} words; {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
+             f"device {device} x {world}")
+    data.save_config(cfg, out)                                         # prints the config, writes config.json
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.96), weight_decay=cfg.weight_decay)
     scaler = data.grad_scaler(device, cfg.dtype)
     gen = torch.Generator().manual_seed(cfg.seed)                     # batches, t and q_sample noise (all ranks)
-    if cfg.resume and (out / "ckpt.pt").exists():
-        ck = load_checkpoint(out / "ckpt.pt", "cpu")                   # random states must stay on the CPU
-        model.load_state_dict(ck["model"]), opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
+    ck = cfg.resume and data.resume_checkpoint(out / "ckpt.pt", METHOD, model, [gen])  # weights, random streams
+    if ck:
+        opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
         step, hist = ck["step"], ck["metrics"]
-        data.set_rng_state(ck["rng"], [gen])
+    val = [v[:cfg.n_eval] for v in data.all_windows(va)]              # validation windows (seg, crop)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if cfg.compile else net
     sched, t0 = model.sched, time.time()
-    bar = tqdm(total=cfg.steps, initial=step, desc="discrete_diffusion", dynamic_ncols=True, mininterval=2,
+    bar = tqdm(total=cfg.steps, initial=step, desc=METHOD, dynamic_ncols=True, mininterval=2,
                disable=not data.is_main())
     while step < cfg.steps:
         for g in opt.param_groups:
@@ -654,7 +531,8 @@ def train(cfg):
         b = data.get_batch(tr, *data.draw_windows(tr, cfg.batch_size, gen))  # the global batch, alike on every rank
         t = torch.randint(1, model.T + 1, (cfg.batch_size,), generator=gen)  # t ~ U{1..T}
         x_t = q_sample(sched, b["tok"], t, gen)                        # x_t ~ q(x_t | x0)
-        x_t, t, x0, *cond = (data.shard(v).to(device) for v in (x_t, t, *(b[k] for k in INPUTS)))  # this rank's rows
+        x0, *cond = (b[k] for k in ("tok", "spk", "feat", "wid", "wend", "beta"))  # the target, then the condition
+        x_t, t, x0, *cond = (data.shard(v).to(device) for v in (x_t, t, x0, *cond))  # this rank's rows
         with data.autocast(device, cfg.dtype):
             logits = net(x_t, t, *cond)                                # (B, L, K)
         loss, parts = diffusion_loss(logits.float(), x0, x_t, t, sched, cfg.aux_weight)
@@ -668,16 +546,16 @@ def train(cfg):
         bar.update(1)
         bar.set_postfix(loss=f"{hist['loss'][-1]:.3f}", vlb=f"{parts['vlb']:.3f}", ce=f"{parts['ce']:.3f}")
         if (step % cfg.eval_every == 0 or step == cfg.steps) and data.is_main():
-            validate(model, vq, va, cfg, step, hist)
+            _, pred = metrics.sample_windows(model, vq, va, *val, cfg.sample_steps or None, cfg.truncation, cfg.seed)
+            hist["val"].append(metrics.validate_diff_listener(pred, va, *val, step, hist["loss"][-cfg.eval_every:],
+                                                              log=tqdm.write))
             save_checkpoint(out / "ckpt.pt", dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step,
                                                   scaler=scaler.state_dict(), rng=data.rng_state([gen]),
                                                   config=dataclasses.asdict(cfg), metrics=hist, meta=meta))
     bar.close()
     data.check_in_sync(model)
-    if data.is_main():
-        print(f"[discrete_diffusion] trained to step {step} in {time.time() - t0:.1f} s; checkpoint {out / 'ckpt.pt'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    data.say(f"[discrete_diffusion] trained to step {step} in {time.time() - t0:.1f} s; checkpoint {out / 'ckpt.pt'}")
+    data.ddp_teardown()
     return out / "ckpt.pt"
 
 
@@ -685,9 +563,7 @@ def train(cfg):
 # Sampling and evaluation (the evaluation protocol itself is metrics.evaluate_diff_listener)
 # ----------------------------------------------------------------------------------------------------------------------
 def sample(cfg, other_data=False):
-    """Load the checkpoint, sample every test window (n_samples seeds) and a long conversation, evaluate against
-    GT, alt-GT and the baselines (and the rule table, on a twin), time the sampler, render, write metrics.json.
-    The data are the checkpoint's unless other_data (--data given)."""
+    """The checkpoint's listeners, scored, timed and rendered by metrics.evaluate_diff_listener (its data or --data)."""
     device = data.pick_device(cfg.device)
     data.seed_all(cfg.seed)
     out, path = Path(cfg.out), Path(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
@@ -697,20 +573,14 @@ def sample(cfg, other_data=False):
     model.load_state_dict(ck["model"])
     model.eval()
     data_path = str(data.resolve_data(cfg.data, "listener", cfg.preset)) if other_data else mcfg.data
-    vq = get_vq(mcfg, data_path, training=False)
+    vq = vqvae.load_stage(mcfg.vq, data_path, mcfg.preset, [], METHOD, training=False)  # the model's own codec
     T, steps, r = mcfg.clip_frames, min(cfg.sample_steps, model.T) or None, cfg.truncation
     print(f"[discrete_diffusion] {path} (step {ck['step']}), data {data_path}, split {cfg.split}, K = {vq.K}, "
           f"window {T} frames, truncation r = {r}, steps {steps or model.T}")
     te, tr = (data.load_windows(data_path, split, vq, T, T, mcfg.n_mfcc, ck["meta"]["vocab"])  # the train split's words
               for split in (cfg.split, "train"))
     seg, crop = [v[:cfg.max_test or None] for v in data.all_windows(te)]
-    runs = [generate(model, vq, te, seg, crop, steps, r, cfg.seed + s) for s in range(cfg.n_samples)]
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    def listen(st, hop=None, S=steps, B=1):  # a stream's listener, windows every hop tokens (None: half a window)
-        return sample_long(model, vq, st["speaker"].expand(B, -1, -1), st["audio"].expand(B, -1, -1), st["words"] * B,
-                           st["beta"].expand(B, -1), T, te["fps"], S, r, gen, hop)[1][0].numpy()
-    return metrics.evaluate_diff_listener(te, tr, seg, crop, runs, listen, vq, out, steps=steps or model.T,
+    return metrics.evaluate_diff_listener(model, vq, te, tr, seg, crop, out, steps=steps, r=r, n_samples=cfg.n_samples,
                                           long_seconds=cfg.long_seconds, time_runs=cfg.time_runs,
                                           time_batch=cfg.time_batch, device=device, seed=cfg.seed)
 

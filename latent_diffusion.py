@@ -1,22 +1,15 @@
 """latent_diffusion.py: Latent Behavior Diffusion (LBD), several different listener reactions to one speaker.
 
-Two stages. (1) A context-aware autoencoder: a Transformer E_r compresses each w-frame window of 25-d REACT
-attributes (15 AUs | valence, arousal | 8 emotion probabilities) into a latent of v dims; a decoder D_r turns the
-latents of a segment back into frames, and a vector-quantised branch D_f turns them into 3DMM coefficients (56-d
-synthetic motion, 58-d on REACT). (2) Conditional latent diffusion: Diff-AE's MLPSkipNet (the noisy input
-concatenated into every layer) denoises latents conditioned on the speaker's code E_r(speaker); PLMS (order 1 =
-DDIM) samples it, and each initial noise gives another reaction (the REACT protocol asks for 10). Nothing tells
-the model who listens (LBD and the REACT protocol do not).
+(1) A context-aware autoencoder: a Transformer E_r encodes each w-frame window of the 25 REACT attributes (15 AUs |
+valence, arousal | 8 emotion probabilities) into a v-dim latent; D_r decodes a chunk's latents into frames, a
+vector-quantised branch D_f into 3DMM coefficients. (2) Latent diffusion: Diff-AE's MLPSkipNet denoises the listener's
+latents given the speaker's E_r code, PLMS samples them, each initial noise gives another reaction (REACT asks for 10).
 Papers: LBD arXiv 2505.07901; Diff-AE arXiv 2111.15640; PLMS arXiv 2202.09778; DDIM arXiv 2010.02502; LDM arXiv
-2112.10752; REACT 2024 arXiv 2401.05166. Nothing pretrained is needed: LBD reads the dataset's features.
-Data: the REACT 2024 layout (default: data.py's react twin; a folder of the real layout reads the same), scored
-against the real reactions of the neighbour clips that the appropriateness matrix marks.
-Ours [said again where it happens]: n = 4 window latents are denoised jointly (no seams inside a chunk; whole
-clips by latent outpainting with a cross-fade); E_r, trained on listener windows, is reused frozen on the
-speaker's; the MLPSkipNet predicts x0 (`--param eps`: the paper's ε, whose implied x0 near t = T is amplified
-1/√ᾱ_T ≈ 15 times).
+2112.10752; REACT 2024 arXiv 2401.05166. Nothing pretrained is needed. Data: the REACT 2024 layout (data.py's react
+twin; a real folder reads the same), scored against the real reactions of the neighbour clips the appropriateness
+matrix marks. Ours, marked [ours] where it happens: n window latents denoised jointly, whole clips by outpainting.
 Shapes: B batch, K samples per speaker, T frames, n windows per chunk, w frames per window, L = n*w frames, v latent
-dims per window, D attribute dims (25), F 3DMM dims.
+dims per window, D attribute dims (25), F 3DMM dims (56 synthetic, 58 REACT).
 
     python latent_diffusion.py --preset smoke         # seconds on a CPU: react-tiny -> runs/latent_diffusion-smoke
     python latent_diffusion.py sample --preset smoke  # its REACT table, samples and pictures
@@ -27,7 +20,6 @@ dims per window, D attribute dims (25), F 3DMM dims.
     torchrun --standalone --nproc_per_node 2 latent_diffusion.py --preset smoke    # DDP (gloo on CPU, NCCL on GPU)
 """
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -40,7 +32,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import data
@@ -51,7 +42,6 @@ METHOD = "latent_diffusion"
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config
-
 
 @dataclasses.dataclass
 class Config:
@@ -109,30 +99,21 @@ PRESETS = {
 
 def check_config(cfg, mode):
     """Values a user can get wrong -> one-line data.UserError (sizes that depend on the data are checked later)."""
-    flag = lambda name: f"--{name.replace('_', '-')} {getattr(cfg, name)!r}"
-    for name in ["ae_steps", "df_steps", "diff_steps", "window", "d_model", "layers", "heads", "latent", "n_z",
-                 "codebook", "mlp_hidden", "t_train", "sample_steps", "n_samples", "batch", "eval_every"]:
-        if getattr(cfg, name) <= 0:
-            raise data.UserError(f"{flag(name)}: expected a positive number")
-    for name in ["steps", "seq_windows", "overlap", "eval_speakers", "threads"]:
-        if getattr(cfg, name) < 0:
-            raise data.UserError(f"{flag(name)}: expected 0 or more")
-    for name, allowed in dict(param=("x0", "eps"), cond=("speaker", "none"), dtype=("float32", "bfloat16", "float16"), plms_order=(1, 2, 3, 4),
-                              split=("train", "val", "test")).items():
-        if getattr(cfg, name) not in allowed:
-            raise data.UserError(f"{flag(name)}: expected one of {', '.join(map(str, allowed))}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for ok, message in [
-            (cfg.d_model % cfg.heads == 0, f"--d-model {cfg.d_model}: expected a multiple of --heads {cfg.heads}"),
-            (cfg.latent % cfg.n_z == 0, f"--latent {cfg.latent}: expected a multiple of --n-z {cfg.n_z}"),
-            (cfg.mlp_layers >= 2, f"--mlp-layers {cfg.mlp_layers}: expected 2 or more"),
-            (cfg.sample_steps <= cfg.t_train, f"--sample-steps {cfg.sample_steps}: expected at most --t-train"),
-            (0 < cfg.beta_start < cfg.beta_end < 1, "--beta-start, --beta-end: expected 0 < start < end < 1"),
-            (0 <= cfg.dropout < 1 and cfg.lr > 0, "--dropout: expected 0 <= dropout < 1; --lr: expected > 0"),
-            (mode != "train" or cfg.batch % world == 0, f"--batch {cfg.batch}: expected a multiple of the {world} "
-                                                         "processes that torchrun started (each trains on a share)")]:
-        if not ok:
-            raise data.UserError(message)
+    data.check_fields(cfg, positive=["ae_steps", "df_steps", "diff_steps", "window", "d_model", "layers", "heads",
+                                     "latent", "n_z", "codebook", "mlp_hidden", "t_train", "sample_steps",
+                                     "n_samples", "batch", "eval_every"],
+                      non_negative=["steps", "seq_windows", "overlap", "eval_speakers", "threads"],
+                      choices=dict(param=("x0", "eps"), cond=("speaker", "none"), dtype=("float32", "bfloat16",
+                                   "float16"), plms_order=(1, 2, 3, 4), split=("train", "val", "test")), rules=[
+        (cfg.d_model % max(cfg.heads, 1) == 0, f"--d-model {cfg.d_model}: expected a multiple of --heads {cfg.heads}"),
+        (cfg.latent % max(cfg.n_z, 1) == 0, f"--latent {cfg.latent}: expected a multiple of --n-z {cfg.n_z}"),
+        (cfg.mlp_layers >= 2, f"--mlp-layers {cfg.mlp_layers}: expected 2 or more"),
+        (cfg.sample_steps <= cfg.t_train, f"--sample-steps {cfg.sample_steps}: expected at most --t-train"),
+        (0 < cfg.beta_start < cfg.beta_end < 1, "--beta-start, --beta-end: expected 0 < start < end < 1"),
+        (0 <= cfg.dropout < 1 and cfg.lr > 0, "--dropout: expected 0 <= dropout < 1; --lr: expected > 0"),
+        (mode != "train" or cfg.batch % world == 0,
+         f"--batch {cfg.batch}: expected a multiple of the {world} processes that torchrun started (each a share)")])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,7 +148,6 @@ def load_checkpoint(path, device="cpu"):  # -> the saved dict; missing, unreadab
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
 
-
 def sinusoid(pos, dim):
     """(...,) positions or times -> (..., dim) embedding, cos half then sin half (Diff-AE's timestep_embedding)."""
     half = dim // 2
@@ -177,8 +157,7 @@ def sinusoid(pos, dim):
 
 
 class WindowEncoder(nn.Module):
-    """E_r: Linear + sinusoidal PE -> pre-LN Transformer encoder -> mean-pool over time -> Linear: one latent per
-    window, each window encoded on its own."""
+    """E_r: Linear + sinusoid PE -> pre-LN Transformer -> mean over time -> Linear: one latent per window, alone."""
 
     def __init__(self, d_in, cfg):
         super().__init__()
@@ -212,10 +191,9 @@ class CrossBlock(nn.Module):
 
 
 class SequenceDecoder(nn.Module):
-    """D_r / D_f [ours; like Trans-VAE's decoder]: the n*n_z latent tokens of a chunk (each with the sinusoid of its
-    window's centre frame) pass a Transformer encoder, then all L = n*w frame queries cross-attend to them. A query
-    is the sinusoid of its *absolute* frame index (no per-window reset), so every frame sees every window and the
-    decoded curve has no seam at window borders. No frame-to-frame self-attention: cost O(L*n*n_z), not O(L^2)."""
+    """D_r / D_f [ours; like Trans-VAE's decoder]: a Transformer encoder mixes the n*n_z latent tokens of a chunk (each
+    with the sinusoid of its window's centre frame), then L = n*w frame queries, the sinusoids of their *absolute*
+    frame index, cross-attend to them: no seam at window borders, and cost O(L*n*n_z), not O(L^2)."""
 
     def __init__(self, d_out, cfg):
         super().__init__()
@@ -248,8 +226,7 @@ class SequenceDecoder(nn.Module):
 
 
 class Codebook(nn.Module):
-    """The D_f branch's codebook over the n_z sub-vectors of z, trained by gradient (Eq. 4 of arXiv 2505.07901,
-    the VQ-VAE loss of arXiv 1711.00937)."""
+    """D_f's codebook over z's n_z sub-vectors, trained by gradient (Eq. 4 of arXiv 2505.07901; VQ-VAE 1711.00937)."""
 
     def __init__(self, K, dim):
         super().__init__()
@@ -297,7 +274,6 @@ class MLPSkipNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Diffusion: schedule, forward process, the DDIM step, PLMS (Eq. 8 of arXiv 2505.07901)
-
 
 def alphas_cumprod(T=1000, beta_start=8.5e-4, beta_end=1.2e-2):
     """Scaled-linear schedule (LDM): (T + 1,) float64 with ᾱ_0 := 1 and ᾱ_t for t = 1..T."""
@@ -357,10 +333,8 @@ def plms_sample(eps_fn, x, abar, S, order, known=None):
 # ----------------------------------------------------------------------------------------------------------------------
 # The model: autoencoder, latent normaliser and denoiser in one module
 
-
 class LBD(nn.Module):
-    """E_r, D_r, the D_f branch (codebook + decoder) and the MLPSkipNet over the n*v latents of a chunk, with the
-    normalisers of attributes, motion and latents as buffers (a checkpoint rebuilds everything)."""
+    """E_r, D_r, D_f (codebook + decoder), the MLPSkipNet over a chunk's n*v latents and the normalisers (buffers)."""
 
     def __init__(self, cfg, d_attr, d_mot, n_win):
         super().__init__()
@@ -393,23 +367,19 @@ class LBD(nn.Module):
             return F.mse_loss(self.dec(self.enc(y)), y)
         if stage == "df":                                          # Eq. 4 of arXiv 2505.07901, E_r frozen
             y, m = batch
-            with torch.no_grad():
-                z = self.enc(y)                                                 # (B, n, v)
-            m_hat, vq_loss = self.decode_f(z)                                   # (B, L, F)
+            m_hat, vq_loss = self.decode_f(self.enc(y).detach())               # (B, n, v) -> (B, L, F)
             return F.mse_loss(m_hat, m) + vq_loss
         z0, c, t, eps = batch           # Eq. 7 of arXiv 2505.07901: ‖ε − ε̂‖² (param eps), or ‖z0 − x̂0‖² (x0, ours)
         out = self.net(q_sample(z0, eps, self.abar[t].float()[:, None]), t.float(), c)
         return F.mse_loss(out, z0 if self.cfg.param == "x0" else eps)
 
     def net(self, x, t, c):
-        """The MLPSkipNet's raw output (x̂0 or ε̂, cfg.param). Nothing says who listens (LBD and the REACT protocol
-        do not); --cond none replaces the speaker's code by zeros (an unconditional model)."""
+        """The MLPSkipNet's x̂0 or ε̂ (cfg.param); --cond none: zeros for the speaker's code. No listener identity."""
         return self.den(x, t, c if self.cfg.cond == "speaker" else torch.zeros_like(c))
 
     def eps(self, x, t, c):
-        """ε_θ(z̃_t, t, c) for the samplers. [ours] With param = x0 the net predicts x̂0, and ε is the one it implies,
-        ε = (z̃_t − √ᾱ_t x̂0) / √(1 − ᾱ_t). An ε-net's own x̂0 near t = T is (z̃_T − √(1 − ᾱ) ε̂) / √ᾱ, which
-        multiplies its errors by 1/√ᾱ_T ≈ 15 exactly where sampling starts."""
+        """ε_θ(z̃_t, t, c) for the samplers. [ours] param = x0: the ε that the net's x̂0 implies, (z̃_t − √ᾱ_t x̂0) /
+        √(1 − ᾱ_t); an ε-net's own x̂0 = (z̃_T − √(1 − ᾱ) ε̂) / √ᾱ multiplies its errors by 1/√ᾱ_T ≈ 15 at the start."""
         out = self.net(x, t, c)
         if self.cfg.param == "eps":
             return out
@@ -418,10 +388,9 @@ class LBD(nn.Module):
 
     @torch.no_grad()
     def generate(self, speaker, K, order, S, generator):
-        """speaker (B, T, D) normalised attributes -> latents (B, K, N, v) de-normalised and
-        reactions (B, K, T, D) normalised, N = ceil(T / w). T > n*w: overlapping chunks, latent outpainting [ours]:
-        the overlap latents of a chunk are already known and are imposed while sampling (replacement inpainting,
-        noised to the current level); the chunks are decoded and cross-faded over the overlap frames."""
+        """Normalised speaker (B, T, D) -> de-normalised latents (B, K, N, v), N = ceil(T / w), and normalised reactions
+        (B, K, T, D). T > n*w [ours]: overlapping chunks by latent outpainting (a chunk's known overlap latents imposed
+        while sampling, replacement inpainting), decoded and cross-faded over the overlap frames."""
         B, T, D = speaker.shape
         w, n, v = self.cfg.window, self.n, self.cfg.latent
         N = max(n, -(-T // w))                                                  # windows to generate
@@ -446,89 +415,43 @@ class LBD(nn.Module):
         y = decode_chunks(self.dec, z, n, starts, w)[:, :T]                     # (B*K, T, D)
         return z.view(B, K, N, v), y.view(B, K, T, -1)
 
+    @torch.no_grad()
+    def react(self, speaker, K, generator):
+        """Raw speaker attributes (B, T, D) -> latents (B, K, N, v) and K valid REACT reactions (B, K, T, D) [ours:
+        data.react_attributes, e.g. binary AUs], sampled with the PLMS order and steps of cfg."""
+        speaker = (speaker.to(self.abar.device) - self.attr_mean) / self.attr_std
+        z, y = self.generate(speaker, K, self.cfg.plms_order, self.cfg.sample_steps, generator)
+        return z, data.react_attributes(y * self.attr_std + self.attr_mean)
+
+
 
 def chunk_starts(N, n, overlap):
     """Window offsets of chunks of n windows covering N windows with the given overlap (the last one flush)."""
-    if N <= n:
-        return [0]
-    stride = max(1, n - overlap)
-    starts = list(range(0, N - n + 1, stride))
-    return starts + ([N - n] if starts[-1] != N - n else [])
+    starts = list(range(0, max(N - n, 0) + 1, max(1, n - overlap)))
+    return starts + ([N - n] if starts[-1] < N - n else [])
 
 
 def decode_chunks(decoder, z, n, starts, w):
     """Decode each chunk of n latents and cross-fade the overlapping frames linearly. z (B, N, v) -> (B, N*w, D)."""
-    B, N, _ = z.shape
+    N = z.shape[1]
     out, weight = 0, torch.zeros(N * w, 1, device=z.device)
     for a in starts:
         ramp = torch.ones(n * w, 1, device=z.device)
-        if len(starts) > 1:                                                     # fade in / out at chunk edges
-            edge = torch.linspace(0.05, 1, (n * w) // 2, device=z.device)[:, None]
-            ramp[:edge.shape[0]] = torch.minimum(ramp[:edge.shape[0]], edge) if a > 0 else 1
-            ramp[-edge.shape[0]:] = torch.minimum(ramp[-edge.shape[0]:], edge.flip(0)) if a + n < N else 1
-        y = decoder(z[:, a:a + n])                                              # (B, n*w, D)
-        full = torch.zeros(B, N * w, y.shape[-1], device=z.device)
-        full[:, a * w:(a + n) * w] = y * ramp
-        out, weight[a * w:(a + n) * w] = out + full, weight[a * w:(a + n) * w] + ramp
+        edge = torch.linspace(0.05, 1, (n * w) // 2, device=z.device)[:, None]  # fade in / out at inner chunk edges
+        ramp[:edge.shape[0]] = torch.minimum(ramp[:edge.shape[0]], edge) if a > 0 else 1
+        ramp[-edge.shape[0]:] = torch.minimum(ramp[-edge.shape[0]:], edge.flip(0)) if a + n < N else 1
+        y = decoder(z[:, a:a + n]) * ramp                                       # (B, n*w, D)
+        out = out + F.pad(y, (0, 0, a * w, (N - a - n) * w))                    # (B, N*w, D)
+        weight[a * w:(a + n) * w] += ramp
     return out / weight
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training: stage 1a (E_r, D_r), stage 1b (codebook, D_f), stage 2 (MLPSkipNet), one AdamW each
 
-
-def say(message):  # rank 0 prints; tqdm.write keeps the progress bar readable
-    if data.is_main():
-        tqdm.write(message)
-
-
-def stages(cfg):
-    """[(name, first step, end step)] of the three stages on one step counter (--steps S: S, S // 5, S steps)."""
-    n = [cfg.steps, max(1, cfg.steps // 5), cfg.steps] if cfg.steps else [cfg.ae_steps, cfg.df_steps, cfg.diff_steps]
-    ends = np.cumsum(n).tolist()
-    return [(name, end - k, end) for name, k, end in zip(["ae", "df", "diff"], n, ends)]
-
-
-def build(cfg, device):
-    """The train segments as normalised tensors of whole windows, and the model with its normalisers fitted."""
-    if not data.is_main():                                                           # rank 0 makes the world first
-        dist.barrier()
-    path = Path(data.resolve_data(cfg.data, "listener", cfg.preset))
-    if data.is_main() and dist.is_initialized():
-        dist.barrier()
-    items = data.load_listener_split(path, "train")
-    ya, ca, ym = data.whole_windows(items, cfg.window, cfg.seq_windows or 1)    # (M, L, D), (M, L, D), (M, L, F)
-    n = cfg.seq_windows or ya.shape[1] // cfg.window
-    if cfg.overlap >= n:
-        raise data.UserError(f"--overlap {cfg.overlap}: expected fewer than the {n} windows of a chunk")
-    dims = dict(d_attr=ya.shape[-1], d_mot=ym.shape[-1], n_win=n)
-    model = LBD(cfg, **dims).to(device)
-    both = torch.cat([ya, ca]).flatten(0, 1)                                    # E_r reads both people
-    model.attr_mean.copy_(both.mean(0)), model.attr_std.copy_(both.std(0).clamp_min(0.05))
-    # [ours] D_f learns motion about each clip's own mean (its resting face; who listens is not an input), in raw
-    # units over one scale (the loss weighs the channels that move most, as FD / MSE do). With the resting faces in
-    # the target and each channel scaled to std 1, D_f came out static (output variance 1 % of GT's).
-    ym = ym - ym.mean(1, keepdim=True) + ym.flatten(0, 1).mean(0)                # (M, L, F): one resting face
-    model.mot_mean.copy_(ym.flatten(0, 1).mean(0)), model.mot_std.fill_(float((ym - model.mot_mean).std()))
-    if data.is_main():
-        print(f"device {device} | data {path} | {len(items)} train segments of {ya.shape[1]} frames, fps="
-              f"{items[0]['fps']}, D={dims['d_attr']}, F={dims['d_mot']}\nchunk: n={n} windows x w={cfg.window} "
-              f"frames; latent {n}x{cfg.latent}={n * cfg.latent} dims\n{json.dumps(dataclasses.asdict(cfg))}")
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-        count = lambda *ms: f"{sum(p.numel() for m in ms for p in m.parameters()):,}"
-        print(f"parameters: E_r+D_r {count(model.enc, model.dec)} | D_f {count(model.vq, model.dec_f)} | "
-              f"MLPSkipNet {count(model.den)}")
-    norm = lambda x, mean, std: (x.to(device) - mean) / std
-    x = dict(ya=norm(ya, model.attr_mean, model.attr_std), ca=norm(ca, model.attr_mean, model.attr_std),
-             ym=norm(ym, model.mot_mean, model.mot_std))
-    return model, x, path, dims
-
-
 def start_stage(name, first, model, x, gen, cfg, n):
-    """A stage's parameters, the only ones left trainable, and its batch function (global batches; each rank trains
-    on its shard). At the stage's first step: the codebook starts from encoded data (D_f), or the latent
-    statistics are fitted (MLPSkipNet)."""
+    """A stage's parameters (the only ones left trainable) and its global batches. At the stage's first step the
+    codebook starts from encoded data (D_f), or the latent statistics are fitted (MLPSkipNet)."""
     L, B = n * cfg.window, cfg.batch
     model.requires_grad_(False)
     parts = dict(ae=[model.enc, model.dec], df=[model.vq, model.dec_f], diff=[model.den])[name]
@@ -544,11 +467,10 @@ def start_stage(name, first, model, x, gen, cfg, n):
         return params, lambda: data.random_crops(gen, B, L, x["ya"], x["ym"])
     with torch.no_grad():                                                       # E_r is frozen: encode once
         zl = torch.cat([model.enc(b) for b in x["ya"].split(256)])              # (M, Nw, v)
-        zc = torch.cat([model.enc(b) for b in x["ca"].split(256)])
+        zc = torch.cat([model.enc(b) for b in x["ca"].split(256)])              # [ours] listeners' E_r on the speaker
         if first:
             model.z_mean.copy_(zl.flatten(0, 1).mean(0)), model.z_std.copy_(zl.flatten(0, 1).std(0) + 1e-4)
         zl, zc = model.znorm(zl), model.znorm(zc)
-    say(f"latents: |mu| {zl.mean().abs():.3f}, std {zl.std():.3f} (normalised); raw std {model.z_std.mean():.3f}")
 
     def batch():  # n consecutive window latents of listener (z0) and speaker (c), t ~ U{1..T}, ε ~ N(0, I)
         z0, c = data.random_crops(gen, B, n, zl, zc)                            # (B, n, v) each
@@ -558,57 +480,60 @@ def start_stage(name, first, model, x, gen, cfg, n):
     return params, batch
 
 
-def resume(cfg, model, gen):
-    """A fresh run's state, or with --resume the checkpoint's: weights, step, the stage's optimiser and grad scaler,
-    logs, and every random stream (so the continuation draws what the uninterrupted run would have drawn)."""
-    run = dict(step=0, stage=None, log={"ae": [], "df": [], "diff": []}, hist={}, seconds=0.0)
-    path = Path(cfg.out) / "ckpt.pt"
-    if not cfg.resume or not path.exists():
-        if cfg.resume:
-            say(f"--resume: no checkpoint at {path} yet, starting at step 0")
-        return run
-    ck = load_checkpoint(path)                                                  # on the CPU: random states stay there
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise data.UserError(f"{path} holds a model of other sizes ({str(e).splitlines()[1].strip()[:120]})")
-    data.set_rng_state(ck["rng"], [gen])
-    m = ck["metrics"]
-    run.update(step=ck["step"], stage=ck["stage"], opt=ck["optimizer"], scaler=ck["scaler"], log=m["log"],
-               seconds=m["train_seconds"], hist={k: v for k, v in m.items() if k not in ("log", "train_seconds")})
-    say(f"resumed from {path} at step {run['step']}")
-    return run
-
-
 def train(cfg):
-    """The three stages on one step counter. Every eval_every steps of a stage and at its end: (stage 2) score val
-    samples, then checkpoint everything --resume needs. Under torchrun every rank draws the same global batch from
-    the same generator and trains on its shard; DDP averages the gradients."""
+    """The three stages on one step counter. Every eval_every steps of a stage and at its end: (stage 2) val scores,
+    then a checkpoint with all --resume needs. torchrun: each rank draws the global batch and trains on its shard."""
     device = data.pick_device(cfg.device)
     _, world = data.ddp_setup(device)
     data.seed_all(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    model, x, path, dims = build(cfg, device)
+    # The train segments as whole windows, and the model with its normalisers (buffers) fitted to them
+    path = data.resolve_data_first(cfg.data, "listener", cfg.preset)           # rank 0 makes the world first
+    items = data.load_listener_split(path, "train")
+    ya, ca, ym = data.whole_windows(items, cfg.window, cfg.seq_windows or 1)    # (M, L, D), (M, L, D), (M, L, F)
+    n = cfg.seq_windows or ya.shape[1] // cfg.window
+    if cfg.overlap >= n:
+        raise data.UserError(f"--overlap {cfg.overlap}: expected fewer than the {n} windows of a chunk")
+    dims = dict(d_attr=ya.shape[-1], d_mot=ym.shape[-1], n_win=n)
+    model = LBD(cfg, **dims).to(device)
+    both = torch.cat([ya, ca]).flatten(0, 1)                                    # E_r reads both people
+    model.attr_mean.copy_(both.mean(0)), model.attr_std.copy_(both.std(0).clamp_min(0.05))
+    # [ours] D_f learns motion about each clip's resting face (its mean) in raw units over one scale, so that its loss
+    # weighs the channels that move most (as FD / MSE do); per-channel std 1 with resting faces left D_f static.
+    ym = ym - ym.mean(1, keepdim=True) + ym.flatten(0, 1).mean(0)                # (M, L, F): one resting face
+    model.mot_mean.copy_(ym.flatten(0, 1).mean(0)), model.mot_std.fill_(float((ym - model.mot_mean).std()))
+    data.say(f"device {device} | data {path} | {len(items)} train segments of {ya.shape[1]} frames, "
+             f"D={dims['d_attr']}, F={dims['d_mot']} | chunks of n={n} windows x w={cfg.window} frames | "
+             f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    data.save_config(cfg, cfg.out)
+    a_mean, a_std = model.attr_mean, model.attr_std                             # x: normalised, on the device
+    x = dict(ya=(ya.to(device) - a_mean) / a_std, ca=(ca.to(device) - a_mean) / a_std,
+             ym=(ym.to(device) - model.mot_mean) / model.mot_std)
+    # A fresh or resumed run (weights, step, logs, every random stream), then the stages on one step counter
     gen = torch.Generator().manual_seed(cfg.seed)                               # rows, offsets, t, ε, codebook init
-    run = resume(cfg, model, gen)
-    pbar = tqdm(total=stages(cfg)[-1][2], initial=run["step"], desc="LBD", dynamic_ncols=True, mininterval=2,
-                disable=not data.is_main())
-    t0 = time.time() - run["seconds"]
-    for name, lo, hi in stages(cfg):
-        if run["step"] >= hi:
+    ckpt = Path(cfg.out) / "ckpt.pt"
+    fresh = dict(step=0, stage=None, metrics=dict(log={"ae": [], "df": [], "diff": []}, train_seconds=0.0))
+    ck = (cfg.resume and data.resume_checkpoint(ckpt, METHOD, model, [gen])) or fresh
+    step, hist = ck["step"], dict(ck["metrics"])                                # hist: the last val scores
+    log, t0 = hist.pop("log"), time.time() - hist.pop("train_seconds")
+    k = [cfg.steps, max(1, cfg.steps // 5), cfg.steps] if cfg.steps else [cfg.ae_steps, cfg.df_steps, cfg.diff_steps]
+    ends = np.cumsum(k).tolist()                                                # the stages' ends on one step counter
+    pbar = tqdm(total=ends[-1], initial=step, desc="LBD", dynamic_ncols=True, mininterval=2, disable=not data.is_main())
+    for name, lo, hi in zip(["ae", "df", "diff"], [0] + ends[:-1], ends):      # each from the last one's end
+        if step >= hi:
             continue
         model.train()
-        params, batch = start_stage(name, run["step"] == lo, model, x, gen, cfg, dims["n_win"])
+        params, batch = start_stage(name, step == lo, model, x, gen, cfg, n)
         opt, scaler = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0), data.grad_scaler(device, cfg.dtype)
-        if run["stage"] == name:                                                # resumed inside this stage
-            opt.load_state_dict(run["opt"]), scaler.load_state_dict(run["scaler"])
+        if ck["stage"] == name:                                                 # resumed inside this stage
+            opt.load_state_dict(ck["optimizer"]), scaler.load_state_dict(ck["scaler"])
         ids = [device] if device.type == "cuda" else None
-        fwd = model if world == 1 else DistributedDataParallel(model, device_ids=ids)  # syncs this stage's params
+        fwd = model if world == 1 else nn.parallel.DistributedDataParallel(model, device_ids=ids)  # syncs the stage
         fwd = torch.compile(fwd) if cfg.compile else fwd
-        while run["step"] < hi:
+        while step < hi:
             for g in opt.param_groups:                                          # cosine decay within the stage
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (run["step"] - lo) / (hi - lo)))
+                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - lo) / (hi - lo)))
             with data.autocast(device, cfg.dtype):
                 loss = fwd(name, *[data.shard(b) for b in batch()])
             opt.zero_grad(set_to_none=True)
@@ -617,28 +542,23 @@ def train(cfg):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             scaler.step(opt)
             scaler.update()
-            run["step"] += 1
-            run["log"][name].append(loss.item())                                # rank 0's shard under torchrun
+            step += 1
+            log[name].append(loss.item())                                       # rank 0's shard under torchrun
             pbar.update(1), pbar.set_postfix(stage=name, loss=f"{loss.item():.4f}", refresh=False)
-            if (run["step"] - lo) % cfg.eval_every and run["step"] < hi:
+            if (step - lo) % cfg.eval_every and step < hi:
                 continue
-            if name == "diff" and data.is_main():                                    # val check, 8 speakers, no FRDist
-                model.eval()
-                run["hist"].update(metrics.quick_react(data.load_listener_split(path, "val")[:8], lambda its, T: (
-                    generate_all(model, its, T, cfg.n_samples, cfg.plms_order, cfg.sample_steps, cfg.seed)[1])))
-                model.train()
-                say(f"step {run['step']}: val FRCorr(mean) {run['hist']['frcorr_mean']:.3f} "
-                    f"FRDiv {run['hist']['frdiv']:.4f}")
-            lg = run["log"][name]
-            say(f"step {run['step']} [{name}] loss {np.mean(lg[-50:]):.4f} (first 50: {np.mean(lg[:50]):.4f}) "
-                f"{time.time() - t0:.0f}s")
-            save_checkpoint(Path(cfg.out) / "ckpt.pt", {
+            if name == "diff" and data.is_main():                               # val check, 8 speakers, no FRDist
+                hist.update(metrics.quick_react(data.load_listener_split(path, "val")[:8], model, cfg.n_samples,
+                                                cfg.seed, data.say, f"step {step}: "))
+            data.say(f"step {step} [{name}] loss {np.mean(log[name][-50:]):.4f} (first 50: "
+                     f"{np.mean(log[name][:50]):.4f}) {time.time() - t0:.0f}s")
+            save_checkpoint(ckpt, {
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "step": run["step"], "stage": name, "config": dataclasses.asdict(cfg), "dims": dims,
+                "step": step, "stage": name, "config": dataclasses.asdict(cfg), "dims": dims,
                 "data_path": str(path), "rng": data.rng_state([gen]),
-                "metrics": {**run["hist"], "log": run["log"], "train_seconds": time.time() - t0}})
+                "metrics": {**hist, "log": log, "train_seconds": time.time() - t0}})
     pbar.close()
-    say(f"training done in {time.time() - t0:.1f}s, checkpoint {Path(cfg.out) / 'ckpt.pt'}")
+    data.say(f"training done in {time.time() - t0:.1f}s, checkpoint {ckpt}")
     data.check_in_sync(model)
     if world > 1:
         dist.destroy_process_group()
@@ -648,47 +568,22 @@ def train(cfg):
 # ----------------------------------------------------------------------------------------------------------------------
 # Sampling and evaluation
 
-
-@torch.no_grad()
-def generate_all(model, items, T, K, order, S, seed):
-    """K reactions to the speaker of each item (its first T frames) -> latents (N, K, N_w, v) and attributes
-    (N, K, T, D) as float64 numpy, snapped to valid REACT attributes [ours: data.react_attributes, e.g. binary AUs];
-    16 speakers at a time, all noise from one generator."""
-    dev, g, zs, ys = model.abar.device, torch.Generator().manual_seed(seed), [], []
-    spk = (torch.from_numpy(metrics.frames(items, "speaker_attr", T)).to(dev) - model.attr_mean) / model.attr_std
-    for b in spk.split(16):                                                     # (≤16, T, D)
-        z, y = model.generate(b, K, order, S, g)
-        zs.append(z), ys.append(data.react_attributes(y * model.attr_std + model.attr_mean))
-    return torch.cat(zs), torch.cat(ys).cpu().double().numpy()
-
-
-@torch.no_grad()
-def motion_of(model, z, T):
-    """The 3DMM branch: latents (N, K, N_w, v) -> quantise, D_f, de-normalise -> (N, K, T, F) float32 numpy."""
-    N, K = z.shape[:2]
-    mot = torch.cat([model.decode_f(zb.flatten(0, 1))[0] for zb in z.split(8)])  # (N*K, N_w*w, F)
-    return (mot * model.mot_std + model.mot_mean).view(N, K, -1, mot.shape[-1])[:, :, :T].cpu().numpy()
-
-
 @torch.no_grad()
 def sample(cfg):
-    """Load a checkpoint and hand its sampler to metrics.sample_react: K reactions per scored speaker, timed, scored
-    (GT, alt-GT, baselines, model), written (metrics.json, the samples) and drawn (two pictures)."""
+    """A checkpoint's K reactions per speaker (LBD.react), timed, scored, written and drawn by metrics.sample_react."""
     device = data.pick_device(cfg.device)
     data.seed_all(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     ck = load_checkpoint(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
-    tcfg = Config(**{**ck["config"], "plms_order": cfg.plms_order, "sample_steps": cfg.sample_steps})
+    tcfg = Config(**{**ck["config"], "plms_order": cfg.plms_order, "sample_steps": cfg.sample_steps})  # LBD.react's
     model = LBD(tcfg, **ck["dims"]).to(device).eval()
     model.load_state_dict(ck["model"])
     path = Path(data.resolve_data(cfg.data, "listener", cfg.preset)) if cfg.data else Path(ck["data_path"])
-    items = metrics.evenly_spaced(data.load_listener_split(path, cfg.split), cfg.eval_speakers)
-    return metrics.sample_react(
-        cfg.out, cfg.split, items, None if cfg.model_only else data.load_listener_split(path, "train"),
-        lambda its, T, K, seed: generate_all(model, its, T, K, cfg.plms_order, cfg.sample_steps, seed),
-        lambda z, T: motion_of(model, z, T), cfg.n_samples, sampler=f"PLMS-{cfg.plms_order} S={cfg.sample_steps} on "
-        f"{device}", where=f"device {device} | {path}: ", seed=cfg.seed, model_only=cfg.model_only)
+    motion = lambda z: model.decode_f(z)[0] * model.mot_std + model.mot_mean   # 3DMM branch: (B, n, v) -> (B, L, F)
+    return metrics.sample_react(cfg.out, path, cfg.split, cfg.eval_speakers, model.react, motion, cfg.n_samples,
+                                sampler=f"PLMS-{cfg.plms_order} S={cfg.sample_steps} on {device}",
+                                where=f"device {device} | ", seed=cfg.seed, model_only=cfg.model_only)
 
 
 def main(argv=None, mode="train"):

@@ -2,29 +2,26 @@
 
 A decoder-only GPT reads the speaker's time-aligned tokens (words W, speech-acoustic tokens SA, emotion tokens emo)
 interleaved with the listener's VQ-VAE motion tokens LR, one per r = 8 frames, and predicts each LR token from
-everything before it. Stage 1 pre-trains on speaker-only sequences (Eq. 2-3); stage 2 fine-tunes with the loss on the
-LR tokens only (Eq. 4). The identity VQ-VAE decodes the LR tokens with the listener's shape beta, so one model serves
-many faces. Causality: the paper's Eq. 1 puts W_i, SA_i and emo_i before LR_i, its Eq. 4 conditions LR_i on
-emo_{1:i-1}. Default (--speaker-lag 0) = Eq. 1: LR_i, which animates frames (i-1)r+1..ir, sees the speech up to frame
-ir (up to r-1 = 7 frames = 233 ms ahead of its first frame; streaming, it is emitted when frame ir has arrived).
---speaker-lag 1 = Eq. 4's order for every modality: LR_i sees speaker group i-1 at most, no look-ahead at all, and is
-emitted when its own frames begin. Any length: the context slides (Decoder), keeping the history words as W^h.
+everything before it: stage 1 pre-trains on speaker-only sequences (Eq. 2-3), stage 2 fine-tunes with the loss on the
+LR tokens only (Eq. 4). The identity VQ-VAE decodes them with the listener's shape beta: one model, many faces.
+Causality (--speaker-lag): 0 = Eq. 1 (W_i, SA_i, emo_i before LR_i), so LR_i, which animates frames (i-1)r+1..ir,
+sees the speech up to frame ir, up to r-1 = 7 frames = 233 ms ahead (streaming, it is emitted when frame ir has
+arrived); 1 = Eq. 4's order (emo_{1:i-1}) for every modality: no look-ahead, LR_i is emitted when its frames begin.
+Any length: the context slides (Decoder), keeping the history words as W^h.
 
 Papers: MMLM, "LLM-driven Multimodal and Multi-Identity Listening Head Generation" (CVPR 2025, DOI
 10.1109/CVPR52734.2025.00996, no arXiv version); LM-Listener, "Can Language Models Learn to Listen?" (arXiv 2308.10897).
-Substitutes, because the pretrained parts are too large for a CPU or need data we do not have: a from-scratch GPT
-for GPT-2; word ids from data.py's timings for Whisper + BPE; in data.py, a 2-stage residual k-means over MFCC + delta
-(layer 1 = iSC, layer 2 on the residual = SA) for SpeechTokenizer's RVQ and the speaker's emotion readout (attr[:,
-17:25]) for EMOCA. For exact causality the MFCC deltas are causal and each SA token sits in the group where its audio
-support *ends* (not its centre). Depends on vqvae.py (load_vqvae) for the LR tokens and their decoder; the evaluation
-protocol is metrics.py's (evaluate_lm_listener_split).
+Substitutes for pretrained parts too large for a CPU or needing data we do not have: a from-scratch GPT for GPT-2;
+word ids from data.py's timings for Whisper + BPE; data.py's 2-stage residual k-means over causal MFCC + delta (layer
+1 = iSC, layer 2 on the residual = SA; each SA token in the group where its audio support *ends*) for SpeechTokenizer's
+RVQ; the speaker's emotion readout (attr[:, 17:25]) for EMOCA. Depends on vqvae.py (load_vqvae) for the LR tokens and
+their decoder; the evaluation protocol is metrics.evaluate_lm_listener_split.
 
 Shapes: B batch, T frames (30 fps), G = T/r groups, N sequence length, D model width, K codebook size (V_LR).
 
     python lm_listener.py --preset smoke               # seconds: the tiny trevor twin, tiny GPT, its own VQ-VAEs
     python train.py --model lm_listener                # default: trevor twin, 4 x 128 GPT, 1000 + 1200 steps
-    python sample.py --model lm_listener [--stream]    # Table 1 rows (greedy + nucleus), PNG/GIF; --stream: 60 s of
-                                                       # speech as it arrives, latency per token, equal to offline?
+    python sample.py --model lm_listener [--stream]    # Table 1 rows, PNG/GIF; --stream: latency, same as offline?
     python lm_listener.py --data realtalk ...          # Tab. 2: seen / unseen listeners, identity swap (Fig. 5)
     python lm_listener.py --modalities W --out runs/lm_listener_W    # one Tab. 3 row: ablations are runs with flags
     torchrun --nproc_per_node 2 lm_listener.py ...     # data-parallel training (DDP), one shard of each batch per rank
@@ -104,36 +101,31 @@ PRESETS = {
     "full": dict(n_layer=12, d_model=768, n_head=12, ctx=1024, clip_frames=240, n_hist=32, v_sa=1024, max_words=4096,
                  steps=70000, stage1_steps=20000, lr=3e-4, warmup=500, eval_every=2000),
 }
-R, E_EMO, HOP = 8, 8, data.SA_HOP     # frames per LR token, emotion classes, MFCC hop at 50 Hz (samples)
+R, E_EMO = 8, 8                       # frames per LR token, emotion classes
 BOUND = ["<sa>", "</sa>", "<isc>", "</isc>", "<emo>", "</emo>", "<lr>", "</lr>"]
 MODALITIES = ["W", "W+SA", "W+emo", "W+SA+emo", "W+iSC", "W+iSC+emo"]
 
 
 def check_config(cfg, mode):
     """A user's mistake in the flags -> data.UserError. Fills the VQ-VAE paths that a smoke run keeps under --out."""
-    flag, world = lambda k: f"--{k.replace('_', '-')} {getattr(cfg, k)}", int(os.environ.get("WORLD_SIZE", "1"))
-    rules = [(getattr(cfg, k) <= 0, f"{flag(k)}: expected a positive number") for k in (
-        "steps", "batch_size", "clip_frames", "n_layer", "d_model", "n_head", "ctx", "v_sa", "max_words", "eval_every",
-        "n_eval_decode", "lr", "stream_seconds")]
-    rules += [(getattr(cfg, k) < 0, f"{flag(k)}: expected a number >= 0") for k in (
-        "stage1_steps", "n_hist", "warmup", "max_eval", "eval_frames", "weight_decay", "grad_clip")]
-    rules += [  # (broken, what the user is told), checked in this order
-        (cfg.clip_frames % R, f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ-VAE's r = {R}"),
-        (cfg.eval_frames % R, f"--eval-frames {cfg.eval_frames}: expected a multiple of the VQ-VAE's r = {R}"),
-        (cfg.n_head > 0 and cfg.d_model % cfg.n_head,  # all rules are computed before one is raised
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rules = [  # (ok, what the user is told), all computed before one is raised
+        (cfg.clip_frames % R == 0, f"--clip-frames {cfg.clip_frames}: expected a multiple of the VQ-VAE's r = {R}"),
+        (cfg.eval_frames % R == 0, f"--eval-frames {cfg.eval_frames}: expected a multiple of the VQ-VAE's r = {R}"),
+        (cfg.n_head <= 0 or cfg.d_model % cfg.n_head == 0,
          f"--d-model {cfg.d_model}: expected a multiple of --n-head {cfg.n_head}"),
-        (cfg.speaker_lag not in (0, 1), f"--speaker-lag {cfg.speaker_lag}: expected 0 (Eq. 1) or 1 (Eq. 4)"),
-        (cfg.modalities not in MODALITIES, f"--modalities {cfg.modalities!r}: expected one of {', '.join(MODALITIES)}"),
-        (cfg.dtype not in ("float32", "bfloat16", "float16"),
-         f"--dtype {cfg.dtype}: expected float32|bfloat16|float16"),
-        (not 0 <= cfg.nucleus <= 1, f"--nucleus {cfg.nucleus}: expected a top-p in (0, 1], or 0 for none"),
-        (not 0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: expected a probability in [0, 1)"),
-        (cfg.data not in data.TWINS and cfg.data and not Path(cfg.data).exists(),
+        (cfg.speaker_lag in (0, 1), f"--speaker-lag {cfg.speaker_lag}: expected 0 (Eq. 1) or 1 (Eq. 4)"),
+        (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype {cfg.dtype}: expected float32|bfloat16|float16"),
+        (0 <= cfg.nucleus <= 1, f"--nucleus {cfg.nucleus}: expected a top-p in (0, 1], or 0 for none"),
+        (0 <= cfg.dropout < 1, f"--dropout {cfg.dropout}: expected a probability in [0, 1)"),
+        (cfg.data in data.TWINS or not cfg.data or Path(cfg.data).exists(),
          f"--data {cfg.data}: no such folder (world root or listener data)"),
-        (mode == "train" and cfg.batch_size % world, f"--batch-size {cfg.batch_size}: not a multiple of {world} ranks")]
-    for broken, what in rules:
-        if broken:
-            raise data.UserError(what)
+        (mode != "train" or cfg.batch_size % world == 0,
+         f"--batch-size {cfg.batch_size}: not a multiple of {world} ranks")]
+    data.check_fields(cfg, positive=["steps", "batch_size", "clip_frames", "n_layer", "d_model", "n_head", "ctx",
+                                     "v_sa", "max_words", "eval_every", "n_eval_decode", "lr", "stream_seconds"],
+                      non_negative=["stage1_steps", "n_hist", "warmup", "max_eval", "eval_frames", "weight_decay",
+                                    "grad_clip"], choices=dict(modalities=MODALITIES), rules=rules)
     cfg.vq = cfg.vq or str(Path(cfg.out) / "vq" / "ckpt.pt")
     cfg.vq_naive = cfg.vq_naive or str(Path(cfg.out) / "vq_naive" / "ckpt.pt")
 
@@ -297,9 +289,6 @@ class GPT(nn.Module):
             return h
         return h[at] @ self.wte.weight.T if stage == 1 else self.lr_head(h[at])         # (n_targets, V or V_LR)
 
-    def new_cache(self):
-        return [{} for _ in self.blocks]
-
 
 def pick(logits, top_p=0.0, gen=None):
     """Greedy (top_p = 0) or nucleus sampling over the LR head's logits (V_LR,)."""
@@ -323,7 +312,7 @@ class Decoder:
         self.restart()
 
     def restart(self):
-        self.cache = self.m.new_cache()
+        self.cache = [{} for _ in self.m.blocks]                            # one KV dict per block
         self.pend = [self.V.w2i["<bos>"]] + (self.hist[-self.n_hist:] if self.n_hist > 0 else [])
         for _, blk, t in self.done:
             self.pend += blk + [self.V.b["<lr>"], self.V.lr0 + t, self.V.b["</lr>"]]
@@ -365,7 +354,7 @@ def batch_loss(model, seqs, stage, V, n_targets=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Data: the VQ-VAE, token streams of whole clips
+# The VQ-VAE stage, offline prediction
 
 
 def get_vq(path, cfg, data_path, naive=False):
@@ -383,18 +372,6 @@ def get_vq(path, cfg, data_path, naive=False):
         vqvae.main(["--data", cfg.data, "--out", str(own.parent), "--preset", cfg.preset, "--norm", norm], "train")
         path = own
     return vqvae.load_vqvae(path, device="cpu")
-
-
-def prepare(items, V, km, vq, feats=None):
-    """Per clip: word ids with end frames, SA/iSC tokens with support ends, emo (G,), LR (G,; None without a vq) and
-    raw arrays. feats: data.clip_features (None: computed here)."""
-    clips, feats = [], feats or data.clip_features(items, r=R)
-    for it, lr, (f, end) in zip(items, data.vq_tokens(vq, items, R) if vq else [None] * len(items), feats):
-        T = len(it["listener"]) // R * R
-        sa, isc = data.sa_tokens(f, km)
-        clips.append(dict(words=[(V.w2i.get(t.lower(), 1), e * data.FPS) for t, e in it["words"]], sa=sa, isc=isc,
-                          sa_end=end, emo=data.emo_tokens(it["speaker_attr"][:T, 17:25], R), lr=lr, item=it, T=T))
-    return clips
 
 
 @torch.no_grad()
@@ -421,31 +398,17 @@ def lr_at(step, steps, cfg):
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def window_starts(tr, G, rng, n):
-    """n training windows (clip, start frame), uniform over all windows of G groups at any group offset of any clip
-    (a long clip is drawn as often as it has windows)."""
-    count = np.array([c["T"] // R - G + 1 for c in tr])
-    k = rng.integers(count.sum(), size=n)
-    c = np.searchsorted(np.cumsum(count), k, side="right")
-    return [(int(ci), R * int(ki - (np.cumsum(count)[ci] - count[ci]))) for ci, ki in zip(c, k)]
-
-
-def draw_batch(tr, step, stage, V, cfg):
-    """The global batch of a step: a function of (seed, step) only, so a resumed run and every torchrun rank
-    draw the same windows. Stage 1 drops the LR blocks (Eq. 2)."""
-    G = cfg.clip_frames // R
-    return [build_sequence(tr[c], f0, G, V, cfg.modalities.split("+"), cfg.n_hist, stage == 2, cfg.ctx,
-                           cfg.speaker_lag)
-            for c, f0 in window_starts(tr, G, np.random.default_rng([cfg.seed, step]), cfg.batch_size)]
+def sequences(clips, wins, V, cfg, with_lr=True):
+    """build_sequence of each window (clip index, start frame) of --clip-frames; with_lr=False: Eq. 2's speaker-only."""
+    return [build_sequence(clips[c], f0, cfg.clip_frames // R, V, cfg.modalities.split("+"), cfg.n_hist, with_lr,
+                           cfg.ctx, cfg.speaker_lag) for c, f0 in wins]
 
 
 @torch.no_grad()
 def validate(model, V, va, wins, vq, cfg, step):
     """Teacher-forced val CE and LR accuracy, then greedy decoding of `wins` scored by the listener metrics."""
     model.eval()
-    G, mods = cfg.clip_frames // R, cfg.modalities.split("+")
-    vce, vacc = batch_loss(model, [build_sequence(va[c], f0, G, V, mods, cfg.n_hist, ctx=cfg.ctx, lag=cfg.speaker_lag)
-                                   for c, f0 in wins], 2, V)
+    vce, vacc = batch_loss(model, sequences(va, wins, V, cfg), 2, V)
     preds = predict(model, V, va, wins, vq, cfg)[0]
     model.train()
     return metrics.validate_lm_listener(preds, [c["item"] for c in va], wins, cfg.clip_frames, vce, vacc, step,
@@ -463,25 +426,25 @@ def start_run(cfg, dev, world):
         out.mkdir(parents=True, exist_ok=True)
         print(f"[lm_listener] device {dev}; data {path}\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
         (out / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "data": str(path)}, indent=1))
-    tr_items, va_items = data.load_listener(path, "train"), data.load_listener(path, "val")
+    items = {split: data.load_listener(path, split) for split in ("train", "val")}
     vq, cache = get_vq(cfg.vq, cfg, path), Path(cfg.cache or cfg.out)
-    no_audio = sum(it["audio"] is None for it in tr_items)
+    no_audio = sum(it["audio"] is None for it in items["train"])
     if no_audio:  # the LM-Listener release has no audio: no SA / iSC tokens
         mods = "+".join(m for m in cfg.modalities.split("+") if m not in ("SA", "iSC"))
         print(f"[lm_listener] {no_audio} train clips of {path} have no audio: acoustic tokens off, modalities "
               f"{cfg.modalities} -> {mods}")
         cfg.modalities = mods
-    counts = collections.Counter(text.lower() for it in tr_items for text, _ in it["words"])
+    counts = collections.Counter(text.lower() for it in items["train"] for text, _ in it["words"])
     words = sorted(counts, key=lambda w: (-counts[w], w))[:cfg.max_words - 3]
     V = Vocab(words, cfg.v_sa, vq.K, isc="iSC" in cfg.modalities)
-    key, feats = [str(path), cfg.v_sa, cfg.seed], data.clip_features(tr_items, cache / "sa_feats_train.pt", METHOD, R)
-    km = data.sa_kmeans(cache / "sa_kmeans.pt", key, feats, cfg.v_sa, cfg.seed, METHOD, placeholder=no_audio > 0)
-    tr = prepare(tr_items, V, km, vq, feats)
+    feats = {split: data.clip_features(x, cache / f"sa_feats_{split}.pt", METHOD, R) for split, x in items.items()}
+    km = data.sa_kmeans(cache / "sa_kmeans.pt", [str(path), cfg.v_sa, cfg.seed], feats["train"], cfg.v_sa, cfg.seed,
+                        METHOD, placeholder=no_audio > 0)
+    tr, va = (data.token_clips(x, V.w2i, km, vq, feats[split], R) for split, x in items.items())
     if any(c["T"] < cfg.clip_frames for c in tr):  # training windows lie inside a clip
         print(f"[lm_listener] {sum(c['T'] < cfg.clip_frames for c in tr)} train clips shorter than --clip-frames "
               f"{cfg.clip_frames} skipped")
         tr = [c for c in tr if c["T"] >= cfg.clip_frames]
-    va = prepare(va_items, V, km, vq, data.clip_features(va_items, cache / "sa_feats_val.pt", METHOD, R))
     if data.is_main() and world > 1:
         dist.barrier()
     return out, path, (vq, V, km, tr, va)
@@ -518,7 +481,8 @@ def train(cfg):
         stage = 1 if step < n1 else 2
         for g in opt.param_groups:
             g["lr"] = lr_at(step - (0 if stage == 1 else n1), n1 if stage == 1 else n2, cfg)
-        seqs = draw_batch(tr, step, stage, V, cfg)                     # the same global batch on every rank
+        wins = data.window_starts(tr, cfg.clip_frames // R, np.random.default_rng([cfg.seed, step]), cfg.batch_size, R)
+        seqs = sequences(tr, wins, V, cfg, stage == 2)  # a function of (seed, step): the same on every rank and resume
         n = sum(k == stage for _, kd in seqs for k in kd[1:]) / world if world > 1 else None
         with data.autocast(dev, cfg.dtype):
             loss, acc = batch_loss(net, data.shard(seqs), stage, V, n)      # this rank's rows of it
@@ -552,8 +516,7 @@ def train(cfg):
 def load_model(ckpt_path, device="cpu"):
     """Rebuild the GPT, vocabulary, k-means and training config from a checkpoint alone."""
     ck = load_checkpoint(ckpt_path)
-    fields = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in ck["config"].items() if k in fields})
+    cfg = Config(**{k: v for k, v in ck["config"].items() if k in {f.name for f in dataclasses.fields(Config)}})
     V = Vocab(ck["words"], cfg.v_sa, ck["v_lr"], isc="iSC" in cfg.modalities)
     model = GPT(V.size, V.v_lr, cfg)
     model.load_state_dict(ck["model"])
@@ -572,11 +535,8 @@ def stream(model, V, km, clip, cfg):
     blocks, done_sa = {}, 0                                      # blocks: group -> its SA and iSC tokens so far
     for i in range(1 - lag, clip["T"] // R - lag + 1):           # speaker group i, placed before LR_{i + lag}
         wav = audio[: round(max(i, 0) * R * data.SR / data.FPS)]                              # the speech so far
-        a0 = max(0, (4 * done_sa - 4) * HOP)                     # aligned audio start, 1 pooled frame of slack
-        f, end = data.sa_features(wav[a0:], n_rows=(len(wav) - a0) // HOP)
-        end, j0 = end + a0 * data.FPS / data.SR, a0 // (4 * HOP)
-        sa, isc = data.sa_tokens(f, km)
-        for k in range(len(f)):                                  # SA tokens whose support has ended
+        sa, isc, end, j0 = data.sa_tokens_since(wav, km, done_sa)   # the tokeniser on it, from pooled frame j0
+        for k in range(len(sa)):                                 # SA tokens whose support has ended
             if j0 + k >= done_sa and group_of(float(end[k])) <= i:
                 g = blocks.setdefault(max(1, group_of(float(end[k]))), ([], []))
                 g[0].append(int(sa[k]))
@@ -601,7 +561,7 @@ def sample(cfg):
     T, mods = cfg.eval_frames or tcfg.clip_frames, tcfg.modalities.split("+")
     vq, G = get_vq(tcfg.vq, tcfg, path), T // R
     feats = data.clip_features(te_items, Path(tcfg.cache or ckpt.parent) / f"sa_feats_{cfg.split}.pt", METHOD, R)
-    te = prepare(te_items, V, km, vq, feats)
+    te = data.token_clips(te_items, V.w2i, km, vq, feats, R)
     wins = metrics.tiling(te_items, T, R)[: cfg.max_eval or None]
     preds, toks = predict(model, V, te, wins, vq, tcfg, T=T)
     rows = {"model": preds}
@@ -613,7 +573,7 @@ def sample(cfg):
         walks["identity"] = vq
     extra = None
     if cfg.stream:  # streaming must give the offline tokens; its latency at the 60-s mark
-        clip = prepare([metrics.long_item(te_items, cfg.stream_seconds)], V, km, None)[0]
+        clip = data.token_clips([metrics.long_item(te_items, cfg.stream_seconds)], V.w2i, km, None, r=R)[0]
         offline = decode(model, V, *speaker_groups(clip, 0, clip["T"] // R, V, mods, tcfg.speaker_lag), tcfg.n_hist,
                          tcfg.clip_frames // R)
         extra = {"model": metrics.stream_latency(stream(model, V, km, clip, tcfg), offline, cfg.stream_seconds,

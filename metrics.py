@@ -9,7 +9,8 @@ How the file reads:
     3. the table functions that the method files call: listener_metrics, react_metrics, face_metrics;
     4. the baselines; 5. the Markdown table and metrics.json writers;
     6. the evaluation protocol of each method, the one function its sample() calls: evaluate_codec (vqvae.py),
-       evaluate_diff_listener (discrete_diffusion.py), evaluate_lm_listener_split (lm_listener.py), sample_react
+       evaluate_diff_listener (discrete_diffusion.py; it samples with sample_windows and listen_long),
+       evaluate_lm_listener_split (lm_listener.py), sample_react
        (latent_diffusion.py; it calls evaluate_react), evaluate_talking (diff_transformer.py): they build the
        GT / alt-GT / baseline / oracle / model rows and the printed table; and rule_responses, which social rule a
        listener answers;
@@ -1226,8 +1227,8 @@ def best_of_times(fn, n=3):
 
 
 def time_sampler(segs, r, listen, steps, runs, batch, device):
-    """listen(stream, hop, S, B) samples B listeners of a long_stream with S steps; best_of_times on an 8-s stream of segs.
-    -> row entries: seconds per listener (S = steps and S = 10) and listeners per second at batch B."""
+    """listen(stream, hop, S, B) samples B listeners of a long_stream with S steps; best_of_times on an 8-s stream of
+    segs. -> row entries: seconds per listener (S = steps and S = 10) and listeners per second at batch B."""
     s8 = long_stream(segs, 8, r)
     one = lambda S, B=1: listen(s8, None, S, B)
     t1, tf = best_of_times(lambda: one(steps), runs), best_of_times(lambda: one(10), runs)
@@ -1399,16 +1400,54 @@ def token_windows(d, seg, crop):
                 text=text, codes=b["tok"], alt=None if b["alt"] is None else b["alt"].numpy())
 
 
-def evaluate_diff_listener(te, tr, seg, crop, runs, listen, vq, out, *, steps, long_seconds, time_runs, time_batch,
-                           device, seed=0):
-    """DiffListener's protocol (discrete_diffusion.py sample): the windows (seg, crop) of te (data.load_windows)
-    against GT, alt-GT and the baselines on a bank of every window of tr (and the rule table, on a twin); the long
-    conversation and the sampler's timing with listen(stream, hop, S, B) (time_sampler; `steps` reverse steps);
-    npy + GIF + PNG under out/samples, out/metrics.json. runs: [(tokens (n, L), motion (n, T, D)) per seed]; vq:
-    the codec (K, r, decode, denormalize) of the baselines random_walk and vq_floor. -> evaluate_listener's rows."""
+@torch.no_grad()
+def sample_windows(model, vq, d, seg, crop, steps, r, seed, bs=128):
+    """DiffListener (discrete_diffusion.py) samples the listener of the windows (seg, crop) of d (data.load_windows),
+    bs at a time, one generator seeded with seed; VQ-decoded. -> tokens (n, L), raw motion (n, T, D) numpy."""
+    was, dev = model.training, model.pos.weight.device
+    model.eval()
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    toks, xs = [], []
+    for i in range(0, len(seg), bs):
+        b = data.get_batch(d, seg[i:i + bs], crop[i:i + bs])
+        kv = model.condition(*(b[k].to(dev) for k in ("spk", "feat", "wid", "wend", "beta")))
+        L = b["tok"].shape[1]
+        tok = model.sample(kv, L, [0], L, steps, r, gen, batch=len(b["spk"])).cpu()  # (n_b, L) one window each
+        toks.append(tok)
+        xs.append(vq.denormalize(vq.decode(tok, b["beta"])))
+    model.train(was)
+    return torch.cat(toks), torch.cat(xs).numpy()
+
+
+@torch.no_grad()
+def listen_long(model, vq, st, T_win, fps, steps=None, r=0.86, gen=None, hop=None, B=1):
+    """DiffListener's B listeners of a speaker stream longer than its window (long_stream: speaker (1, Tall, D) raw,
+    audio (1, 4 Tall, F), words, beta): windows of T_win frames every `hop` tokens (default half a window) denoised
+    jointly (DiffListener.sample, MultiDiffusion), the whole token sequence decoded at once. -> (B, N r, D) numpy."""
+    dev, N, L = model.pos.weight.device, st["speaker"].shape[1] // vq.r, T_win // vq.r
+    starts = data.stream_starts(N, L, hop or max(1, L // 2))         # token starts of the windows
+    c0 = [s * vq.r for s in starts]                                    # ... in frames
+    spk, feat, beta = st["speaker"].expand(B, -1, -1), st["audio"].expand(B, -1, -1), st["beta"].expand(B, -1)
+    wins = data.stream_windows(spk, feat, st["words"] * B, c0, T_win, fps, model.word_ids)  # (B*W, T_win, D), ...
+    kv = model.condition(*(v.to(dev) for v in wins), beta.repeat_interleave(len(c0), 0).to(dev))
+    tok = model.sample(kv, N, starts, L, steps, r, gen, batch=B).cpu()  # (B, N)
+    return vq.denormalize(vq.decode(tok, beta)).numpy()
+
+
+def evaluate_diff_listener(model, vq, te, tr, seg, crop, out, *, steps, r, n_samples, long_seconds, time_runs,
+                           time_batch, device, seed=0):
+    """DiffListener's protocol (discrete_diffusion.py sample): the model's listeners (sample_windows, seeds seed ..
+    seed + n_samples - 1; `steps` reverse steps, None = all T; truncation r) of the windows (seg, crop) of te
+    (data.load_windows) against GT, alt-GT and the baselines on a bank of every window of tr (and the rule table, on
+    a twin); the long conversation (listen_long) and the sampler's timing (time_sampler); npy + GIF + PNG under
+    out/samples, out/metrics.json. vq: the model's codec (K, r, decode, denormalize), also that of the baselines
+    random_walk and vq_floor. -> evaluate_listener's rows."""
+    runs = [sample_windows(model, vq, te, seg, crop, steps, r, seed + s) for s in range(n_samples)]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    listen = lambda st, hop=None, S=steps, B=1: listen_long(model, vq, st, te["T"], te["fps"], S, r, gen, hop, B)[0]
     test, bank = token_windows(te, seg, crop), token_windows(tr, *data.all_windows(tr))
     long = long_conversation(te, long_seconds, vq.r, listen, every=te["T"])  # segments of their own lengths
-    timing = time_sampler(te, vq.r, listen, steps, time_runs, time_batch, device)
+    timing = time_sampler(te, vq.r, listen, steps or model.T, time_runs, time_batch, device)
     decode = lambda codes: vq.denormalize(vq.decode(torch.as_tensor(codes), test["beta"])).numpy()
     rules = dict(seg=seg.numpy(), events=te["events"], fps=te["fps"]) if te["events"] else None  # twins' ledger
     rows = evaluate_listener(test, bank, {"model": [x for _, x in runs]}, codec=dict(K=vq.K, decode=decode),
@@ -1417,6 +1456,18 @@ def evaluate_diff_listener(te, tr, seg, crop, runs, listen, vq, out, *, steps, l
     render_listener(Path(out) / "samples", test, runs[0][1], long, "DiffListener", tokens=runs[0][0].numpy())
     write_metrics_json(rows, Path(out) / "metrics.json")
     return rows
+
+
+def validate_diff_listener(pred, va, seg, crop, step, losses, log=print):
+    """discrete_diffusion.py's validation during training: the sampled motion pred (n, T, D) of the windows (seg,
+    crop) of va (data.load_windows) scored by listener_metrics; one line to log (tqdm.write under a progress bar) with
+    the mean of the recent training losses, -> the history's entry."""
+    b = data.get_batch(va, seg, crop)
+    m = listener_metrics(list(pred), list(b["lis"].numpy()), list(b["spk"].numpy()),
+                         valence_fn=data.FaceModel().valence)
+    log(f"step {step}: loss {np.mean(losses):.4f} | val L2 {m['mse/all']:.4f} FD {m['fd/all']:.3f} "
+        f"P-FD {m['pfd/all']:.3f}")
+    return dict(step=step, **{k: m[k] for k in ("mse/all", "fd/all", "pfd/all")})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1751,12 +1802,35 @@ def react_baselines(items, train_items, T, K, score, seed=0):
     return rows
 
 
-def quick_react(items, generate):
-    """The cheap check during training: FRCorr (mean over samples) and FRDiv of the samples generate(items, T) ->
-    (N, K, T, D) of the items' shortest T, no FRDist."""
-    preds = generate(items, min(len(it["speaker_attr"]) for it in items))
+@torch.no_grad()
+def react_samples(react, items, T, K, seed, batch=16):
+    """K reactions to the speaker of each item (its first T frames), 16 speakers at a time, all noise from one
+    generator: react(speaker (B, T, D) float32 tensor, K, generator) -> (latents (B, K, ...), attributes (B, K, T, D)).
+    Returns the latents (N, K, ...) and the attributes (N, K, T, D) as float64 numpy."""
+    g, spk = torch.Generator().manual_seed(seed), torch.from_numpy(frames(items, "speaker_attr", T))
+    zs, ys = zip(*[react(b, K, g) for b in spk.split(batch)])
+    return torch.cat(zs), torch.cat(ys).cpu().double().numpy()
+
+
+@torch.no_grad()
+def react_motion(motion, z, T, batch=8):
+    """A 3DMM branch motion(latents (B, N_w, v)) -> (B, N_w*w, F) over latents (N, K, N_w, v), 8 speakers at a time
+    -> (N, K, T, F) float32 numpy."""
+    N, K = z.shape[:2]
+    mot = torch.cat([motion(zb.flatten(0, 1)) for zb in z.split(batch)])       # (N*K, N_w*w, F)
+    return mot.view(N, K, -1, mot.shape[-1])[:, :, :T].cpu().numpy()
+
+
+def quick_react(items, model, K, seed=0, log=print, prefix=""):
+    """The cheap check during training, logged: FRCorr (mean over samples) and FRDiv of K samples of model.react
+    (react_samples, in eval mode, then back to train mode) per item, of the items' shortest T, no FRDist."""
+    model.eval()
+    preds = react_samples(model.react, items, min(len(it["speaker_attr"]) for it in items), K, seed)[1]
+    model.train()
     pool, A, _ = appropriate_pool(items, preds.shape[2])
-    return {"frcorr_mean": fr_corr(preds, pool, A)["mean"], "frdiv": fr_div(preds)}
+    row = {"frcorr_mean": fr_corr(preds, pool, A)["mean"], "frdiv": fr_div(preds)}
+    log(f"{prefix}val FRCorr(mean) {row['frcorr_mean']:.3f} FRDiv {row['frdiv']:.4f}")
+    return row
 
 
 def best_time(fn, repeats=3):
@@ -1809,21 +1883,22 @@ def evaluate_react(items, train_items, preds, motion=None, *, sec_per_speaker=No
     return rows, text
 
 
-def sample_react(out, split, items, train_items, generate, decode, K, *, sampler, where="", seed=0,
-                 model_only=False):
-    """The REACT run of a sampler around evaluate_react: time it (10 reactions of 8 s for one speaker, LBD's speed
+def sample_react(out, path, split, n_speakers, react, motion, K, *, sampler, where="", seed=0, model_only=False):
+    """The REACT run of a sampler around evaluate_react on n_speakers of the split of the listener data at path
+    (evenly_spaced; the train split is the baselines' bank): time it (10 reactions of 8 s for one speaker, LBD's speed
     target), sample K reactions per scored speaker, score them, write metrics.json, <split>_reactions.npy,
-    <split>_3dmm.npy and the pictures (render_react), print the tables. generate(items, T, K, seed) -> (latents,
-    attributes (N, K, T, D) numpy); decode(latents, T) -> 3DMM motion (N, K, T, F); sampler names it in the
-    printout. Returns the rows."""
+    <split>_3dmm.npy and the pictures (render_react), print the tables. react: the sampler of react_samples;
+    motion: the 3DMM branch of react_motion; sampler names it in the printout. Returns the rows."""
+    items = evenly_spaced(data.load_listener_split(path, split), n_speakers)
+    train_items = None if model_only else data.load_listener_split(path, "train")
     T, fps = min(len(it["speaker_attr"]) for it in items), int(items[0]["fps"])
-    print(f"{where}{len(items)} {split} speakers, T={T}, fps={fps}, K={K}")
+    print(f"{where}{path}: {len(items)} {split} speakers, T={T}, fps={fps}, K={K}")
     T8 = min(T, 8 * fps)                                                        # the speed target: 10 reactions of 8 s
-    sec = best_time(lambda r: generate(items[:1], T8, 10, r))
+    sec = best_time(lambda r: react_samples(react, items[:1], T8, 10, r))
     print(f"sampling 10 reactions of {T8 / fps:.1f} s for one speaker ({sampler}, {torch.get_num_threads()} "
           f"threads): {sec:.3f} s")
-    z, preds = generate(items, T, K, seed)                                      # latents, (N, K, T, D)
-    mot = decode(z, T)                                                          # (N, K, T, F)
+    z, preds = react_samples(react, items, T, K, seed)                          # latents, (N, K, T, D)
+    mot = react_motion(motion, z, T)                                            # (N, K, T, F)
     rows, table = evaluate_react(items, train_items, preds, mot, sec_per_speaker=sec, seed=seed, model_only=model_only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -483,7 +483,8 @@ def hardware() -> str:
 def pipeline_parser():
     tables = "; ".join(f"{t.name} ({t.title}: {len({t.main} | {e[1] for e in t.rows})} runs)" for t in TABLES)
     p = data.ArgParser(prog="train.py --model all", description="Train and evaluate the runs of every paper table "
-                       f"(or of --table's) at the --rows level, then write <runs>/results.md and <runs>/figures/. Tables: {tables}.")
+                       f"(or of --table's) at the --rows level, then write <runs>/results.md and <runs>/figures/. "
+                       f"Tables: {tables}.")
     p.add_argument("--preset", default="default", choices=["smoke", "default", "full"],
                    help="every run's preset (default: default)")
     p.add_argument("--data", default="", help="data path handed to every method (default: the synthetic world)")

@@ -15,7 +15,7 @@ Papers: MMLM, "LLM-driven Multimodal and Multi-Identity Listening Head Generatio
 no arXiv); VQ-VAE arXiv 1711.00937; LM-Listener arXiv 2308.10897 and T2M-GPT arXiv 2301.06052 (backbone, quantiser);
 Learning2Listen arXiv 2204.08451; InstanceNorm arXiv 1607.08022; AdaIN arXiv 1703.06868. Nothing pretrained is needed;
 the twins' listener identity vector stands in for the FLAME shape beta. Used by discrete_diffusion.py and
-lm_listener.py through load_vqvae and the model's encode / decode / normalize / denormalize.
+lm_listener.py through load_vqvae / load_stage and the model's encode / decode / normalize / denormalize.
 
 Shapes: B batch, T frames, L = T/r tokens, D = 56 motion dims, D_id identity dims, C code dim, W width, K codes, N = B*L
 
@@ -251,8 +251,8 @@ class Decoder(nn.Module):
 
 
 def all_ranks(z):
-    """Under torchrun, the latents (B/world, L, C) of every rank in the order of the global batch that data.shard() split:
-    global row i * world + rank. The EMA update then sees the single-process batch on every rank."""
+    """Under torchrun, the latents (B/world, L, C) of every rank in the order of the global batch that data.shard()
+    split: global row i * world + rank. The EMA update then sees the single-process batch on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return z
     parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
@@ -418,6 +418,26 @@ def load_vqvae(path, device="cpu"):
     model = VQVAE(Config(**{k: v for k, v in ck["config"].items() if k in names})).to(device)
     model.load_state_dict(ck["model"])
     return model.eval()
+
+
+def load_stage(path, data_path, preset, flags, who, training=True):
+    """The frozen VQ-VAE (on the CPU) of a method built on it (`who`: its name). Training: a missing checkpoint is
+    trained first with `python vqvae.py --data data_path flags` (flags name --out and --preset), one trained with
+    another preset or on other data is a user error naming --vq. Sampling: the checkpoint as it is."""
+    if training and not Path(path).exists():
+        if dist.is_initialized():  # every rank would train it
+            raise data.UserError(f"--vq {path}: no such file; under torchrun train the VQ-VAE first "
+                                 f"(python vqvae.py {' '.join(flags)})")
+        flags = ["--data", str(data_path), *flags]
+        print(f"[{who}] no VQ-VAE at {path}: training it first with `python vqvae.py {' '.join(flags)}` (pass --vq "
+              "PATH to use another)", flush=True)
+        main(flags, mode="train")
+    have = load_checkpoint(path)["config"]
+    where = lambda c: Path(data.resolve_data(c["data"], "listener", c["preset"])).resolve()
+    if training and (have["preset"] != preset or where(have) != Path(data_path).resolve()):
+        raise data.UserError(f"--vq {path} was trained with preset {have['preset']} on {where(have)}, this run is "
+                             f"preset {preset} on {data_path}: pass --vq with a VQ-VAE of this preset and data")
+    return load_vqvae(path, device="cpu").requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -485,6 +485,7 @@ def test_sharded_loss_gradients_average_to_the_whole_batch(tiny_world, monkeypat
 
     def grads(dist_view):
         monkeypatch.setattr(dt, "dist", dist_view)
+        monkeypatch.setattr(dt.data, "dist", dist_view)  # data.shard takes this rank's rows
         torch.manual_seed(7)  # the same random stream on every rank
         m.zero_grad()
         sum(dt.train_loss(m, m, batch, cfg, abar, torch.device("cpu"))).backward()

@@ -253,9 +253,9 @@ def test_sampler_jump_and_long():
     # long: 3 overlapping windows of 4 tokens over 8 tokens, jointly denoised
     spk, feat, w, e, b = cond(3, 32)
     kv = model.condition(spk, feat, w, e, b)
-    long = model.sample(kv, 8, dd.window_starts(8, 4, 2), 4, 10, 0.86, torch.Generator().manual_seed(0), batch=1)
+    long = model.sample(kv, 8, data.stream_starts(8, 4, 2), 4, 10, 0.86, torch.Generator().manual_seed(0), batch=1)
     assert long.shape == (1, 8) and (long < 16).all()
-    assert dd.window_starts(30, 8, 4) == [0, 4, 8, 12, 16, 20, 22] and dd.window_starts(5, 8, 4) == [0]
+    assert data.stream_starts(30, 8, 4) == [0, 4, 8, 12, 16, 20, 22] and data.stream_starts(5, 8, 4) == [0]
 
 
 def overfit(steps, seed=0, K=16, B=4, L=6):
@@ -377,6 +377,12 @@ def test_vocabulary_comes_from_the_training_words(trevor, tmp_path):
     first = te["wid"][0, 0, 1].item()                                  # test item 0's first word: seen only in test
     assert te["words"][0][0][0] == "neverseen" and first == data.UNK
     assert data.window_words([("Hello,", 0.1)], 0, 32, 30, data.word_ids(["hello"])) == [(data.START, 0.0), (3, 3.0)]
+
+
+def test_checkpoint_without_vocabulary_is_a_user_error():
+    """An older checkpoint (no stored vocabulary in its meta) -> one line `error: ...`, not a KeyError."""
+    with pytest.raises(data.UserError, match="vocabulary"):
+        dd.build(tiny_cfg(), dict(K=16, r=8, n_feat=8, L=4, D_id=100), "cpu")
 
 
 def test_long_stream_segments_of_different_lengths():

@@ -214,7 +214,7 @@ def test_training_windows_are_uniform_over_all_windows():
     """Clips of 3 and 30 groups, windows of 2 groups: 2 and 29 windows, so clip 0 is drawn 2/31 of the time (not 1/2)
     and every start of a clip equally often."""
     tr = [dict(T=3 * L.R), dict(T=30 * L.R)]
-    w = L.window_starts(tr, 2, np.random.default_rng(0), 31000)
+    w = data.window_starts(tr, 2, np.random.default_rng(0), 31000, L.R)
     c = np.array([a for a, _ in w])
     assert abs((c == 0).mean() - 2 / 31) < 0.005
     starts = np.array([f0 for a, f0 in w if a == 1]) // L.R
