@@ -495,7 +495,7 @@ def pipeline_parser():
                    help="only this table's runs and what they need (repeatable; default: every table)")
     p.add_argument("--rows", default="main", choices=ROWS,
                    help="main (default): each table's main run (ours, baselines, alt-GT; ~65 min on 2 CPU cores); "
-                   "paper: and the paper-configuration rows (~2.3 h); all: every ablation too, as the README's "
+                   "paper: and the paper-configuration rows (~2 h); all: every ablation too, as the README's "
                    "tables (~7 h)")
     p.add_argument("--only", default="", help="comma-separated run names to do, nothing else (the other runs' last "
                    "metrics.json still go into results.md)")
