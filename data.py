@@ -898,11 +898,7 @@ def talking_train_val(where, preset, features, norm=True):
     """Train and val talking_items of resolve_data(where, "talking", preset), and what a talking-face checkpoint
     keeps of the data: sigma (the global scalar of the motion: the displacements' RMS, 1.0 without norm), the data
     path, D, the number of styles, a template per style and the lip / upper-face vertex indices."""
-    if not is_main():
-        dist.barrier()  # rank 0 makes the synthetic world first
-    path = str(resolve_data(where, "talking", preset))
-    if is_main() and dist.is_initialized():
-        dist.barrier()
+    path = str(resolve_data_first(where, "talking", preset))  # rank 0 makes the synthetic world first
     train_items, val_items = talking_items(path, "train", features), talking_items(path, "val", features)
     lip, upper = talking_regions(path)
     n_style = max(it["style"] for it in train_items) + 1
