@@ -66,6 +66,8 @@ class Config:
     dropout: float = 0.1           # MLPSkipNet dropout
     param: str = "x0"              # what the MLPSkipNet predicts: x0 [ours] | eps (the paper's Eq. 7)
     cond: str = "speaker"          # the denoiser's condition: speaker (E_r of the speaker's window) | none
+    cond_drop: float = 0.0         # [ours] P(speaker code -> zeros) per training segment: classifier-free guidance
+    guidance: float = 1.0          # [ours] sample flag: ε(∅) + g·(ε(c) − ε(∅)); 1 = the conditional net (paper)
     t_train: int = 1000            # diffusion steps T (LDM: 1000)
     beta_start: float = 8.5e-4     # scaled-linear noise schedule, first beta (LDM)
     beta_end: float = 1.2e-2       # scaled-linear noise schedule, last beta (LDM)
@@ -111,7 +113,8 @@ def check_config(cfg, mode):
         (cfg.mlp_layers >= 2, f"--mlp-layers {cfg.mlp_layers}: expected 2 or more"),
         (cfg.sample_steps <= cfg.t_train, f"--sample-steps {cfg.sample_steps}: expected at most --t-train"),
         (0 < cfg.beta_start < cfg.beta_end < 1, "--beta-start, --beta-end: expected 0 < start < end < 1"),
-        (0 <= cfg.dropout < 1 and cfg.lr > 0, "--dropout: expected 0 <= dropout < 1; --lr: expected > 0"),
+        (0 <= min(cfg.dropout, cfg.cond_drop) and max(cfg.dropout, cfg.cond_drop) < 1 and cfg.lr > 0 <= cfg.guidance,
+         "--dropout, --cond-drop: expected in [0, 1); --lr: expected > 0; --guidance: expected >= 0"),
         (mode != "train" or cfg.batch % world == 0,
          f"--batch {cfg.batch}: expected a multiple of the {world} processes that torchrun started (each a share)")])
 
@@ -257,10 +260,8 @@ class MLPSkipNet(nn.Module):
         self.norm = nn.ModuleList(nn.LayerNorm(hidden) for _ in ins)
         self.last = nn.Linear(hidden + dim, dim)                                # no norm, no condition
         self.drop = nn.Dropout(dropout)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+        for m in (m for m in self.modules() if isinstance(m, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight), nn.init.zeros_(m.bias)
         nn.init.zeros_(self.last.weight)                                        # [ours] output 0 at init
 
     def forward(self, x, t, c):                                                 # (B, dim), (B,), (B, dim)
@@ -381,6 +382,8 @@ class LBD(nn.Module):
         """ε_θ(z̃_t, t, c) for the samplers. [ours] param = x0: the ε that the net's x̂0 implies, (z̃_t − √ᾱ_t x̂0) /
         √(1 − ᾱ_t); an ε-net's own x̂0 = (z̃_T − √(1 − ᾱ) ε̂) / √ᾱ multiplies its errors by 1/√ᾱ_T ≈ 15 at the start."""
         out = self.net(x, t, c)
+        if self.cfg.guidance != 1:                                              # classifier-free guidance [ours]
+            out = torch.lerp(self.net(x, t, torch.zeros_like(c)), out, self.cfg.guidance)  # ε(∅) + g·(ε(c) − ε(∅))
         if self.cfg.param == "eps":
             return out
         a = self.abar[t.long()].to(x)[:, None]                                  # (B, 1)
@@ -422,7 +425,6 @@ class LBD(nn.Module):
         speaker = (speaker.to(self.abar.device) - self.attr_mean) / self.attr_std
         z, y = self.generate(speaker, K, self.cfg.plms_order, self.cfg.sample_steps, generator)
         return z, data.react_attributes(y * self.attr_std + self.attr_mean)
-
 
 
 def chunk_starts(N, n, overlap):
@@ -476,6 +478,8 @@ def start_stage(name, first, model, x, gen, cfg, n):
         z0, c = data.random_crops(gen, B, n, zl, zc)                            # (B, n, v) each
         t = torch.randint(1, cfg.t_train + 1, (B,), generator=gen).to(zl.device)
         eps = torch.randn(B, n * zl.shape[-1], generator=gen).to(zl.device)    # (B, n*v)
+        if cfg.cond_drop > 0:                                                   # [ours] the null condition: zeros
+            c = c * (torch.rand(B, 1, 1, generator=gen) >= cfg.cond_drop).to(c)
         return z0.flatten(1), c.flatten(1), t, eps
     return params, batch
 
@@ -576,13 +580,13 @@ def sample(cfg):
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     ck = load_checkpoint(cfg.ckpt or Path(cfg.out) / "ckpt.pt")
-    tcfg = Config(**{**ck["config"], "plms_order": cfg.plms_order, "sample_steps": cfg.sample_steps})  # LBD.react's
+    tcfg = Config(**{**ck["config"], **{k: getattr(cfg, k) for k in ("plms_order", "sample_steps", "guidance")}})
     model = LBD(tcfg, **ck["dims"]).to(device).eval()
     model.load_state_dict(ck["model"])
     path = Path(data.resolve_data(cfg.data, "listener", cfg.preset)) if cfg.data else Path(ck["data_path"])
     motion = lambda z: model.decode_f(z)[0] * model.mot_std + model.mot_mean   # 3DMM branch: (B, n, v) -> (B, L, F)
     return metrics.sample_react(cfg.out, path, cfg.split, cfg.eval_speakers, model.react, motion, cfg.n_samples,
-                                sampler=f"PLMS-{cfg.plms_order} S={cfg.sample_steps} on {device}",
+                                sampler=f"PLMS-{cfg.plms_order} S={cfg.sample_steps} g={cfg.guidance:g} on {device}",
                                 where=f"device {device} | ", seed=cfg.seed, model_only=cfg.model_only)
 
 

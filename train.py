@@ -331,8 +331,8 @@ def wanted_config(module, argv):
 
 def why_retrain(module, ckpt, argv, deps=()):
     """None when the checkpoint at `ckpt` holds what `argv` would train now; otherwise the reason, in a few words:
-    no checkpoint, another method's, a config key that differs (IGNORED keys aside), another data version, or a
-    checkpoint it depends on (deps: paths) that is newer than it."""
+    no checkpoint, another method's, a config key that differs (IGNORED keys aside; a key the checkpoint lacks counts
+    as its Config default), another data version, or a checkpoint it depends on (deps: paths) that is newer than it."""
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         return "no checkpoint"
@@ -353,7 +353,10 @@ def why_retrain(module, ckpt, argv, deps=()):
                                                             if k in want else len(want))):
         if key in IGNORED:
             continue
-        if key not in have:
+        if key not in have:  # a setting added since: its default trains what the checkpoint's code trained
+            default = {f.name: f.default for f in dataclasses.fields(module.Config)}.get(key, dataclasses.MISSING)
+            if want[key] == default:
+                continue
             return f"the checkpoint has no {key}"
         if key not in want:
             return f"{key} is no longer a setting"
@@ -558,7 +561,10 @@ def run_all(argv):
             do_run(run, runs, a, done, minutes)
         except data.UserError as e:  # say which run met it
             raise data.UserError(f"{runs / run.name}: {e}") from e
-        timings.write_text(json.dumps(minutes, indent=1))
+        if run.name in minutes:  # re-read first: another pipeline on the same runs folder may have written since
+            minutes = {**(json.loads(timings.read_text()) if timings.exists() else {}), run.name: minutes[run.name]}
+            tmp = timings.with_name(f"timings.json.{os.getpid()}")
+            tmp.write_text(json.dumps(minutes, indent=1)), tmp.replace(timings)    # atomic: no reader sees half
     results = {r.name: json.loads((runs / r.name / "metrics.json").read_text())
                for r in RUNS if (runs / r.name / "metrics.json").exists()}
     minutes = {r.name: minutes[r.name] for r in RUNS if r.name in results and r.name in minutes}

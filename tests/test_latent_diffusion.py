@@ -210,6 +210,31 @@ def test_no_listener_identity_and_cond_none_is_unconditional():
         assert torch.allclose(m.eps(x, t, c1), m.eps(x, t, c2)) == (cond == "none")
 
 
+def test_classifier_free_guidance_and_condition_dropout():
+    """--guidance g: ε(∅) + g·(ε(c) − ε(∅)) with ∅ the zero code (g = 1: the conditional net, g = 0: --cond none);
+    --cond-drop p: about p of the training segments see the zero code, and p = 0 draws nothing more."""
+    m = tiny_model(param="eps")
+    torch.nn.init.normal_(m.den.last.weight, std=0.1)
+    x, c, t = torch.randn(2, m.n * m.cfg.latent), torch.randn(2, m.n * m.cfg.latent), torch.tensor([10.0, 500.0])
+    e_c, e_0 = m.eps(x, t, c), m.eps(x, t, torch.zeros_like(c))
+    for g in (0.0, 0.5, 2.0):
+        m.cfg.guidance = g
+        assert torch.allclose(m.eps(x, t, c), e_0 + g * (e_c - e_0), atol=1e-5)
+    y = torch.randn(40, 3 * m.cfg.window, 25)
+    batches = {}
+    for p in (0.0, 0.5):
+        mp = tiny_model(cond_drop=p)
+        gen = torch.Generator().manual_seed(0)
+        _, batch = ld.start_stage("diff", True, mp, dict(ya=y, ca=y.flip(0)), gen, mp.cfg, mp.n)
+        batches[p] = (batch(), torch.rand(1, generator=gen))                # the batch, then the stream's next draw
+    (z0, c, t, eps), (z0_, c_, t_, eps_) = batches[0.5][0], batches[0.0][0]
+    dropped = (c == 0).all(1)
+    assert 0 < dropped.sum() < len(c) and not (c_ == 0).all(1).any()
+    assert torch.equal(z0, z0_) and torch.equal(t, t_) and torch.equal(eps, eps_)  # the same segments, t and ε
+    assert torch.equal(c_[~dropped], c[~dropped])                              # only some conditions zeroed
+    assert not torch.equal(batches[0.0][1], batches[0.5][1])                   # p > 0 drew from the stream, p = 0 not
+
+
 def test_codebook_loss_has_no_commitment_term():
     """Stage 1b's VQ loss reaches the codebook only: E_r is frozen, so a commitment term could not train anything."""
     torch.manual_seed(0)

@@ -176,6 +176,21 @@ def test_pipeline_resumes_an_interrupted_training(fake, capsys):
     assert [a[-1] for n, mode, a in log if mode == "train"] == ["--resume"] and not Path("runs/gen/.training").exists()
 
 
+def test_two_pipelines_on_one_runs_folder_keep_each_others_minutes(fake, monkeypatch):
+    """timings.json is re-read before each write: a run that another pipeline finished meanwhile keeps its minutes."""
+    train.run_all(["--only", "codec"])
+    do_run = train.do_run
+
+    def beside(run, runs, *a):                       # another pipeline finishes `other` while this one trains gen
+        do_run(run, runs, *a)
+        t = json.loads((runs / "timings.json").read_text())
+        (runs / "timings.json").write_text(json.dumps({**t, "other": {"train": 7.0}}))
+    monkeypatch.setattr(train, "do_run", beside)
+    train.run_all(["--only", "gen"])
+    t = json.loads(Path("runs/timings.json").read_text())
+    assert set(t) == {"codec", "gen", "other"} and t["other"] == {"train": 7.0} and "train" in t["codec"]
+
+
 def test_why_retrain_compares_the_recorded_config(fake, tmp_path, monkeypatch):
     _, mods = fake
     m, ck = mods["gen"], tmp_path / "g" / "ckpt.pt"
@@ -211,6 +226,11 @@ def test_why_retrain_compares_the_recorded_config(fake, tmp_path, monkeypatch):
     assert train.why_retrain(m, ck, argv) == f"data version {data.VERSION - 1} != {data.VERSION}"
     rewrite(data_version=data.VERSION, config={**torch.load(ck)["config"], "old_flag": 1})
     assert train.why_retrain(m, ck, argv) == "old_flag is no longer a setting"
+    config = torch.load(ck)["config"]
+    config.pop("old_flag"), config.pop("lr")                      # as if --lr were added after the checkpoint
+    rewrite(config=config)
+    assert train.why_retrain(m, ck, argv) is None                 # its default trains what the old code trained
+    assert train.why_retrain(m, ck, argv + ["--lr", "0.1"]) == "the checkpoint has no lr"
     rewrite(method="codec")
     assert train.why_retrain(m, ck, argv) == "checkpoint of codec"
     ck.write_bytes(b"not a checkpoint")
