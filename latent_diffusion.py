@@ -381,9 +381,11 @@ class LBD(nn.Module):
     def eps(self, x, t, c):
         """ε_θ(z̃_t, t, c) for the samplers. [ours] param = x0: the ε that the net's x̂0 implies, (z̃_t − √ᾱ_t x̂0) /
         √(1 − ᾱ_t); an ε-net's own x̂0 = (z̃_T − √(1 − ᾱ) ε̂) / √ᾱ multiplies its errors by 1/√ᾱ_T ≈ 15 at the start."""
-        out = self.net(x, t, c)
-        if self.cfg.guidance != 1:                                              # classifier-free guidance [ours]
-            out = torch.lerp(self.net(x, t, torch.zeros_like(c)), out, self.cfg.guidance)  # ε(∅) + g·(ε(c) − ε(∅))
+        if self.cfg.guidance == 1:
+            out = self.net(x, t, c)
+        else:  # [ours] classifier-free guidance, ε(∅) + g·(ε(c) − ε(∅)): both in one batched call
+            out, null = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, torch.zeros_like(c)])).chunk(2)
+            out = torch.lerp(null, out, self.cfg.guidance)
         if self.cfg.param == "eps":
             return out
         a = self.abar[t.long()].to(x)[:, None]                                  # (B, 1)
@@ -561,8 +563,7 @@ def train(cfg):
                 "step": step, "stage": name, "config": dataclasses.asdict(cfg), "dims": dims,
                 "data_path": str(path), "rng": data.rng_state([gen]),
                 "metrics": {**hist, "log": log, "train_seconds": time.time() - t0}})
-    pbar.close()
-    data.say(f"training done in {time.time() - t0:.1f}s, checkpoint {ckpt}")
+    pbar.close(), data.say(f"training done in {time.time() - t0:.1f}s, checkpoint {ckpt}")
     data.check_in_sync(model)
     if world > 1:
         dist.destroy_process_group()

@@ -202,7 +202,8 @@ TABLES = [
            ("ablation:plain_attention", "diff_transformer_plain")]),
 ]
 # Config keys that do not change the trained weights: a checkpoint that differs only in these is reused.
-IGNORED = {"out", "resume", "ckpt", "split", "device", "compile", "threads", "cache", "eval_speakers", "model_only"}
+IGNORED = {"out", "resume", "ckpt", "split", "device", "compile", "threads", "cache", "eval_speakers", "model_only",
+           "guidance"}  # guidance: LBD's sampling only
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -331,8 +332,8 @@ def wanted_config(module, argv):
 
 def why_retrain(module, ckpt, argv, deps=()):
     """None when the checkpoint at `ckpt` holds what `argv` would train now; otherwise the reason, in a few words:
-    no checkpoint, another method's, a config key that differs (IGNORED keys aside; a key the checkpoint lacks counts
-    as its Config default), another data version, or a checkpoint it depends on (deps: paths) that is newer than it."""
+    no checkpoint, another method's, a config key that differs (IGNORED keys aside), another data version, or a
+    checkpoint it depends on (deps: paths) that is newer than it."""
     ckpt = Path(ckpt)
     if not ckpt.is_file():
         return "no checkpoint"
@@ -353,10 +354,7 @@ def why_retrain(module, ckpt, argv, deps=()):
                                                             if k in want else len(want))):
         if key in IGNORED:
             continue
-        if key not in have:  # a setting added since: its default trains what the checkpoint's code trained
-            default = {f.name: f.default for f in dataclasses.fields(module.Config)}.get(key, dataclasses.MISSING)
-            if want[key] == default:
-                continue
+        if key not in have:  # a setting added since: retrained (its default need not be what the old code did)
             return f"the checkpoint has no {key}"
         if key not in want:
             return f"{key} is no longer a setting"
@@ -497,7 +495,7 @@ def pipeline_parser():
     p.add_argument("--table", action="append", default=[], choices=[t.name for t in TABLES],
                    help="only this table's runs and what they need (repeatable; default: every table)")
     p.add_argument("--rows", default="main", choices=ROWS,
-                   help="main (default): each table's main run (ours, baselines, alt-GT; ~65 min on 2 CPU cores); "
+                   help="main (default): each table's main run (ours, baselines, alt-GT; 48 min on 2 CPU cores); "
                    "paper: and the paper-configuration rows (~2 h); all: every ablation too, as the README's "
                    "tables (~7 h)")
     p.add_argument("--only", default="", help="comma-separated run names to do, nothing else (the other runs' last "
