@@ -247,6 +247,7 @@ def ddp_setup(device):
 
 def ddp_teardown():  # at the end of a torchrun run: leave the process group (nothing to do in a single process)
     if dist.is_initialized():
+        dist.barrier()  # no rank closes its connections while another still finishes a collective (gloo aborts)
         dist.destroy_process_group()
 
 

@@ -525,8 +525,7 @@ def train(cfg):
                 **({"best": best} if cfg.keep_best else {})})
     bar.close()
     data.check_in_sync(model)
-    if world > 1:
-        dist.destroy_process_group()
+    data.ddp_teardown()
     return out / "ckpt.pt"
 
 

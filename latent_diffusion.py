@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -565,8 +564,7 @@ def train(cfg):
                 "metrics": {**hist, "log": log, "train_seconds": time.time() - t0}})
     pbar.close(), data.say(f"training done in {time.time() - t0:.1f}s, checkpoint {ckpt}")
     data.check_in_sync(model)
-    if world > 1:
-        dist.destroy_process_group()
+    data.ddp_teardown()
     return model
 
 

@@ -504,8 +504,7 @@ def train(cfg):
     data.check_in_sync(model)                                               # every rank ends with rank 0's weights
     if data.is_main():
         print(f"[lm_listener] trained {n1 + n2 - start} steps -> {out}/ckpt.pt")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    data.ddp_teardown()
     return out / "ckpt.pt"
 
 

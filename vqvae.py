@@ -552,8 +552,8 @@ def train(cfg: Config):
     data.check_in_sync(model)  # raises unless every rank holds rank 0's weights and codebook
     if data.is_main():
         print(f"wrote {out / 'ckpt.pt'}")
-    if own_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if own_group:
+        data.ddp_teardown()
     return model, met
 
 
