@@ -91,11 +91,16 @@ RUNS = [
           f"--vq-naive {{runs}}/vqvae_realtalk_naive/ckpt.pt --cache {{runs}}/lm_listener_realtalk --modalities {m}",
           smoke=not v) for v, c, m in [("", "", "W+SA+emo"), ("_naive", "_naive", "W+SA+emo"),
                                       ("_naive_w", "_naive", "W")]],        # Tab. 2 and Fig. 5 on RealTalk
-    Run("latent_diffusion", "latent_diffusion"),
-    Run("latent_diffusion_paper", "latent_diffusion", "--param eps", smoke=False),      # Eq. 7: ε-prediction
-    Run("latent_diffusion_uncond", "latent_diffusion", "--cond none", smoke=False),     # no speaker: the sanity check
-    *[Run(f"latent_diffusion_plms{k}_s{s}", "latent_diffusion", of="latent_diffusion", smoke=(k, s) == (1, 10),
-          sample=f"--plms-order {k} --sample-steps {s} --model-only")
+    Run("latent_diffusion", "latent_diffusion"),                           # x0-prediction, guidance 0.5 (ours)
+    # LBD without classifier-free guidance: the paper (ε-prediction, Eq. 7), ours, and no speaker (the sanity check)
+    *[Run(f"latent_diffusion_{name}", "latent_diffusion", f"{flags} --cond-drop 0 --guidance 1".strip(), "--guidance 1",
+          smoke=False) for name, flags in [("paper", "--param eps"), ("noguide", ""), ("uncond", "--cond none")]],
+    *[Run(f"latent_diffusion{name}_val", "latent_diffusion", sample="--split val" + flags, of=of, smoke=not name)
+      for name, of, flags in [("", "latent_diffusion", ""), ("_g1", "latent_diffusion", " --guidance 1"),
+                              ("_g025", "latent_diffusion", " --guidance 0.25"),
+                              ("_noguide", "latent_diffusion_noguide", " --guidance 1")]],  # choosing g on val
+    *[Run(f"latent_diffusion_plms{k}_s{s}", "latent_diffusion", of="latent_diffusion_noguide", smoke=False,
+          sample=f"--plms-order {k} --sample-steps {s} --model-only --guidance 1")
       for k in (1, 2, 3, 4) for s in (10, 25, 50, 100)],                  # PLMS order x steps, one checkpoint
     Run("diff_transformer_ar", "diff_transformer", "--arch ar"),           # the FaceFormer-style baseline
     Run("diff_transformer", "diff_transformer", sample="--ar-ckpt {runs}/diff_transformer_ar/ckpt.pt"),  # 10 reps
@@ -180,14 +185,21 @@ TABLES = [
           "the own GT + the real reactions of the neighbour clips of the appropriateness matrix (alt-GT: those "
           "neighbours, leave-one-out). FRCorr/FRDist: sum over the 10 samples (mean). frcorr: CCC where equal constant "
           "channels score 1; frcorr_official: the official CCC, where a constant channel scores 0. fd/all, "
-          "var_pred/all: the 3DMM branch (sample 0). `paper`: ε-prediction (Eq. 7); `model`: x0-prediction; "
-          "`ablation:uncond`: no speaker condition; `ablation:plms<k>_s<S>`: the model's checkpoint sampled with PLMS "
-          "order k and S steps (LBD Tab. 3).",
+          "var_pred/all: the 3DMM branch (sample 0). `paper`: ε-prediction (Eq. 7), no guidance; `model`: "
+          "x0-prediction and classifier-free guidance g = 0.5 (null speaker code in 10 % of training segments); "
+          "`ablation:no_guidance`: the model trained and sampled without it; `ablation:uncond`: no speaker condition; "
+          "`ablation:plms<k>_s<S>`: no_guidance's checkpoint sampled with PLMS order k and S steps (LBD Tab. 3); "
+          "`val:*`: the val split, on which g was chosen (`guidance_<g>`: the model's checkpoint sampled with g).",
           ["frcorr_sum", "frcorr_mean", "frcorr_official", "frdist_sum", "frdist_mean", "frdiv", "frvar", "frdvs",
            "frsyn", "fd/all", "var_pred/all"],
-          "latent_diffusion", [("paper", "latent_diffusion_paper"), ("ablation:uncond", "latent_diffusion_uncond"),
+          "latent_diffusion", [("paper", "latent_diffusion_paper"),
+                               ("ablation:no_guidance", "latent_diffusion_noguide"),
+                               ("ablation:uncond", "latent_diffusion_uncond"),
                                *[(f"ablation:plms{k}_s{s}", f"latent_diffusion_plms{k}_s{s}")
-                                 for k in (1, 2, 3, 4) for s in (10, 25, 50, 100)]]),
+                                 for k in (1, 2, 3, 4) for s in (10, 25, 50, 100)],
+                               ("val:model", "latent_diffusion_val"), ("val:guidance_1", "latent_diffusion_g1_val"),
+                               ("val:guidance_0.25", "latent_diffusion_g025_val"),
+                               ("val:no_guidance", "latent_diffusion_noguide_val")]),
     Table("talking_face", "Talking face from speech (DiffSpeaker)",
           "VOCASET twin, vertex units; unseen test subjects, each animated under the 8 training styles, averaged "
           "(DiffSpeaker's protocol). lve: pooled over all frames (CodeTalker); lve_seq: per sequence, then the mean "

@@ -213,7 +213,7 @@ def test_no_listener_identity_and_cond_none_is_unconditional():
 def test_classifier_free_guidance_and_condition_dropout():
     """--guidance g: ε(∅) + g·(ε(c) − ε(∅)) with ∅ the zero code (g = 1: the conditional net, g = 0: --cond none);
     --cond-drop p: about p of the training segments see the zero code, and p = 0 draws nothing more."""
-    m = tiny_model(param="eps")
+    m = tiny_model(param="eps", guidance=1.0)                                  # g = 1: the conditional net
     torch.nn.init.normal_(m.den.last.weight, std=0.1)
     x, c, t = torch.randn(2, m.n * m.cfg.latent), torch.randn(2, m.n * m.cfg.latent), torch.tensor([10.0, 500.0])
     e_c, e_0 = m.eps(x, t, c), m.eps(x, t, torch.zeros_like(c))
@@ -249,7 +249,7 @@ def test_codebook_loss_has_no_commitment_term():
 def test_x0_parameterisation_implies_eps():
     """param = x0: the samplers' eps is the one whose x0-estimate is the net's output; param = eps: the net itself."""
     for param in ("x0", "eps"):
-        m = tiny_model(param=param)
+        m = tiny_model(param=param, guidance=1.0)
         torch.nn.init.normal_(m.den.last.weight, std=0.1)
         x, c = torch.randn(3, m.n * m.cfg.latent), torch.randn(3, m.n * m.cfg.latent)
         t = torch.tensor([1.0, 300.0, 1000.0])
@@ -338,12 +338,26 @@ def test_cli_train_then_sample(tmp_path):
 @pytest.mark.parametrize("argv, words", [
     (["--steps", "-5"], "expected 0 or more"), (["--ae-steps", "0"], "positive"), (["--plms-order", "5"], "one of"),
     (["--param", "v"], "one of"), (["--cond", "audio"], "one of"), (["--d-model", "30"], "multiple of --heads"), (["--preset", "huge"], "one of"),
-    (["sample", "--ckpt", "/nonexistent/ckpt.pt"], "no checkpoint"), (["--device", "tpu"], "expected auto")])
+    (["sample", "--ckpt", "/nonexistent/ckpt.pt"], "no checkpoint"), (["--device", "tpu"], "expected auto"),
+    (["--cond-drop", "0"], "--guidance 0.5: no unconditional branch"), (["--cond", "none"], "use --guidance 1")])
 def test_user_mistakes_are_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         ld.cli(argv)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and words in err and "\n" not in err, err
+
+
+def test_guidance_needs_a_checkpoint_trained_with_condition_dropout(tmp_path, capsys):
+    """The default --guidance 0.5 on a net trained without null codes (the paper's) is a user's mistake, caught before
+    the weights are read; with --guidance 1 the same checkpoint gets past that check."""
+    import dataclasses
+    ld.save_checkpoint(tmp_path / "ckpt.pt", {"config": dataclasses.asdict(ld.Config(cond_drop=0.0, guidance=1.0)),
+                                              "dims": {}, "model": {}})
+    with pytest.raises(SystemExit) as e:
+        ld.cli(["sample", "--ckpt", str(tmp_path / "ckpt.pt")])
+    assert e.value.code == 2 and "--guidance 0.5: no unconditional branch" in capsys.readouterr().err
+    with pytest.raises(TypeError):                                              # past the check: the empty dims
+        ld.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--guidance", "1"], "sample")
 
 
 def test_checkpoint_of_another_method_and_batch_per_process(tmp_path, monkeypatch, capsys):
