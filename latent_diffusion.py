@@ -17,7 +17,7 @@ dims per window, D attribute dims (25), F 3DMM dims (56 synthetic, 58 REACT).
     python train.py --model latent_diffusion          # default preset (the react twin) -> runs/latent_diffusion
     python sample.py --model latent_diffusion         # 10 reactions per test speaker: the REACT table, pictures
     python sample.py --model latent_diffusion --plms-order 1 --sample-steps 10 --model-only \
-        --ckpt runs/latent_diffusion/ckpt.pt --out runs/latent_diffusion_plms1_s10  # one cell of LBD Tab. 3
+        --guidance 1 --ckpt runs/latent_diffusion_noguide/ckpt.pt --out runs/latent_diffusion_plms1_s10  # LBD Tab. 3
     torchrun --standalone --nproc_per_node 2 latent_diffusion.py --preset smoke    # DDP (gloo on CPU, NCCL on GPU)
 """
 import dataclasses
@@ -116,7 +116,8 @@ def check_config(cfg, mode):
         (0 < cfg.beta_start < cfg.beta_end < 1, "--beta-start, --beta-end: expected 0 < start < end < 1"),
         (cfg.dropout < 1 and cfg.cond_drop < 1, "--dropout, --cond-drop: expected below 1"),
         (cfg.guidance == 1 or (cfg.cond_drop > 0 and cfg.cond == "speaker"), f"--guidance {cfg.guidance:g}: no "
-         f"unconditional branch unless trained with --cond-drop > 0 and --cond speaker ({cfg.out}); use --guidance 1"),
+         "unconditional branch unless trained with --cond-drop > 0 and --cond speaker"
+         + (f" ({cfg.out} was not)" if mode == "sample" else "") + "; use --guidance 1"),
         (mode != "train" or cfg.batch % world == 0,
          f"--batch {cfg.batch}: expected a multiple of the {world} processes that torchrun started (each a share)")])
 

@@ -1,6 +1,7 @@
 """latent_diffusion.py: shapes, MLPSkipNet structure, the forward process, PLMS = DDIM at order 1, PLMS accuracy
 on a Gaussian with a closed-form score, warm start, normaliser, overfitting, determinism, long sequences, CLI,
 user errors, exact resume, mixed precision, CUDA (skipped without one) and torchrun with two CPU processes."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -350,7 +351,6 @@ def test_user_mistakes_are_one_line(argv, words, capsys):
 def test_guidance_needs_a_checkpoint_trained_with_condition_dropout(tmp_path, capsys):
     """The default --guidance 0.5 on a net trained without null codes (the paper's) is a user's mistake, caught before
     the weights are read; with --guidance 1 the same checkpoint gets past that check."""
-    import dataclasses
     ld.save_checkpoint(tmp_path / "ckpt.pt", {"config": dataclasses.asdict(ld.Config(cond_drop=0.0, guidance=1.0)),
                                               "dims": {}, "model": {}})
     with pytest.raises(SystemExit) as e:
