@@ -1468,7 +1468,7 @@ class FaceModel:
             self.polylines.append((np.r_[idx, idx[:1]] if closed else idx, True))
         self.mean = np.concatenate(list(parts.values())).astype(np.float32)    # (V, 3)
         self.n_vertices, self.edges = n, np.array(edges, np.int64)
-        V, P = self.mean, self.mean
+        P = self.mean
         x, y, z = P[:, 0], P[:, 1], P[:, 2]
         gi = np.arange(nr * nc)
         lips = np.concatenate([self.groups["upper_lip"], self.groups["lower_lip"]])
@@ -2426,7 +2426,7 @@ def _write_twin_react(out, size, seed):
     (motion as (T, 1, 56)), <split>.csv, data_indices.csv, Approprirate_facial_reaction.npy, neighbour_emotion_<split>
     .npy, react_meta.json and the rule ledger (keyed by the listener's clip path, as the items are named)."""
     face, people = _face(), ("Expert_video", "Novice_video")
-    T, dur = int(round(size["react_dur"] * FPS)), size["react_dur"]
+    dur = size["react_dur"]
     out.mkdir(parents=True)
     ledger, index, groups, counts, sess_no = {}, [], [], {}, 0
     for si, split in enumerate(("train", "val", "test")):

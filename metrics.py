@@ -1921,7 +1921,7 @@ def render_react(out, items, preds, motion, fps):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    out, (N, K, T, _), it = Path(out), preds.shape, items[0]
+    out, (_, K, T, _), it = Path(out), preds.shape, items[0]
     pool, A, _ = appropriate_pool(items[:1], T)                                # (M, T, D): speaker 0's set
     spk, gt, sec = frames(items[:1], "speaker_attr", T)[0], pool[0], np.arange(T) / fps
     fig, axes = plt.subplots(3, 1, figsize=(10, 6.5), sharex=True)

@@ -1,7 +1,6 @@
 """latent_diffusion.py: shapes, MLPSkipNet structure, the forward process, PLMS = DDIM at order 1, PLMS accuracy
 on a Gaussian with a closed-form score, warm start, normaliser, overfitting, determinism, long sequences, CLI,
 user errors, exact resume, mixed precision, CUDA (skipped without one) and torchrun with two CPU processes."""
-import dataclasses
 import json
 import os
 import subprocess
@@ -350,14 +349,17 @@ def test_user_mistakes_are_one_line(argv, words, capsys):
 
 def test_guidance_needs_a_checkpoint_trained_with_condition_dropout(tmp_path, capsys):
     """The default --guidance 0.5 on a net trained without null codes (the paper's) is a user's mistake, caught before
-    the weights are read; with --guidance 1 the same checkpoint gets past that check."""
-    ld.save_checkpoint(tmp_path / "ckpt.pt", {"config": dataclasses.asdict(ld.Config(cond_drop=0.0, guidance=1.0)),
-                                              "dims": {}, "model": {}})
+    the weights are read; with --guidance 1 the same checkpoint samples (the model row only, as the pipeline does)."""
+    run, cell = tmp_path / "run", tmp_path / "cell"
+    ld.main([*SHORT, "--cond-drop", "0", "--guidance", "1", "--out", str(run)], "train")
     with pytest.raises(SystemExit) as e:
-        ld.cli(["sample", "--ckpt", str(tmp_path / "ckpt.pt")])
+        ld.cli(["sample", "--ckpt", str(run / "ckpt.pt"), "--out", str(cell)])
     assert e.value.code == 2 and "--guidance 0.5: no unconditional branch" in capsys.readouterr().err
-    with pytest.raises(TypeError):                                              # past the check: the empty dims
-        ld.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--guidance", "1"], "sample")
+    assert not (cell / "metrics.json").exists()
+    ld.main(["--ckpt", str(run / "ckpt.pt"), "--out", str(cell), "--preset", "smoke", "--guidance", "1",
+             "--model-only"], "sample")
+    rows = json.loads((cell / "metrics.json").read_text())
+    assert list(rows) == ["model"] and np.isfinite(rows["model"]["frdist_sum"])
 
 
 def test_checkpoint_of_another_method_and_batch_per_process(tmp_path, monkeypatch, capsys):
